@@ -1,0 +1,205 @@
+//! The three-phase chunked scan shared by every CPU recurrence of the form
+//! `s[t] = gate[t]·s[t-1] + token[t]`.
+//!
+//! Work is split into units `(p, time chunk)` that each cover every inner index `q`,
+//! so a unit's outputs form one contiguous slice. With as many outer slices as
+//! threads, each unit is a whole time axis and the scan is one pass. Otherwise the
+//! time axis is cut into chunks: (1) each chunk reduces to the affine map
+//! `s ↦ A·s + B` it applies to its incoming state; (2) these maps are folded in scan
+//! order to give each chunk its incoming state; (3) each chunk is rescanned from it.
+
+use rayon::prelude::*;
+
+use super::element::{Accumulator, Element};
+use crate::layout::ScanShape;
+
+/// Fewest elements a unit should hold: below this, splitting costs more than it gains.
+const MIN_UNIT_ELEMENTS: usize = 1 << 15;
+/// Units per thread wanted, so uneven units still balance.
+const UNITS_PER_THREAD: usize = 4;
+
+/// A recurrence `s[t] = gate·s[prev] + token` that writes `N` output tensors.
+///
+/// Indices are physical: `p` outer, `t` time, `q` inner. The scan visits `t`
+/// descending when [`Recurrence::descending`] is true.
+pub(crate) trait Recurrence<T: Element, const N: usize>: Sync {
+    /// Whether the scan runs from `t = len-1` down to `0`.
+    fn descending(&self) -> bool;
+    /// The state before the first step.
+    fn initial(&self, p: usize, q: usize) -> T::Acc;
+    /// Multiplier of the previous state at step `t`.
+    fn gate(&self, p: usize, t: usize, q: usize) -> T::Acc;
+    /// Additive input at step `t`.
+    fn token(&self, p: usize, t: usize, q: usize) -> T::Acc;
+    /// Stores what step `t` produces from its state `s`; `at` indexes the unit's output slices.
+    fn emit(&self, p: usize, t: usize, q: usize, s: T::Acc, outs: &mut [&mut [T]; N], at: usize);
+    /// The reported final value, from the state after the last step (`len > 0`).
+    fn finish(&self, p: usize, q: usize, s: T::Acc) -> T::Acc;
+}
+
+/// How the time axis is cut: `n_chunks` chunks of `chunk_len` steps (the last may be shorter).
+struct ChunkPlan {
+    chunk_len: usize,
+    n_chunks: usize,
+}
+
+impl ChunkPlan {
+    fn new(shape: &ScanShape) -> Self {
+        let wanted_units = rayon::current_num_threads() * UNITS_PER_THREAD;
+        let per_slice = shape.len * shape.inner;
+        let by_threads = wanted_units.div_ceil(shape.outer.max(1));
+        let by_size = (per_slice / MIN_UNIT_ELEMENTS).max(1);
+        let n_chunks = by_threads.min(by_size).clamp(1, shape.len.max(1));
+        let chunk_len = shape.len.div_ceil(n_chunks).max(1);
+        ChunkPlan {
+            chunk_len,
+            n_chunks: shape.len.div_ceil(chunk_len).max(1),
+        }
+    }
+}
+
+/// Steps through `t_lo..t_hi` in scan order from the states in `carry` (one per `q`).
+fn sweep<T: Element, R: Recurrence<T, N>, const N: usize>(
+    rec: &R,
+    shape: &ScanShape,
+    p: usize,
+    (t_lo, t_hi): (usize, usize),
+    carry: &mut [T::Acc],
+    outs: &mut [&mut [T]; N],
+) {
+    let q_len = shape.inner;
+    let mut step = |t: usize| {
+        let base = (t - t_lo) * q_len;
+        for (q, s) in carry.iter_mut().enumerate() {
+            *s = rec.gate(p, t, q) * *s + rec.token(p, t, q);
+            rec.emit(p, t, q, *s, outs, base + q);
+        }
+    };
+    if rec.descending() {
+        (t_lo..t_hi).rev().for_each(&mut step);
+    } else {
+        (t_lo..t_hi).for_each(&mut step);
+    }
+}
+
+/// The affine map `s ↦ A·s + B` (one pair per `q`) that `t_lo..t_hi` applies.
+fn reduce<T: Element, R: Recurrence<T, N>, const N: usize>(
+    rec: &R,
+    p: usize,
+    (t_lo, t_hi): (usize, usize),
+    maps: &mut [(T::Acc, T::Acc)],
+) {
+    for (q, map) in maps.iter_mut().enumerate() {
+        let mut acc = (T::Acc::ONE, T::Acc::ZERO);
+        let mut step = |t: usize| {
+            let g = rec.gate(p, t, q);
+            acc = (g * acc.0, g * acc.1 + rec.token(p, t, q));
+        };
+        if rec.descending() {
+            (t_lo..t_hi).rev().for_each(&mut step);
+        } else {
+            (t_lo..t_hi).for_each(&mut step);
+        }
+        *map = acc;
+    }
+}
+
+/// Splits each of the `N` outputs into per-outer-slice pieces.
+fn split_outer<'a, T, const N: usize>(outs: [&'a mut [T]; N], slice_len: usize) -> Vec<[&'a mut [T]; N]> {
+    let mut iters = outs.map(|o| o.chunks_mut(slice_len.max(1)));
+    let mut pieces = Vec::new();
+    loop {
+        let next: [Option<&'a mut [T]>; N] = std::array::from_fn(|i| iters[i].next());
+        if next.iter().any(Option::is_none) {
+            return pieces;
+        }
+        pieces.push(next.map(|o| o.unwrap_or_default()));
+    }
+}
+
+/// Runs `rec` over a `(outer, len, inner)` problem, writing its outputs and, when
+/// asked, the final values (`(outer, inner)`; the initial state when `len == 0`).
+pub(crate) fn run<T: Element, R: Recurrence<T, N>, const N: usize>(
+    shape: &ScanShape,
+    rec: &R,
+    outs: [&mut [T]; N],
+    final_out: Option<&mut [T]>,
+) {
+    let (len, inner) = (shape.len, shape.inner);
+    let states = shape.state_numel();
+    let plan = ChunkPlan::new(shape);
+    let chunk_bounds = |c: usize| (c * plan.chunk_len, ((c + 1) * plan.chunk_len).min(len));
+    // Scan order of the chunks.
+    let chunk_at = |k: usize| {
+        if rec.descending() {
+            plan.n_chunks - 1 - k
+        } else {
+            k
+        }
+    };
+
+    // carries[(p·n_chunks + c)·inner + q]: the state entering chunk c.
+    let mut carries = vec![T::Acc::ZERO; states * plan.n_chunks];
+    let mut finals = vec![T::Acc::ZERO; states];
+    if plan.n_chunks > 1 && len > 0 {
+        let mut maps = vec![(T::Acc::ONE, T::Acc::ZERO); states * plan.n_chunks];
+        maps.par_chunks_mut(inner.max(1))
+            .enumerate()
+            .for_each(|(unit, m)| reduce(rec, unit / plan.n_chunks, chunk_bounds(unit % plan.n_chunks), m));
+        carries
+            .par_chunks_mut((plan.n_chunks * inner).max(1))
+            .zip(finals.par_chunks_mut(inner.max(1)))
+            .enumerate()
+            .for_each(|(p, (carry_p, final_p))| {
+                for (q, fin) in final_p.iter_mut().enumerate() {
+                    let mut s = rec.initial(p, q);
+                    for k in 0..plan.n_chunks {
+                        let c = chunk_at(k);
+                        carry_p[c * inner + q] = s;
+                        let (a, b) = maps[(p * plan.n_chunks + c) * inner + q];
+                        s = a * s + b;
+                    }
+                    *fin = s;
+                }
+            });
+    } else {
+        for (i, s) in carries.iter_mut().enumerate() {
+            *s = rec.initial(i / inner.max(1), i % inner.max(1));
+        }
+    }
+
+    let pieces = split_outer(outs, len * inner);
+    let chunk_elems = plan.chunk_len * inner;
+    pieces
+        .into_par_iter()
+        .zip(carries.par_chunks_mut((plan.n_chunks * inner).max(1)))
+        .enumerate()
+        .for_each(|(p, (piece, carry_p))| {
+            let mut chunk_iters = piece.map(|o| o.chunks_mut(chunk_elems.max(1)));
+            let units: Vec<[&mut [T]; N]> = (0..plan.n_chunks)
+                .map(|_| std::array::from_fn(|i| chunk_iters[i].next().unwrap_or_default()))
+                .collect();
+            units
+                .into_par_iter()
+                .zip(carry_p.par_chunks_mut(inner.max(1)))
+                .enumerate()
+                .for_each(|(c, (mut outs_c, carry))| {
+                    sweep(rec, shape, p, chunk_bounds(c), carry, &mut outs_c);
+                });
+        });
+
+    if let Some(final_out) = final_out {
+        let single_pass = plan.n_chunks == 1;
+        for (i, out) in final_out.iter_mut().enumerate() {
+            let (p, q) = (i / inner.max(1), i % inner.max(1));
+            let value = if len == 0 {
+                rec.initial(p, q)
+            } else if single_pass {
+                rec.finish(p, q, carries[i])
+            } else {
+                rec.finish(p, q, finals[i])
+            };
+            *out = T::from_acc(value);
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Element and accumulator types of the CPU backend.
+
+use std::ops::{Add, Mul};
+
+use crate::layout::DType;
+
+/// The arithmetic type a scan accumulates in (`f32` or `f64`).
+pub trait Accumulator:
+    Copy + Send + Sync + Add<Output = Self> + Mul<Output = Self> + PartialEq + std::fmt::Debug
+{
+    /// Additive identity.
+    const ZERO: Self;
+    /// Multiplicative identity.
+    const ONE: Self;
+}
+
+impl Accumulator for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+
+impl Accumulator for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+
+/// A storage element type: converts to and from its accumulator type.
+pub trait Element: Copy + Send + Sync + 'static {
+    /// What this element accumulates in.
+    type Acc: Accumulator;
+    /// The matching [`DType`].
+    const DTYPE: DType;
+    /// Widens to the accumulator type.
+    fn to_acc(self) -> Self::Acc;
+    /// Rounds from the accumulator type (round to nearest even).
+    fn from_acc(value: Self::Acc) -> Self;
+}
+
+impl Element for f32 {
+    type Acc = f32;
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_acc(value: f32) -> Self {
+        value
+    }
+}
+
+impl Element for f64 {
+    type Acc = f64;
+    const DTYPE: DType = DType::F64;
+    #[inline(always)]
+    fn to_acc(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_acc(value: f64) -> Self {
+        value
+    }
+}
+
+impl Element for half::f16 {
+    type Acc = f32;
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_acc(value: f32) -> Self {
+        half::f16::from_f32(value)
+    }
+}
+
+impl Element for half::bf16 {
+    type Acc = f32;
+    const DTYPE: DType = DType::BF16;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_acc(value: f32) -> Self {
+        half::bf16::from_f32(value)
+    }
+}

@@ -1,0 +1,234 @@
+//! First-order scan on the CPU: `h[t] = a[t]·h[t-1] + x[t]`, forward and backward.
+//!
+//! Buffers are C-contiguous `(outer, len, inner)` tensors (see [`crate::layout`]);
+//! states are `(outer, inner)`.
+//!
+//! The backward of `h[t] = a[t]·h[t-1] + x[t]` (forward direction) with upstream
+//! gradients `gh[t]` (of `h`) and `gf` (of the final state) is the reverse scan
+//! `g[t] = a[t+1]·g[t+1] + gh[t]` started from `g[L] = gf` (with `a[L] = 1`), and
+//! `∂x[t] = g[t]`, `∂a[t] = g[t]·h[t-1]`, `∂h0 = a[0]·g[0]`. A reversed scan mirrors it.
+
+use super::chunked::{run, Recurrence};
+use super::element::{Accumulator, Element};
+use crate::error::Result;
+use crate::layout::{ScanProblem, ScanShape};
+
+/// Inputs of the forward scan.
+#[derive(Clone, Copy, Debug)]
+pub struct ScanInputs<'a, T> {
+    /// `a`, `(outer, len, inner)`.
+    pub gates: &'a [T],
+    /// `x`, `(outer, len, inner)`.
+    pub tokens: &'a [T],
+    /// `h0`, `(outer, inner)`; zeros when `None`.
+    pub initial: Option<&'a [T]>,
+}
+
+/// Outputs of the forward scan.
+#[derive(Debug)]
+pub struct ScanOutputs<'a, T> {
+    /// `h`, `(outer, len, inner)`.
+    pub hidden: &'a mut [T],
+    /// The state after the last step scanned, `(outer, inner)`; skipped when `None`.
+    pub final_state: Option<&'a mut [T]>,
+}
+
+/// Inputs of the backward scan.
+#[derive(Clone, Copy, Debug)]
+pub struct ScanGradInputs<'a, T> {
+    /// `a` as given to the forward.
+    pub gates: &'a [T],
+    /// `h` as returned by the forward.
+    pub hidden: &'a [T],
+    /// `h0` as given to the forward (`None` for zeros).
+    pub initial: Option<&'a [T]>,
+    /// Gradient of the loss with respect to `h`.
+    pub grad_hidden: &'a [T],
+    /// Gradient with respect to the final state (`None` for zeros).
+    pub grad_final: Option<&'a [T]>,
+}
+
+/// Outputs of the backward scan.
+#[derive(Debug)]
+pub struct ScanGradOutputs<'a, T> {
+    /// Gradient with respect to `a`.
+    pub grad_gates: &'a mut [T],
+    /// Gradient with respect to `x`.
+    pub grad_tokens: &'a mut [T],
+    /// Gradient with respect to `h0`; skipped when `None`.
+    pub grad_initial: Option<&'a mut [T]>,
+}
+
+fn check_tensor(arg: &'static str, buf_len: usize, shape: &ScanShape) -> Result<()> {
+    ScanShape::check_len(arg, buf_len, shape.numel())
+}
+
+fn check_state(arg: &'static str, buf_len: Option<usize>, shape: &ScanShape) -> Result<()> {
+    buf_len.map_or(Ok(()), |n| ScanShape::check_len(arg, n, shape.state_numel()))
+}
+
+#[inline(always)]
+fn at(shape: &ScanShape, p: usize, t: usize, q: usize) -> usize {
+    (p * shape.len + t) * shape.inner + q
+}
+
+#[inline(always)]
+fn state_or_zero<T: Element>(state: Option<&[T]>, shape: &ScanShape, p: usize, q: usize) -> T::Acc {
+    state.map_or(T::Acc::ZERO, |s| s[p * shape.inner + q].to_acc())
+}
+
+struct Forward<'a, T> {
+    shape: ScanShape,
+    reverse: bool,
+    inputs: ScanInputs<'a, T>,
+}
+
+impl<T: Element> Recurrence<T, 1> for Forward<'_, T> {
+    fn descending(&self) -> bool {
+        self.reverse
+    }
+    fn initial(&self, p: usize, q: usize) -> T::Acc {
+        state_or_zero(self.inputs.initial, &self.shape, p, q)
+    }
+    #[inline(always)]
+    fn gate(&self, p: usize, t: usize, q: usize) -> T::Acc {
+        self.inputs.gates[at(&self.shape, p, t, q)].to_acc()
+    }
+    #[inline(always)]
+    fn token(&self, p: usize, t: usize, q: usize) -> T::Acc {
+        self.inputs.tokens[at(&self.shape, p, t, q)].to_acc()
+    }
+    #[inline(always)]
+    fn emit(&self, _: usize, _: usize, _: usize, s: T::Acc, outs: &mut [&mut [T]; 1], i: usize) {
+        outs[0][i] = T::from_acc(s);
+    }
+    fn finish(&self, _: usize, _: usize, s: T::Acc) -> T::Acc {
+        s
+    }
+}
+
+/// Computes `h` (and the final state) of a first-order scan.
+///
+/// ```
+/// use ferroscan::cpu::scan::{scan_forward, ScanInputs, ScanOutputs};
+/// use ferroscan::{ScanProblem, ScanShape};
+///
+/// let problem = ScanProblem { shape: ScanShape::new(1, 3, 1)?, reverse: false };
+/// let (gates, tokens) = ([0.5f32, 0.5, 0.5], [1.0f32, 1.0, 1.0]);
+/// let mut hidden = [0.0f32; 3];
+/// let inputs = ScanInputs { gates: &gates, tokens: &tokens, initial: None };
+/// scan_forward(&problem, inputs, ScanOutputs { hidden: &mut hidden, final_state: None })?;
+/// assert_eq!(hidden, [1.0, 1.5, 1.75]);
+/// # Ok::<(), ferroscan::Error>(())
+/// ```
+pub fn scan_forward<T: Element>(
+    problem: &ScanProblem,
+    inputs: ScanInputs<'_, T>,
+    outputs: ScanOutputs<'_, T>,
+) -> Result<()> {
+    let shape = problem.shape;
+    check_tensor("gates", inputs.gates.len(), &shape)?;
+    check_tensor("tokens", inputs.tokens.len(), &shape)?;
+    check_tensor("hidden", outputs.hidden.len(), &shape)?;
+    check_state("initial", inputs.initial.map(<[T]>::len), &shape)?;
+    check_state("final_state", outputs.final_state.as_deref().map(<[T]>::len), &shape)?;
+    let rec = Forward {
+        shape,
+        reverse: problem.reverse,
+        inputs,
+    };
+    run(&shape, &rec, [outputs.hidden], outputs.final_state);
+    Ok(())
+}
+
+struct Backward<'a, T> {
+    shape: ScanShape,
+    /// Direction of the backward scan (opposite to the forward's).
+    descending: bool,
+    inputs: ScanGradInputs<'a, T>,
+}
+
+impl<T: Element> Backward<'_, T> {
+    /// The time index one step further in the backward scan's order, if inside.
+    #[inline(always)]
+    fn next_t(&self, t: usize) -> Option<usize> {
+        if self.descending {
+            t.checked_sub(1)
+        } else {
+            Some(t + 1).filter(|&n| n < self.shape.len)
+        }
+    }
+
+    /// The time index one step earlier in the backward scan's order, if inside.
+    #[inline(always)]
+    fn prev_t(&self, t: usize) -> Option<usize> {
+        if self.descending {
+            Some(t + 1).filter(|&n| n < self.shape.len)
+        } else {
+            t.checked_sub(1)
+        }
+    }
+}
+
+impl<T: Element> Recurrence<T, 2> for Backward<'_, T> {
+    fn descending(&self) -> bool {
+        self.descending
+    }
+    fn initial(&self, p: usize, q: usize) -> T::Acc {
+        state_or_zero(self.inputs.grad_final, &self.shape, p, q)
+    }
+    /// `a` of the step the forward took after `t`: one earlier in this scan.
+    #[inline(always)]
+    fn gate(&self, p: usize, t: usize, q: usize) -> T::Acc {
+        self.prev_t(t)
+            .map_or(T::Acc::ONE, |s| self.inputs.gates[at(&self.shape, p, s, q)].to_acc())
+    }
+    #[inline(always)]
+    fn token(&self, p: usize, t: usize, q: usize) -> T::Acc {
+        self.inputs.grad_hidden[at(&self.shape, p, t, q)].to_acc()
+    }
+    /// `∂x[t] = g[t]`, `∂a[t] = g[t]·h_before(t)`, where `h_before` is the forward's previous state.
+    #[inline(always)]
+    fn emit(&self, p: usize, t: usize, q: usize, g: T::Acc, outs: &mut [&mut [T]; 2], i: usize) {
+        let h_before = match self.next_t(t) {
+            Some(s) => self.inputs.hidden[at(&self.shape, p, s, q)].to_acc(),
+            None => state_or_zero(self.inputs.initial, &self.shape, p, q),
+        };
+        outs[0][i] = T::from_acc(g * h_before);
+        outs[1][i] = T::from_acc(g);
+    }
+    /// `∂h0 = a[first forward step]·g[first forward step]`.
+    fn finish(&self, p: usize, q: usize, g: T::Acc) -> T::Acc {
+        let first = if self.descending { 0 } else { self.shape.len - 1 };
+        self.inputs.gates[at(&self.shape, p, first, q)].to_acc() * g
+    }
+}
+
+/// Gradients of a first-order scan with respect to gates, tokens and the initial state.
+pub fn scan_backward<T: Element>(
+    problem: &ScanProblem,
+    inputs: ScanGradInputs<'_, T>,
+    outputs: ScanGradOutputs<'_, T>,
+) -> Result<()> {
+    let shape = problem.shape;
+    check_tensor("gates", inputs.gates.len(), &shape)?;
+    check_tensor("hidden", inputs.hidden.len(), &shape)?;
+    check_tensor("grad_hidden", inputs.grad_hidden.len(), &shape)?;
+    check_tensor("grad_gates", outputs.grad_gates.len(), &shape)?;
+    check_tensor("grad_tokens", outputs.grad_tokens.len(), &shape)?;
+    check_state("initial", inputs.initial.map(<[T]>::len), &shape)?;
+    check_state("grad_final", inputs.grad_final.map(<[T]>::len), &shape)?;
+    check_state("grad_initial", outputs.grad_initial.as_deref().map(<[T]>::len), &shape)?;
+    let rec = Backward {
+        shape,
+        descending: !problem.reverse,
+        inputs,
+    };
+    run(
+        &shape,
+        &rec,
+        [outputs.grad_gates, outputs.grad_tokens],
+        outputs.grad_initial,
+    );
+    Ok(())
+}
