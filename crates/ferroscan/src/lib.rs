@@ -32,6 +32,7 @@
 //! The CUDA backend ([`cuda`]) runs the same operations on device memory: kernels
 //! are compiled at run time by NVRTC for the device's exact architecture and cached.
 
+pub mod args;
 pub mod cpu;
 pub mod cuda;
 pub mod error;

@@ -10,54 +10,9 @@
 
 use super::chunked::{run, Recurrence};
 use super::element::{Accumulator, Element};
+pub use crate::args::{ScanGradInputs, ScanGradOutputs, ScanInputs, ScanOutputs};
 use crate::error::Result;
 use crate::layout::{ScanProblem, ScanShape};
-
-/// Inputs of the forward scan.
-#[derive(Clone, Copy, Debug)]
-pub struct ScanInputs<'a, T> {
-    /// `a`, `(outer, len, inner)`.
-    pub gates: &'a [T],
-    /// `x`, `(outer, len, inner)`.
-    pub tokens: &'a [T],
-    /// `h0`, `(outer, inner)`; zeros when `None`.
-    pub initial: Option<&'a [T]>,
-}
-
-/// Outputs of the forward scan.
-#[derive(Debug)]
-pub struct ScanOutputs<'a, T> {
-    /// `h`, `(outer, len, inner)`.
-    pub hidden: &'a mut [T],
-    /// The state after the last step scanned, `(outer, inner)`; skipped when `None`.
-    pub final_state: Option<&'a mut [T]>,
-}
-
-/// Inputs of the backward scan.
-#[derive(Clone, Copy, Debug)]
-pub struct ScanGradInputs<'a, T> {
-    /// `a` as given to the forward.
-    pub gates: &'a [T],
-    /// `h` as returned by the forward.
-    pub hidden: &'a [T],
-    /// `h0` as given to the forward (`None` for zeros).
-    pub initial: Option<&'a [T]>,
-    /// Gradient of the loss with respect to `h`.
-    pub grad_hidden: &'a [T],
-    /// Gradient with respect to the final state (`None` for zeros).
-    pub grad_final: Option<&'a [T]>,
-}
-
-/// Outputs of the backward scan.
-#[derive(Debug)]
-pub struct ScanGradOutputs<'a, T> {
-    /// Gradient with respect to `a`.
-    pub grad_gates: &'a mut [T],
-    /// Gradient with respect to `x`.
-    pub grad_tokens: &'a mut [T],
-    /// Gradient with respect to `h0`; skipped when `None`.
-    pub grad_initial: Option<&'a mut [T]>,
-}
 
 fn check_tensor(arg: &'static str, buf_len: usize, shape: &ScanShape) -> Result<()> {
     ScanShape::check_len(arg, buf_len, shape.numel())
@@ -80,7 +35,7 @@ fn state_or_zero<T: Element>(state: Option<&[T]>, shape: &ScanShape, p: usize, q
 struct Forward<'a, T> {
     shape: ScanShape,
     reverse: bool,
-    inputs: ScanInputs<'a, T>,
+    inputs: ScanInputs<&'a [T]>,
 }
 
 impl<T: Element> Recurrence<T, 1> for Forward<'_, T> {
@@ -123,8 +78,8 @@ impl<T: Element> Recurrence<T, 1> for Forward<'_, T> {
 /// ```
 pub fn scan_forward<T: Element>(
     problem: &ScanProblem,
-    inputs: ScanInputs<'_, T>,
-    outputs: ScanOutputs<'_, T>,
+    inputs: ScanInputs<&[T]>,
+    outputs: ScanOutputs<&mut [T]>,
 ) -> Result<()> {
     let shape = problem.shape;
     check_tensor("gates", inputs.gates.len(), &shape)?;
@@ -145,7 +100,7 @@ struct Backward<'a, T> {
     shape: ScanShape,
     /// Direction of the backward scan (opposite to the forward's).
     descending: bool,
-    inputs: ScanGradInputs<'a, T>,
+    inputs: ScanGradInputs<&'a [T]>,
 }
 
 impl<T: Element> Backward<'_, T> {
@@ -207,8 +162,8 @@ impl<T: Element> Recurrence<T, 2> for Backward<'_, T> {
 /// Gradients of a first-order scan with respect to gates, tokens and the initial state.
 pub fn scan_backward<T: Element>(
     problem: &ScanProblem,
-    inputs: ScanGradInputs<'_, T>,
-    outputs: ScanGradOutputs<'_, T>,
+    inputs: ScanGradInputs<&[T]>,
+    outputs: ScanGradOutputs<&mut [T]>,
 ) -> Result<()> {
     let shape = problem.shape;
     check_tensor("gates", inputs.gates.len(), &shape)?;

@@ -1,0 +1,123 @@
+// Shared by every ferroscan kernel. Header-free: NVRTC ships no cuda_fp16.h / cuda_bf16.h,
+// so half types are stored as raw 16-bit words and converted here.
+//
+// The including kernel is compiled with FS_DTYPE set: 0 float16, 1 bfloat16, 2 float32, 3 float64.
+// Half types are storage only: arithmetic happens in acc_t (float; double for float64).
+
+#pragma once
+
+#define FS_FULL_MASK 0xffffffffu
+#define FS_WARP 32
+
+#if FS_DTYPE == 0 || FS_DTYPE == 1
+typedef unsigned short storage_t;
+typedef float acc_t;
+#elif FS_DTYPE == 2
+typedef float storage_t;
+typedef float acc_t;
+#elif FS_DTYPE == 3
+typedef double storage_t;
+typedef double acc_t;
+#else
+#error "FS_DTYPE must be 0 (f16), 1 (bf16), 2 (f32) or 3 (f64)"
+#endif
+
+typedef long long i64;
+
+__device__ __forceinline__ acc_t to_acc(storage_t v) {
+#if FS_DTYPE == 0
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+#elif FS_DTYPE == 1
+    return __uint_as_float(((unsigned)v) << 16);
+#else
+    return v;
+#endif
+}
+
+__device__ __forceinline__ storage_t from_acc(acc_t v) {
+#if FS_DTYPE == 0
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+#elif FS_DTYPE == 1
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+#else
+    return v;
+#endif
+}
+
+// An affine map s -> a*s + b: what a stretch of a linear recurrence does to its incoming state.
+struct AffineMap {
+    acc_t a, b;
+};
+
+__device__ __forceinline__ AffineMap identity_map() { return AffineMap{acc_t(1), acc_t(0)}; }
+
+// The map that applies `first`, then `then`.
+__device__ __forceinline__ AffineMap compose(AffineMap first, AffineMap then) {
+    return AffineMap{then.a * first.a, then.a * first.b + then.b};
+}
+
+__device__ __forceinline__ acc_t apply(AffineMap m, acc_t s) { return m.a * s + m.b; }
+
+// Inclusive scan of maps over the lanes of a warp, lane 0 first.
+__device__ __forceinline__ AffineMap warp_inclusive_scan(AffineMap m, int lane) {
+#pragma unroll
+    for (int d = 1; d < FS_WARP; d <<= 1) {
+        acc_t pa = __shfl_up_sync(FS_FULL_MASK, m.a, d);
+        acc_t pb = __shfl_up_sync(FS_FULL_MASK, m.b, d);
+        if (lane >= d) m = compose(AffineMap{pa, pb}, m);
+    }
+    return m;
+}
+
+__device__ __forceinline__ AffineMap shfl_map(AffineMap m, int src_lane) {
+    return AffineMap{__shfl_sync(FS_FULL_MASK, m.a, src_lane), __shfl_sync(FS_FULL_MASK, m.b, src_lane)};
+}
+
+// Vectorized access to K consecutive elements held in 32-bit words, constant indices only
+// (so the words stay in registers).
+template <int K>
+struct Run {
+    static constexpr int WORDS = K * (int)sizeof(storage_t) / 4;
+    static_assert(WORDS % 4 == 0, "a run is a whole number of 16-byte vectors");
+    unsigned w[WORDS];
+
+    __device__ __forceinline__ void load(const storage_t* p) {
+        const uint4* v = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+        for (int i = 0; i < WORDS / 4; ++i) {
+            uint4 x = v[i];
+            w[4 * i] = x.x; w[4 * i + 1] = x.y; w[4 * i + 2] = x.z; w[4 * i + 3] = x.w;
+        }
+    }
+    __device__ __forceinline__ void store(storage_t* p) const {
+        uint4* v = reinterpret_cast<uint4*>(p);
+#pragma unroll
+        for (int i = 0; i < WORDS / 4; ++i) v[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+    }
+    __device__ __forceinline__ acc_t get(int i) const {
+#if FS_DTYPE == 0 || FS_DTYPE == 1
+        return to_acc((storage_t)((w[i / 2] >> (16 * (i % 2))) & 0xffffu));
+#elif FS_DTYPE == 2
+        return __uint_as_float(w[i]);
+#else
+        return __hiloint2double((int)w[2 * i + 1], (int)w[2 * i]);
+#endif
+    }
+    __device__ __forceinline__ void set(int i, acc_t v) {
+#if FS_DTYPE == 0 || FS_DTYPE == 1
+        unsigned h = from_acc(v);
+        w[i / 2] = (i % 2) ? ((w[i / 2] & 0xffffu) | (h << 16)) : ((w[i / 2] & 0xffff0000u) | h);
+#elif FS_DTYPE == 2
+        w[i] = __float_as_uint(v);
+#else
+        w[2 * i] = (unsigned)__double2loint(v);
+        w[2 * i + 1] = (unsigned)__double2hiint(v);
+#endif
+    }
+};

@@ -1,0 +1,48 @@
+//! NVRTC compiles every kernel variant to a CUBIN for sm_80 and sm_90, and every kernel name the
+//! launchers ask for is in it.
+//!
+//! Needs NVRTC (no GPU): `pip install nvidia-cuda-nvrtc==13.0.88` or set FERROSCAN_NVRTC.
+//! Ignored by a plain `cargo test` (reported as ignored, i.e. skipped); the project's test
+//! command runs it with `--ignored`, where a missing NVRTC is a failure.
+
+use ferroscan::cuda::compile::{compile_cubin, nvrtc_version, ALL_SOURCES, SCAN_SOURCE};
+use ferroscan::cuda::scan::all_kernel_names;
+use ferroscan::DType;
+
+const ARCHES: [(i32, i32); 2] = [(8, 0), (9, 0)];
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+#[ignore = "needs NVRTC; run with --ignored"]
+fn every_kernel_variant_compiles_to_cubin() {
+    let version = nvrtc_version().expect("NVRTC must be installed for this test");
+    println!("NVRTC {}.{}", version.0, version.1);
+    let cache = std::env::temp_dir().join(format!("ferroscan-compile-test-{}", std::process::id()));
+    // A fresh cache directory so the compiler really runs.
+    std::env::set_var("FERROSCAN_CACHE_DIR", &cache);
+    for source in ALL_SOURCES {
+        for dtype in DType::ALL {
+            for arch in ARCHES {
+                let cubin = compile_cubin(&source, dtype, arch)
+                    .unwrap_or_else(|e| panic!("{} {dtype:?} sm_{}{}: {e}", source.file, arch.0, arch.1));
+                assert_eq!(&cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
+                if source == SCAN_SOURCE {
+                    for name in all_kernel_names() {
+                        assert!(
+                            contains(&cubin, name.as_bytes()),
+                            "kernel {name} missing from the {dtype:?} sm_{}{} CUBIN",
+                            arch.0,
+                            arch.1
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let cached = std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(cached, ALL_SOURCES.len() * DType::ALL.len() * ARCHES.len(), "one disk cache entry per variant");
+    let _ = std::fs::remove_dir_all(&cache);
+}
