@@ -112,7 +112,11 @@ impl ScanShape {
                 .try_fold(1usize, |acc, &d| acc.checked_mul(d))
                 .ok_or_else(|| Error::invalid("shape", "an element count below 2^63"))
         };
-        ScanShape::new(product(&dims[..dim])?, dims[dim], product(&dims[dim + 1..])?)
+        ScanShape::new(
+            product(&dims[..dim])?,
+            dims[dim],
+            product(&dims[dim + 1..])?,
+        )
     }
 
     /// Elements of one full tensor (`outer · len · inner`).

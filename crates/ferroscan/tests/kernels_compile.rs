@@ -26,8 +26,9 @@ fn every_kernel_variant_compiles_to_cubin() {
     for source in ALL_SOURCES {
         for dtype in DType::ALL {
             for arch in ARCHES {
-                let cubin = compile_cubin(&source, dtype, arch)
-                    .unwrap_or_else(|e| panic!("{} {dtype:?} sm_{}{}: {e}", source.file, arch.0, arch.1));
+                let cubin = compile_cubin(&source, dtype, arch).unwrap_or_else(|e| {
+                    panic!("{} {dtype:?} sm_{}{}: {e}", source.file, arch.0, arch.1)
+                });
                 assert_eq!(&cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
                 if source == SCAN_SOURCE {
                     for name in all_kernel_names() {
@@ -43,6 +44,10 @@ fn every_kernel_variant_compiles_to_cubin() {
         }
     }
     let cached = std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(cached, ALL_SOURCES.len() * DType::ALL.len() * ARCHES.len(), "one disk cache entry per variant");
+    assert_eq!(
+        cached,
+        ALL_SOURCES.len() * DType::ALL.len() * ARCHES.len(),
+        "one disk cache entry per variant"
+    );
     let _ = std::fs::remove_dir_all(&cache);
 }

@@ -36,9 +36,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import torch
-
 import ferroscan
+import torch
 
 __all__ = ["scan", "scan_forward", "warp", "scalar", "triton"]
 

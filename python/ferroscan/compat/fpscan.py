@@ -31,10 +31,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import ferroscan
 import torch
 from torch.autograd.function import once_differentiable
-
-import ferroscan
 
 __all__ = ["pscan", "scan_forward", "PScan"]
 

@@ -105,7 +105,10 @@ fn reduce<T: Element, R: Recurrence<T, N>, const N: usize>(
 }
 
 /// Splits each of the `N` outputs into per-outer-slice pieces.
-fn split_outer<'a, T, const N: usize>(outs: [&'a mut [T]; N], slice_len: usize) -> Vec<[&'a mut [T]; N]> {
+fn split_outer<'a, T, const N: usize>(
+    outs: [&'a mut [T]; N],
+    slice_len: usize,
+) -> Vec<[&'a mut [T]; N]> {
     let mut iters = outs.map(|o| o.chunks_mut(slice_len.max(1)));
     let mut pieces = Vec::new();
     loop {
@@ -145,7 +148,14 @@ pub(crate) fn run<T: Element, R: Recurrence<T, N>, const N: usize>(
         let mut maps = vec![(T::Acc::ONE, T::Acc::ZERO); states * plan.n_chunks];
         maps.par_chunks_mut(inner.max(1))
             .enumerate()
-            .for_each(|(unit, m)| reduce(rec, unit / plan.n_chunks, chunk_bounds(unit % plan.n_chunks), m));
+            .for_each(|(unit, m)| {
+                reduce(
+                    rec,
+                    unit / plan.n_chunks,
+                    chunk_bounds(unit % plan.n_chunks),
+                    m,
+                )
+            });
         carries
             .par_chunks_mut((plan.n_chunks * inner).max(1))
             .zip(finals.par_chunks_mut(inner.max(1)))

@@ -19,7 +19,9 @@ fn check_tensor(arg: &'static str, buf_len: usize, shape: &ScanShape) -> Result<
 }
 
 fn check_state(arg: &'static str, buf_len: Option<usize>, shape: &ScanShape) -> Result<()> {
-    buf_len.map_or(Ok(()), |n| ScanShape::check_len(arg, n, shape.state_numel()))
+    buf_len.map_or(Ok(()), |n| {
+        ScanShape::check_len(arg, n, shape.state_numel())
+    })
 }
 
 #[inline(always)]
@@ -86,7 +88,11 @@ pub fn scan_forward<T: Element>(
     check_tensor("tokens", inputs.tokens.len(), &shape)?;
     check_tensor("hidden", outputs.hidden.len(), &shape)?;
     check_state("initial", inputs.initial.map(<[T]>::len), &shape)?;
-    check_state("final_state", outputs.final_state.as_deref().map(<[T]>::len), &shape)?;
+    check_state(
+        "final_state",
+        outputs.final_state.as_deref().map(<[T]>::len),
+        &shape,
+    )?;
     let rec = Forward {
         shape,
         reverse: problem.reverse,
@@ -135,8 +141,9 @@ impl<T: Element> Recurrence<T, 2> for Backward<'_, T> {
     /// `a` of the step the forward took after `t`: one earlier in this scan.
     #[inline(always)]
     fn gate(&self, p: usize, t: usize, q: usize) -> T::Acc {
-        self.prev_t(t)
-            .map_or(T::Acc::ONE, |s| self.inputs.gates[at(&self.shape, p, s, q)].to_acc())
+        self.prev_t(t).map_or(T::Acc::ONE, |s| {
+            self.inputs.gates[at(&self.shape, p, s, q)].to_acc()
+        })
     }
     #[inline(always)]
     fn token(&self, p: usize, t: usize, q: usize) -> T::Acc {
@@ -154,7 +161,11 @@ impl<T: Element> Recurrence<T, 2> for Backward<'_, T> {
     }
     /// `∂h0 = a[first forward step]·g[first forward step]`.
     fn finish(&self, p: usize, q: usize, g: T::Acc) -> T::Acc {
-        let first = if self.descending { 0 } else { self.shape.len - 1 };
+        let first = if self.descending {
+            0
+        } else {
+            self.shape.len - 1
+        };
         self.inputs.gates[at(&self.shape, p, first, q)].to_acc() * g
     }
 }
@@ -173,7 +184,11 @@ pub fn scan_backward<T: Element>(
     check_tensor("grad_tokens", outputs.grad_tokens.len(), &shape)?;
     check_state("initial", inputs.initial.map(<[T]>::len), &shape)?;
     check_state("grad_final", inputs.grad_final.map(<[T]>::len), &shape)?;
-    check_state("grad_initial", outputs.grad_initial.as_deref().map(<[T]>::len), &shape)?;
+    check_state(
+        "grad_initial",
+        outputs.grad_initial.as_deref().map(<[T]>::len),
+        &shape,
+    )?;
     let rec = Backward {
         shape,
         descending: !problem.reverse,

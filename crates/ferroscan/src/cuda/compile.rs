@@ -65,7 +65,8 @@ fn options(dtype: DType, arch: (i32, i32)) -> Vec<String> {
     ]
 }
 
-const INSTALL_HINT: &str = "install NVRTC for CUDA 13 (`pip install nvidia-cuda-nvrtc==13.0.88`, or the CUDA toolkit), \
+const INSTALL_HINT: &str =
+    "install NVRTC for CUDA 13 (`pip install nvidia-cuda-nvrtc==13.0.88`, or the CUDA toolkit), \
      or point FERROSCAN_NVRTC at libnvrtc.so.13";
 
 /// Loads libnvrtc from `path`, and the libnvrtc-builtins beside it that NVRTC opens by name
@@ -116,9 +117,13 @@ fn python_site_dirs() -> Vec<PathBuf> {
 fn wheel_nvrtc_candidates(site_dirs: &[PathBuf]) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for site in site_dirs {
-        let Ok(entries) = std::fs::read_dir(site.join("nvidia")) else { continue };
+        let Ok(entries) = std::fs::read_dir(site.join("nvidia")) else {
+            continue;
+        };
         for entry in entries.flatten() {
-            let Ok(libs) = std::fs::read_dir(entry.path().join("lib")) else { continue };
+            let Ok(libs) = std::fs::read_dir(entry.path().join("lib")) else {
+                continue;
+            };
             for lib in libs.flatten() {
                 let name = lib.file_name().to_string_lossy().into_owned();
                 if name.starts_with("libnvrtc.so") && !name.contains(".alt.") {
@@ -172,7 +177,9 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     // SAFETY: NVRTC is loaded (ensure_nvrtc); the out-pointers are valid for the call.
     let status = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
     if status != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(Error::CudaUnavailable(format!("nvrtcVersion failed: {status:?}")));
+        return Err(Error::CudaUnavailable(format!(
+            "nvrtcVersion failed: {status:?}"
+        )));
     }
     Ok((major, minor))
 }
@@ -218,7 +225,9 @@ fn write_cache_entry(path: &Path, cubin: &[u8]) {
     }
     let tmp = dir.join(format!(
         ".{}.{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let mut bytes = CACHE_MAGIC.to_vec();
@@ -235,7 +244,9 @@ fn log_of(prog: nvrtc_sys::nvrtcProgram) -> String {
     unsafe { nvrtc_result::get_program_log(prog) }
         .map(|raw: Vec<c_char>| {
             // SAFETY: NVRTC returns a NUL-terminated buffer.
-            unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().into_owned()
+            unsafe { CStr::from_ptr(raw.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()
         })
         .unwrap_or_default()
 }
@@ -279,7 +290,11 @@ type CubinKey = (KernelSource, DType, (i32, i32));
 
 /// Compiles `source` for `dtype` and the exact architecture `arch` = (major, minor), through the
 /// in-memory and on-disk caches.
-pub fn compile_cubin(source: &KernelSource, dtype: DType, arch: (i32, i32)) -> Result<Arc<Vec<u8>>> {
+pub fn compile_cubin(
+    source: &KernelSource,
+    dtype: DType,
+    arch: (i32, i32),
+) -> Result<Arc<Vec<u8>>> {
     static MEMORY: OnceLock<Mutex<HashMap<CubinKey, Arc<Vec<u8>>>>> = OnceLock::new();
     let memory = MEMORY.get_or_init(Default::default);
     let key = (*source, dtype, arch);
@@ -332,12 +347,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferroscan-cache-test-{}", std::process::id()));
         let path = dir.join("entry.cubin");
         write_cache_entry(&path, b"\x7fELF pretend cubin");
-        assert_eq!(read_cache_entry(&path).as_deref(), Some(&b"\x7fELF pretend cubin"[..]));
+        assert_eq!(
+            read_cache_entry(&path).as_deref(),
+            Some(&b"\x7fELF pretend cubin"[..])
+        );
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(read_cache_entry(&path), None, "a corrupt entry must be rejected");
+        assert_eq!(
+            read_cache_entry(&path),
+            None,
+            "a corrupt entry must be rejected"
+        );
         std::fs::write(&path, b"short").unwrap();
         assert_eq!(read_cache_entry(&path), None);
         let _ = std::fs::remove_dir_all(dir);

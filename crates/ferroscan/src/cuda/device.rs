@@ -113,7 +113,12 @@ impl Device {
     }
 
     /// The kernel `name` of `source`, specialized for `dtype`, compiled and loaded on first use.
-    pub(crate) fn function(&self, source: KernelSource, dtype: DType, name: &str) -> Result<CudaFunction> {
+    pub(crate) fn function(
+        &self,
+        source: KernelSource,
+        dtype: DType,
+        name: &str,
+    ) -> Result<CudaFunction> {
         let key = (source, dtype, name.to_string());
         if let Some(f) = self.functions.lock().map_err(|_| poisoned())?.get(&key) {
             return Ok(f.clone());

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    result as driver_result, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    result as driver_result, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 
 use super::compile::SCAN_SOURCE;
@@ -122,7 +123,13 @@ pub fn scan_scratch_bytes(device: &Device, dtype: DType, problem: &ScanProblem) 
 }
 
 /// The kernel name for a pass; must match the `FS_*_KERNEL` macros of `kernels/scan.cu`.
-pub fn kernel_name(mapping: Mapping, backward: bool, reduce: bool, reverse: bool, vectorized: bool) -> String {
+pub fn kernel_name(
+    mapping: Mapping,
+    backward: bool,
+    reduce: bool,
+    reverse: bool,
+    vectorized: bool,
+) -> String {
     format!(
         "scan_{}_{}_{}_r{}{}",
         match mapping {
@@ -132,7 +139,11 @@ pub fn kernel_name(mapping: Mapping, backward: bool, reduce: bool, reverse: bool
         if backward { "bwd" } else { "fwd" },
         if reduce { "reduce" } else { "apply" },
         u8::from(reverse),
-        if vectorized && mapping == Mapping::Rows { "_vec" } else { "" }
+        if vectorized && mapping == Mapping::Rows {
+            "_vec"
+        } else {
+            ""
+        }
     )
 }
 
@@ -156,7 +167,13 @@ pub fn all_kernel_names() -> Vec<String> {
     names
 }
 
-fn check_scratch(plan: &ScanPlan, dtype: DType, shape: &ScanShape, scratch: u64, scratch_bytes: usize) -> Result<()> {
+fn check_scratch(
+    plan: &ScanPlan,
+    dtype: DType,
+    shape: &ScanShape,
+    scratch: u64,
+    scratch_bytes: usize,
+) -> Result<()> {
     let need = plan.scratch_bytes(dtype, shape);
     if need > 0 && (scratch == 0 || scratch_bytes < need || scratch % 8 != 0) {
         return Err(Error::invalid(
@@ -218,7 +235,11 @@ unsafe fn launch(
         && shape_len % items_per_lane(dtype) == 0
         && data_addresses.iter().all(|&a| a % 16 == 0);
     let (work, per_block, threads) = match plan.mapping {
-        Mapping::Rows => (params.outer as usize * plan.n_chunks, ROWS_WARPS, ROWS_WARPS * 32),
+        Mapping::Rows => (
+            params.outer as usize * plan.n_chunks,
+            ROWS_WARPS,
+            ROWS_WARPS * 32,
+        ),
         Mapping::Strided => (
             params.outer as usize * params.inner as usize * plan.n_chunks,
             STRIDED_THREADS,
@@ -229,13 +250,22 @@ unsafe fn launch(
     let grid = u32::try_from(blocks)
         .ok()
         .filter(|&b| b < i32::MAX as u32)
-        .ok_or_else(|| Error::invalid("shape", format!("fewer than 2^31 thread blocks of work, got {blocks}")))?;
+        .ok_or_else(|| {
+            Error::invalid(
+                "shape",
+                format!("fewer than 2^31 thread blocks of work, got {blocks}"),
+            )
+        })?;
     let cfg = LaunchConfig {
         grid_dim: (grid.max(1), 1, 1),
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let phases: &[bool] = if plan.n_chunks > 1 { &[true, false] } else { &[false] };
+    let phases: &[bool] = if plan.n_chunks > 1 {
+        &[true, false]
+    } else {
+        &[false]
+    };
     for &reduce in phases {
         let name = kernel_name(plan.mapping, backward, reduce, reverse, vectorized);
         let function = device.function(SCAN_SOURCE, dtype, &name)?;
@@ -271,7 +301,14 @@ pub unsafe fn scan_forward_raw(
     let final_state = outputs.final_state.unwrap_or(0);
     if shape.len == 0 {
         // SAFETY: forwarded from the caller.
-        return unsafe { pass_state_through(stream, final_state, initial, shape.state_numel() * dtype.size_bytes()) };
+        return unsafe {
+            pass_state_through(
+                stream,
+                final_state,
+                initial,
+                shape.state_numel() * dtype.size_bytes(),
+            )
+        };
     }
     if shape.numel() == 0 {
         return Ok(());
@@ -297,7 +334,18 @@ pub unsafe fn scan_forward_raw(
     };
     let vector_buffers = [inputs.gates, inputs.tokens, outputs.hidden];
     // SAFETY: forwarded from the caller.
-    unsafe { launch(device, stream, dtype, &plan, false, problem.reverse, &params, &vector_buffers) }
+    unsafe {
+        launch(
+            device,
+            stream,
+            dtype,
+            &plan,
+            false,
+            problem.reverse,
+            &params,
+            &vector_buffers,
+        )
+    }
 }
 
 /// Backward scan on raw device addresses; see [`scan_forward_raw`] for the contract.
@@ -320,7 +368,12 @@ pub unsafe fn scan_backward_raw(
     if shape.len == 0 {
         // SAFETY: forwarded from the caller.
         return unsafe {
-            pass_state_through(stream, grad_initial, grad_final, shape.state_numel() * dtype.size_bytes())
+            pass_state_through(
+                stream,
+                grad_initial,
+                grad_final,
+                shape.state_numel() * dtype.size_bytes(),
+            )
         };
     }
     if shape.numel() == 0 {
@@ -357,7 +410,18 @@ pub unsafe fn scan_backward_raw(
         outputs.grad_tokens,
     ];
     // SAFETY: forwarded from the caller.
-    unsafe { launch(device, stream, dtype, &plan, true, problem.reverse, &params, &vector_buffers) }
+    unsafe {
+        launch(
+            device,
+            stream,
+            dtype,
+            &plan,
+            true,
+            problem.reverse,
+            &params,
+            &vector_buffers,
+        )
+    }
 }
 
 /// Element types the typed CUDA API accepts.
@@ -373,8 +437,15 @@ fn device_of(stream: &Arc<CudaStream>) -> Result<Arc<Device>> {
     super::device::device(stream.context().ordinal())
 }
 
-fn scratch_for(stream: &Arc<CudaStream>, device: &Device, dtype: DType, problem: &ScanProblem) -> Result<CudaSlice<u64>> {
-    let words = scan_scratch_bytes(device, dtype, problem).div_ceil(8).max(1);
+fn scratch_for(
+    stream: &Arc<CudaStream>,
+    device: &Device,
+    dtype: DType,
+    problem: &ScanProblem,
+) -> Result<CudaSlice<u64>> {
+    let words = scan_scratch_bytes(device, dtype, problem)
+        .div_ceil(8)
+        .max(1);
     stream
         .alloc_zeros::<u64>(words)
         .map_err(driver_error("allocating scratch"))
@@ -443,7 +514,10 @@ pub fn scan_backward<T: DeviceElement>(
     }
     check_slice("grad_gates", outputs.grad_gates, shape.numel())?;
     check_slice("grad_tokens", outputs.grad_tokens, shape.numel())?;
-    for (arg, s) in [("initial", inputs.initial), ("grad_final", inputs.grad_final)] {
+    for (arg, s) in [
+        ("initial", inputs.initial),
+        ("grad_final", inputs.grad_final),
+    ] {
         if let Some(s) = s {
             check_slice(arg, s, shape.state_numel())?;
         }

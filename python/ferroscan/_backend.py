@@ -1,0 +1,45 @@
+"""The bridge to the Rust core (``ferroscan._native``): addresses, streams and scratch buffers.
+
+Everything here takes tensors that are already validated and C-contiguous."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from . import _native
+from ._checks import DTYPE_NAMES
+
+# Lets the Rust core find NVRTC in this interpreter's site-packages (nvidia-cuda-nvrtc wheel).
+os.environ.setdefault("FERROSCAN_PYTHON", sys.executable)
+
+
+def address(t: Optional[torch.Tensor]) -> int:
+    """The tensor's data address, or 0 for an absent optional."""
+    return 0 if t is None else t.data_ptr()
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    return DTYPE_NAMES[t.dtype]
+
+
+def cuda_stream(t: torch.Tensor) -> int:
+    """PyTorch's current stream on the tensor's device: kernels queue behind the caller's work."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+@functools.lru_cache(maxsize=4096)
+def _scratch_bytes(device_index: int, dtype: str, shape: tuple[int, int, int]) -> int:
+    return _native.cuda_scan_scratch_bytes(device_index, dtype, shape)
+
+
+def cuda_scratch(t: torch.Tensor, shape: tuple[int, int, int]) -> tuple[Optional[torch.Tensor], int]:
+    """A scratch buffer from PyTorch's caching allocator for a scan of ``shape`` (None if unneeded)."""
+    nbytes = _scratch_bytes(t.device.index, dtype_name(t), shape)
+    if nbytes == 0:
+        return None, 0
+    return torch.empty(nbytes, dtype=torch.uint8, device=t.device), nbytes

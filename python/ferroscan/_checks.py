@@ -1,0 +1,63 @@
+"""Argument validation shared by every ferroscan operation: one place for dtype rules and
+messages, so each bad input raises the same clear exception whichever op receives it."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+#: Element types the kernels support, with the names the Rust core uses.
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+
+
+def check_tensor(value: object, arg: str) -> torch.Tensor:
+    """Returns ``value`` if it is a tensor with a supported floating dtype, else raises TypeError."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+    if value.dtype not in DTYPE_NAMES:
+        raise TypeError(
+            f"{arg} has dtype {value.dtype}; expected one of float16, bfloat16, float32, float64 "
+            "(integer, bool and complex tensors are not supported)"
+        )
+    return value
+
+
+def check_same_kind(ref: torch.Tensor, ref_arg: str, other: torch.Tensor, arg: str) -> None:
+    """Raises TypeError/ValueError unless ``other`` shares ``ref``'s dtype and device."""
+    if other.dtype != ref.dtype:
+        raise TypeError(f"{arg} has dtype {other.dtype} but {ref_arg} has {ref.dtype}; they must match")
+    if other.device != ref.device:
+        raise ValueError(
+            f"{arg} is on {other.device} but {ref_arg} is on {ref.device}; move them to one device"
+        )
+
+
+def normalize_dim(dim: int, ndim: int, arg: str = "dim") -> int:
+    """Maps a possibly negative axis to ``0..ndim-1``; ValueError when out of range."""
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"{arg} must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{arg}={dim} is out of range for a tensor of rank {ndim} (expected {-ndim}..{ndim - 1})")
+    return dim % ndim
+
+
+def check_state(
+    state: Optional[torch.Tensor], arg: str, expected_shape: Sequence[int], like: torch.Tensor, like_arg: str
+) -> Optional[torch.Tensor]:
+    """Validates an optional per-step state (e.g. ``initial``) against the expected shape."""
+    if state is None:
+        return None
+    check_tensor(state, arg)
+    check_same_kind(like, like_arg, state, arg)
+    if tuple(state.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"{arg} has shape {tuple(state.shape)}; expected {tuple(expected_shape)} "
+            f"(the shape of {like_arg} without the time axis)"
+        )
+    return state

@@ -1,0 +1,258 @@
+r"""First-order linear scan.
+
+.. math::
+
+    h_t = a_t \, h_{t-1} + x_t, \qquad h_{-1} = h_0
+
+(reversed: :math:`h_t = a_t h_{t+1} + x_t`, :math:`h_L = h_0`). Gradients, with
+:math:`g_t = \partial\mathcal{L}/\partial x_t` the total gradient reaching :math:`h_t`:
+
+.. math::
+
+    g_t = \bar g_t + a_{t+1} g_{t+1}, \quad g_{L-1} = \bar g_{L-1} + \bar g_{\text{final}}, \qquad
+    \frac{\partial\mathcal{L}}{\partial a_t} = g_t h_{t-1}, \qquad
+    \frac{\partial\mathcal{L}}{\partial h_0} = a_0 g_0,
+
+where :math:`\bar g` are the incoming gradients of :math:`h` — one reverse scan, fused into a
+single kernel pass on CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .. import _backend, _native
+from .._checks import check_same_kind, check_state, check_tensor, normalize_dim
+
+Tensor = torch.Tensor
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops on C-contiguous (outer, len, inner) tensors; states are (outer, inner).
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape3(t: Tensor) -> tuple[int, int, int]:
+    outer, length, inner = t.shape
+    return int(outer), int(length), int(inner)
+
+
+@torch.library.custom_op("ferroscan::scan_fwd", mutates_args=())
+def _scan_fwd(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:
+    shape = _shape3(tokens)
+    hidden = torch.empty_like(tokens)
+    final = tokens.new_empty((shape[0], shape[2]))
+    dtype = _backend.dtype_name(tokens)
+    a = _backend.address
+    if tokens.is_cuda:
+        scratch, scratch_bytes = _backend.cuda_scratch(tokens, shape)
+        _native.cuda_scan_forward(
+            tokens.device.index, _backend.cuda_stream(tokens), dtype, shape, reverse,
+            a(gates), a(tokens), a(initial), a(hidden), a(final), a(scratch), scratch_bytes,
+        )  # fmt: skip
+    else:
+        _native.cpu_scan_forward(dtype, shape, reverse, a(gates), a(tokens), a(initial), a(hidden), a(final))
+    return hidden, final
+
+
+@_scan_fwd.register_fake
+def _scan_fwd_fake(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(tokens), tokens.new_empty((tokens.shape[0], tokens.shape[2]))
+
+
+@torch.library.custom_op("ferroscan::scan_bwd", mutates_args=())
+def _scan_bwd(
+    gates: Tensor,
+    hidden: Tensor,
+    initial: Optional[Tensor],
+    grad_hidden: Tensor,
+    grad_final: Optional[Tensor],
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    shape = _shape3(hidden)
+    grad_gates = torch.empty_like(hidden)
+    grad_tokens = torch.empty_like(hidden)
+    grad_initial = hidden.new_empty((shape[0], shape[2]))
+    dtype = _backend.dtype_name(hidden)
+    a = _backend.address
+    if hidden.is_cuda:
+        scratch, scratch_bytes = _backend.cuda_scratch(hidden, shape)
+        _native.cuda_scan_backward(
+            hidden.device.index, _backend.cuda_stream(hidden), dtype, shape, reverse,
+            a(gates), a(hidden), a(initial), a(grad_hidden), a(grad_final),
+            a(grad_gates), a(grad_tokens), a(grad_initial), a(scratch), scratch_bytes,
+        )  # fmt: skip
+    else:
+        _native.cpu_scan_backward(
+            dtype, shape, reverse, a(gates), a(hidden), a(initial), a(grad_hidden), a(grad_final),
+            a(grad_gates), a(grad_tokens), a(grad_initial),
+        )  # fmt: skip
+    return grad_gates, grad_tokens, grad_initial
+
+
+@_scan_bwd.register_fake
+def _scan_bwd_fake(
+    gates: Tensor,
+    hidden: Tensor,
+    initial: Optional[Tensor],
+    grad_hidden: Tensor,
+    grad_final: Optional[Tensor],
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    state = hidden.new_empty((hidden.shape[0], hidden.shape[2]))
+    return torch.empty_like(hidden), torch.empty_like(hidden), state
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    gates, _tokens, initial, reverse = inputs
+    hidden, _final = output
+    ctx.save_for_backward(gates, hidden, initial)
+    ctx.reverse = reverse
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Tensor], grad_final: Optional[Tensor]):  # noqa: ANN201
+    gates, hidden, initial = ctx.saved_tensors
+    grad_hidden = torch.zeros_like(hidden) if grad_hidden is None else grad_hidden.contiguous()
+    grad_final = None if grad_final is None else grad_final.contiguous()
+    grad_gates, grad_tokens, grad_initial = _scan_bwd(gates, hidden, initial, grad_hidden, grad_final, ctx.reverse)
+    return grad_gates, grad_tokens, (grad_initial if initial is not None else None), None
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+# ---------------------------------------------------------------------------------------------
+# Public function: any rank, any time axis, any strides.
+# ---------------------------------------------------------------------------------------------
+
+
+def _memory_order(*tensors: Tensor) -> list[int]:
+    """A permutation under which every tensor is C-contiguous, or the identity (copy needed)."""
+    ref = tensors[0]
+    order = sorted(range(ref.dim()), key=lambda d: (-ref.stride(d), -ref.shape[d]))
+    if all(t.permute(order).is_contiguous() for t in tensors):
+        return order
+    return list(range(ref.dim()))
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def _prod(values: Union[list[int], tuple[int, ...]]) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def scan(
+    gates: Union[Tensor, np.ndarray],
+    tokens: Union[Tensor, np.ndarray],
+    *,
+    dim: int = -1,
+    reverse: bool = False,
+    initial: Optional[Union[Tensor, np.ndarray]] = None,
+    return_final: bool = False,
+) -> Union[Tensor, np.ndarray, tuple[Tensor, Tensor], tuple[np.ndarray, np.ndarray]]:
+    r"""First-order linear recurrence along axis ``dim``.
+
+    .. math::
+
+        h_t = a_t \, h_{t-1} + x_t, \qquad h_{-1} = h_0 \ (\text{zeros unless } \texttt{initial})
+
+    With ``reverse=True`` the scan runs from the end: :math:`h_t = a_t h_{t+1} + x_t`.
+
+    Args:
+        gates: :math:`a`, the same shape as ``tokens`` (or broadcastable to it, e.g. one gate per
+            channel via a stride-0 view).
+        tokens: :math:`x`, any rank :math:`\ge 1`, float16 / bfloat16 / float32 / float64, on
+            CPU or CUDA. A NumPy array (float32/float64) runs on the CPU and returns NumPy.
+        dim: the time axis; ``(B, D, L)`` with ``dim=-1`` and ``(B, L, D)`` with ``dim=1`` both
+            run without the caller transposing.
+        reverse: scan from the last step to the first.
+        initial: :math:`h_0`, shaped like ``tokens`` without ``dim``; differentiable.
+        return_final: also return the state after the last step scanned (index 0 along ``dim``
+            when reversed, otherwise the last index), differentiable.
+
+    Returns:
+        ``h`` (the shape of ``tokens``, its dtype), or ``(h, h_final)`` with ``return_final``.
+
+    Half types accumulate in float32. Any length works (``L = 0`` gives empty ``h`` and
+    ``h_final = initial``). Non-contiguous inputs whose strides are a permutation of a
+    contiguous layout run in place; other layouts are copied once.
+    """
+    if isinstance(gates, np.ndarray) or isinstance(tokens, np.ndarray) or isinstance(initial, np.ndarray):
+        return _scan_numpy(gates, tokens, dim=dim, reverse=reverse, initial=initial, return_final=return_final)
+    check_tensor(tokens, "tokens")
+    check_tensor(gates, "gates")
+    check_same_kind(tokens, "tokens", gates, "gates")
+    if tokens.dim() == 0:
+        raise ValueError("tokens must have at least one dimension (the time axis); got a 0-d tensor")
+    if gates.shape != tokens.shape:
+        try:
+            broadcast_ok = torch.broadcast_shapes(gates.shape, tokens.shape) == tokens.shape
+        except RuntimeError:
+            broadcast_ok = False
+        if not broadcast_ok:
+            raise ValueError(
+                f"gates has shape {tuple(gates.shape)} but tokens has {tuple(tokens.shape)}; "
+                "gates must have the shape of tokens or broadcast to it"
+            )
+        gates = gates.expand(tokens.shape)
+    if not isinstance(reverse, bool):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    dim = normalize_dim(dim, tokens.dim())
+    state_shape = [s for d, s in enumerate(tokens.shape) if d != dim]
+    initial = check_state(initial, "initial", state_shape, tokens, "tokens")
+
+    order = _memory_order(tokens, gates)
+    x = tokens.permute(order).contiguous()
+    a = gates.permute(order).contiguous()
+    t_pos = order.index(dim)
+    outer, length, inner = _prod(x.shape[:t_pos]), int(x.shape[t_pos]), _prod(x.shape[t_pos + 1 :])
+    # State axes in memory order, as positions among the state's own (original-order) axes.
+    state_dims = [d for d in range(tokens.dim()) if d != dim]
+    state_order = [state_dims.index(d) for d in order if d != dim]
+    h0 = None if initial is None else initial.permute(state_order).contiguous().view(outer, inner)
+
+    hidden, final = torch.ops.ferroscan.scan_fwd(
+        a.view(outer, length, inner), x.view(outer, length, inner), h0, reverse
+    )
+    hidden = hidden.view(x.shape).permute(_inverse(order))
+    if not return_final:
+        return hidden
+    final_shape = [tokens.shape[state_dims[i]] for i in state_order]
+    final = final.view(final_shape).permute(_inverse(state_order))
+    return hidden, final
+
+
+def _scan_numpy(
+    gates: object, tokens: object, *, dim: int, reverse: bool, initial: object, return_final: bool
+) -> Union[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """NumPy front end: float arrays in, float arrays out, computed by the CPU backend."""
+
+    def to_tensor(value: object, arg: str) -> Optional[Tensor]:
+        if value is None:
+            return None
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{arg} must be a numpy.ndarray like the other arguments, got {type(value).__name__}")
+        if value.dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"{arg} has dtype {value.dtype}; expected float16, float32 or float64")
+        return torch.from_numpy(np.ascontiguousarray(value))
+
+    out = scan(
+        to_tensor(gates, "gates"),
+        to_tensor(tokens, "tokens"),
+        dim=dim,
+        reverse=reverse,
+        initial=to_tensor(initial, "initial"),
+        return_final=return_final,
+    )
+    if return_final:
+        return out[0].numpy(), out[1].numpy()
+    return out.numpy()
