@@ -21,7 +21,10 @@ fn to_py(err: Error) -> PyErr {
 }
 
 /// Runs `f` with the GIL released, turning errors and panics into Python exceptions.
-fn run_detached<R: Send>(py: Python<'_>, f: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
+fn run_detached<R: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> Result<R, Error> + Send,
+) -> PyResult<R> {
     py.detach(|| catch_unwind(AssertUnwindSafe(f)))
         .map_err(|panic| {
             let msg = panic
@@ -166,10 +169,21 @@ fn cpu_scan_forward(
 ) -> PyResult<()> {
     let dtype = DType::parse(dtype).map_err(to_py)?;
     let problem = problem(shape.0, shape.1, shape.2, reverse).map_err(to_py)?;
-    let inputs = ScanInputs { gates, tokens, initial: opt(initial) };
-    let outputs = ScanOutputs { hidden, final_state: opt(final_state) };
+    let inputs = ScanInputs {
+        gates,
+        tokens,
+        initial: opt(initial),
+    };
+    let outputs = ScanOutputs {
+        hidden,
+        final_state: opt(final_state),
+    };
     // SAFETY: the Python package passes contiguous CPU tensors of the shapes it validated.
-    run_detached(py, move || with_element!(dtype, T, unsafe { cpu_forward::<T>(&problem, inputs, outputs) }))
+    run_detached(py, move || {
+        with_element!(dtype, T, unsafe {
+            cpu_forward::<T>(&problem, inputs, outputs)
+        })
+    })
 }
 
 /// Backward scan of host buffers; see `cpu_scan_forward`.
@@ -205,12 +219,21 @@ fn cpu_scan_backward(
         grad_initial: opt(grad_initial),
     };
     // SAFETY: the Python package passes contiguous CPU tensors of the shapes it validated.
-    run_detached(py, move || with_element!(dtype, T, unsafe { cpu_backward::<T>(&problem, inputs, outputs) }))
+    run_detached(py, move || {
+        with_element!(dtype, T, unsafe {
+            cpu_backward::<T>(&problem, inputs, outputs)
+        })
+    })
 }
 
 /// Scratch bytes a CUDA scan of this problem needs on device `device`.
 #[pyfunction]
-fn cuda_scan_scratch_bytes(py: Python<'_>, device: usize, dtype: &str, shape: (usize, usize, usize)) -> PyResult<usize> {
+fn cuda_scan_scratch_bytes(
+    py: Python<'_>,
+    device: usize,
+    dtype: &str,
+    shape: (usize, usize, usize),
+) -> PyResult<usize> {
     let dtype = DType::parse(dtype).map_err(to_py)?;
     let problem = problem(shape.0, shape.1, shape.2, false).map_err(to_py)?;
     run_detached(py, move || {
@@ -253,8 +276,15 @@ fn cuda_scan_forward(
                 &stream,
                 dtype,
                 &problem,
-                ScanInputs { gates, tokens, initial: some(initial) },
-                ScanOutputs { hidden, final_state: some(final_state) },
+                ScanInputs {
+                    gates,
+                    tokens,
+                    initial: some(initial),
+                },
+                ScanOutputs {
+                    hidden,
+                    final_state: some(final_state),
+                },
                 (scratch, scratch_bytes),
             )
         }

@@ -36,14 +36,20 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import ferroscan
 import torch
+
+import ferroscan
 
 __all__ = ["scan", "scan_forward", "warp", "scalar", "triton"]
 
 
-def _prepare(gates: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check shapes and bring ``gates`` and ``tokens`` to one (promoted) dtype."""
+def _prepare(
+    gates: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """Check shapes and bring ``gates`` and ``tokens`` to one (promoted) dtype.
+
+    Returns the converted pair and the result dtype (that of ``tokens``).
+    """
     if not isinstance(gates, torch.Tensor) or not isinstance(tokens, torch.Tensor):
         raise TypeError("gates and tokens must be torch.Tensor")
     if gates.shape != tokens.shape:
@@ -53,10 +59,11 @@ def _prepare(gates: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, t
         )
     if tokens.dim() == 0:
         raise ValueError("gates and tokens need at least one (time) axis, the last one")
+    out_dtype = tokens.dtype
     if gates.dtype != tokens.dtype:
         common = torch.promote_types(gates.dtype, tokens.dtype)
         gates, tokens = gates.to(common), tokens.to(common)
-    return gates, tokens
+    return gates, tokens, out_dtype
 
 
 def scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -85,8 +92,7 @@ def scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     Returns:
         ``x``, same shape as ``tokens`` and of the dtype of ``tokens``.
     """
-    out_dtype = tokens.dtype
-    gates, tokens = _prepare(gates, tokens)
+    gates, tokens, out_dtype = _prepare(gates, tokens)
     states = ferroscan.scan(gates, tokens, dim=-1)
     return states.to(out_dtype)
 
@@ -116,9 +122,8 @@ def scan_forward(gates: torch.Tensor, tokens: torch.Tensor, reverse: bool = Fals
     Returns:
         ``x``, same shape as ``tokens`` and of the dtype of ``tokens``.
     """
-    out_dtype = tokens.dtype
     with torch.no_grad():
-        gates, tokens = _prepare(gates, tokens)
+        gates, tokens, out_dtype = _prepare(gates, tokens)
         states = ferroscan.scan(gates, tokens, dim=-1, reverse=reverse)
         return states.to(out_dtype)
 

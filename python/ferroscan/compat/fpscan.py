@@ -31,15 +31,21 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import ferroscan
 import torch
 from torch.autograd.function import once_differentiable
+
+import ferroscan
 
 __all__ = ["pscan", "scan_forward", "PScan"]
 
 
-def _prepare(gates: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check shapes and bring ``gates`` and ``tokens`` to one (promoted) dtype."""
+def _prepare(
+    gates: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """Check shapes and bring ``gates`` and ``tokens`` to one (promoted) dtype.
+
+    Returns the converted pair and the result dtype (that of ``tokens``).
+    """
     if not isinstance(gates, torch.Tensor) or not isinstance(tokens, torch.Tensor):
         raise TypeError("gates and tokens must be torch.Tensor")
     if gates.shape != tokens.shape:
@@ -49,10 +55,11 @@ def _prepare(gates: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, t
         )
     if tokens.dim() == 0:
         raise ValueError("gates and tokens need at least one (time) axis, the last one")
+    out_dtype = tokens.dtype
     if gates.dtype != tokens.dtype:
         common = torch.promote_types(gates.dtype, tokens.dtype)
         gates, tokens = gates.to(common), tokens.to(common)
-    return gates, tokens
+    return gates, tokens, out_dtype
 
 
 def scan_forward(
@@ -92,13 +99,12 @@ def scan_forward(
     Returns:
         ``out`` when given, else a new tensor holding ``y``.
     """
-    out_dtype = tokens.dtype
-    if out is not None and out.shape != tokens.shape:
-        raise ValueError(
-            f"out must have the shape of tokens {tuple(tokens.shape)}, got {tuple(out.shape)}"
-        )
     with torch.no_grad():
-        gates, tokens = _prepare(gates, tokens)
+        gates, tokens, out_dtype = _prepare(gates, tokens)
+        if out is not None and out.shape != tokens.shape:
+            raise ValueError(
+                f"out must have the shape of tokens {tuple(tokens.shape)}, got {tuple(out.shape)}"
+            )
         result = ferroscan.scan(gates, tokens, dim=-1, reverse=reverse)
         if out is None:
             return result.to(out_dtype)
@@ -129,9 +135,9 @@ class PScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Compute ``y`` and save ``(gates, y)`` for the backward pass."""
-        ctx.input_dtypes = (gates.dtype, tokens.dtype)
-        out_dtype = tokens.dtype
-        gates, tokens = _prepare(gates, tokens)
+        gates_dtype = gates.dtype if isinstance(gates, torch.Tensor) else None
+        gates, tokens, out_dtype = _prepare(gates, tokens)
+        ctx.input_dtypes = (gates_dtype, out_dtype)
         states = ferroscan.scan(gates, tokens, dim=-1)
         ctx.save_for_backward(gates, states)
         return states.to(out_dtype)

@@ -73,8 +73,8 @@ impl<T: Element> Recurrence<T, 1> for Forward<'_, T> {
 /// let problem = ScanProblem { shape: ScanShape::new(1, 3, 1)?, reverse: false };
 /// let (gates, tokens) = ([0.5f32, 0.5, 0.5], [1.0f32, 1.0, 1.0]);
 /// let mut hidden = [0.0f32; 3];
-/// let inputs = ScanInputs { gates: &gates, tokens: &tokens, initial: None };
-/// scan_forward(&problem, inputs, ScanOutputs { hidden: &mut hidden, final_state: None })?;
+/// let inputs = ScanInputs { gates: &gates[..], tokens: &tokens[..], initial: None };
+/// scan_forward(&problem, inputs, ScanOutputs { hidden: &mut hidden[..], final_state: None })?;
 /// assert_eq!(hidden, [1.0, 1.5, 1.75]);
 /// # Ok::<(), ferroscan::Error>(())
 /// ```

@@ -216,7 +216,7 @@ unsafe fn pass_state_through(stream: &CudaStream, dst: u64, src: u64, bytes: usi
     .map_err(driver_error("copying the state of an empty scan"))
 }
 
-/// Launches the reduce (if chunked) and apply passes.
+/// Launches the reduce (if chunked) and apply passes of the (backward?, reverse?) scan.
 ///
 /// # Safety
 /// Every non-zero address in `params` must be valid for the shape it describes.
@@ -225,8 +225,7 @@ unsafe fn launch(
     stream: &CudaStream,
     dtype: DType,
     plan: &ScanPlan,
-    backward: bool,
-    reverse: bool,
+    (backward, reverse): (bool, bool),
     params: &ScanParams,
     data_addresses: &[u64],
 ) -> Result<()> {
@@ -340,8 +339,7 @@ pub unsafe fn scan_forward_raw(
             stream,
             dtype,
             &plan,
-            false,
-            problem.reverse,
+            (false, problem.reverse),
             &params,
             &vector_buffers,
         )
@@ -416,8 +414,7 @@ pub unsafe fn scan_backward_raw(
             stream,
             dtype,
             &plan,
-            true,
-            problem.reverse,
+            (true, problem.reverse),
             &params,
             &vector_buffers,
         )
