@@ -1,0 +1,10 @@
+"""Benchmarks of ferroscan against the memory roofline and its peers.
+
+    python -m ferroscan.bench scan [--quick] [--dtypes float32 bfloat16] [--out DIR] [--no-peers]
+    python -m ferroscan.bench scan --device cpu
+
+Each case is timed in one process: ferroscan forward and forward+backward (through autograd),
+the roofline (a plain PyTorch elementwise kernel moving the same bytes, measured right after),
+and the peers that are importable (each in a child process, so a peer that faults is reported,
+not fatal). Results: a printed markdown table, JSON, and PNG plots.
+"""
