@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import re
 
+import ferroscan
 import numpy as np
 import pytest
 import torch
-
-import ferroscan
 
 
 def _ok(shape: tuple[int, ...] = (2, 3, 8), dtype: torch.dtype = torch.float32, device: str = "cpu"):  # noqa: ANN202
@@ -54,6 +53,7 @@ def test_zero_dim_tokens() -> None:
 
 
 def test_zero_dim_numpy_tokens() -> None:
+    """Like a 0-d tensor: a 0-d array has no time axis (it must not become shape (1,))."""
     with _raises(ValueError, "tokens"):
         ferroscan.scan(np.array(0.5), np.array(1.0))
 
@@ -225,10 +225,11 @@ def test_nan_inf_do_not_raise(device: str) -> None:
     gates[0, 0, 3] = float("nan")
     tokens[1, 2, 5] = float("inf")
     tokens[1, 1, 0] = -float("inf")
-    initial = torch.tensor([[float("nan"), 0.0, 1.0], [0.0, float("inf"), 2.0]], device=device)
+    initial = torch.tensor([[float("nan"), 0.0, 1.0], [float("inf"), 0.0, 2.0]], device=device)
     h, hf = ferroscan.scan(gates, tokens, initial=initial, return_final=True)
-    assert h[0, 0].isnan().all() and h[1, 2, 5:].isposinf().all() and h[1, 1].isneginf().all()
-    assert h[0, 2].isfinite().all() and hf[1, 0].isfinite()
+    assert h[0, 0].isnan().all() and h[1, 0].isposinf().all() and h[1, 1].isneginf().all()
+    assert h[1, 2, 5:].isposinf().all() and h[1, 2, :5].isfinite().all()
+    assert h[0, 1:].isfinite().all() and hf[0, 1:].isfinite().all()
     g = gates.clone().requires_grad_()
     ferroscan.scan(g, tokens, initial=initial).sum().backward()
     assert g.grad is not None and g.grad.shape == gates.shape

@@ -179,9 +179,7 @@ def run_ours(
         src = sources[arg]
         assert value.shape == src.shape and value.dtype == src.dtype, f"gradient of {arg}"
     for arg, old in before.items():
-        torch.testing.assert_close(
-            sources[arg], old, rtol=0, atol=0, equal_nan=True, msg=f"{arg} was modified"
-        )
+        torch.testing.assert_close(sources[arg], old, rtol=0, atol=0, equal_nan=True, msg=f"{arg} was modified")
     return {"h": h.detach(), "final": None if hf is None else hf.detach(), **grads}, w, wf
 
 
@@ -262,17 +260,11 @@ def check_half(
     """
     dtype = tokens.dtype
     assert dtype in (torch.float16, torch.bfloat16)
-    ours, w, wf = run_ours(
-        gates, tokens, initial, dim=dim, reverse=reverse, return_final=return_final, seed=seed
-    )
+    ours, w, wf = run_ours(gates, tokens, initial, dim=dim, reverse=reverse, return_final=return_final, seed=seed)
     ref = reference_run(gates, tokens, initial, w, wf, dim=dim, reverse=reverse)
     loop32 = reference_run(gates, tokens, initial, w, wf, dim=dim, reverse=reverse, dtype=F32)
     u_out, tiny = UNIT[dtype], torch.finfo(dtype).tiny
-    keys = (
-        ["h", "tokens", "gates"]
-        + (["final"] if return_final else [])
-        + (["initial"] if initial is not None else [])
-    )
+    keys = ["h", "tokens", "gates"] + (["final"] if return_final else []) + (["initial"] if initial is not None else [])
     for key in keys:
         err32 = (loop32[key].to(F64) - ref[key]).abs().max().item() if ref[key].numel() else 0.0
         roundings = 2 if key == "gates" else 1
@@ -311,15 +303,11 @@ def test_shapes_lengths(device: str, layout: str, length: int, mode: tuple[bool,
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("length", [1, 33, 257])
 @pytest.mark.parametrize("layout", ["3d-BDL", "3d-BLD"])
-def test_modes(
-    device: str, layout: str, length: int, dtype: torch.dtype, mode: tuple[bool, bool, bool]
-) -> None:
+def test_modes(device: str, layout: str, length: int, dtype: torch.dtype, mode: tuple[bool, bool, bool]) -> None:
     """Every combination of reverse / initial / return_final, float32 and float64."""
     reverse, with_initial, return_final = mode
     make_shape, dim = LAYOUTS[layout]
-    gates, tokens, initial = make_inputs(
-        make_shape(length), dim, dtype, device, seed=3 * length, initial=with_initial
-    )
+    gates, tokens, initial = make_inputs(make_shape(length), dim, dtype, device, seed=3 * length, initial=with_initial)
     check_scan(
         gates, tokens, initial, dim=dim, reverse=reverse, return_final=return_final,
         seed=5, what=f"{layout} L={length} {dtype} {mode_id(mode)}",
@@ -329,9 +317,7 @@ def test_modes(
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("mode", [MODES[3], MODES[7], MODES[6]], ids=mode_id)
 @pytest.mark.parametrize("length", [33, 1000])
-def test_signed_and_zero_gates(
-    device: str, length: int, mode: tuple[bool, bool, bool], dtype: torch.dtype
-) -> None:
+def test_signed_and_zero_gates(device: str, length: int, mode: tuple[bool, bool, bool], dtype: torch.dtype) -> None:
     """Gates in [-1, 1) with a quarter exactly zero (a zero gate resets the state)."""
     reverse, with_initial, return_final = mode
     gates, tokens, initial = make_inputs(
@@ -358,9 +344,7 @@ def test_degenerate_extents(device: str, shape: tuple[int, ...], dim: int) -> No
     """Many short sequences, unit extents around the time axis."""
     gates, tokens, initial = make_inputs(shape, dim, F32, device, seed=13, initial=True)
     for reverse in (False, True):
-        check_scan(
-            gates, tokens, initial, dim=dim, reverse=reverse, return_final=True, seed=14, what=f"{shape}"
-        )
+        check_scan(gates, tokens, initial, dim=dim, reverse=reverse, return_final=True, seed=14, what=f"{shape}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,9 +415,7 @@ def _half_cases() -> list:
                     with_initial, final = [(True, True), (False, True), (True, False)][i % 3]
                     mode = (reverse, with_initial, final)
                     cases.append(
-                        pytest.param(
-                            dtype, layout, length, mode, id=f"{name}-{layout}-L{length}-{mode_id(mode)}"
-                        )
+                        pytest.param(dtype, layout, length, mode, id=f"{name}-{layout}-L{length}-{mode_id(mode)}")
                     )
     return cases
 
@@ -445,9 +427,7 @@ def test_half_precision(
     """float16 / bfloat16 values and gradients, tolerance derived from a float32 loop."""
     reverse, with_initial, return_final = mode
     make_shape, dim = LAYOUTS[layout]
-    gates, tokens, initial = make_inputs(
-        make_shape(length), dim, dtype, device, seed=31 + length, initial=with_initial
-    )
+    gates, tokens, initial = make_inputs(make_shape(length), dim, dtype, device, seed=31 + length, initial=with_initial)
     check_half(
         gates, tokens, initial, dim=dim, reverse=reverse, return_final=return_final,
         seed=32, what=f"{dtype} {layout} L={length} {mode_id(mode)}",
@@ -457,9 +437,7 @@ def test_half_precision(
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_half_signed_gates(device: str, dtype: torch.dtype) -> None:
     gates, tokens, initial = make_inputs((3, 300), -1, dtype, device, seed=33, initial=True, gates="signed")
-    check_half(
-        gates, tokens, initial, dim=-1, reverse=True, return_final=True, seed=34, what=f"{dtype} signed"
-    )
+    check_half(gates, tokens, initial, dim=-1, reverse=True, return_final=True, seed=34, what=f"{dtype} signed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,9 +530,7 @@ def test_memory_layouts(device: str, name: str, reverse: bool) -> None:
         assert not (g.is_contiguous() and x.is_contiguous()), "the case must be non-contiguous"
     if name == "initial-transposed":
         assert not h0.is_contiguous()
-    check_scan(
-        gates, tokens, initial, dim=dim, reverse=reverse, return_final=True, seed=44, what=name, views=views
-    )
+    check_scan(gates, tokens, initial, dim=dim, reverse=reverse, return_final=True, seed=44, what=name, views=views)
 
 
 def test_leaf_broadcast_gate_gradient(device: str) -> None:
@@ -748,6 +724,28 @@ def test_numpy_non_contiguous_and_broadcast() -> None:
     h = ferroscan.scan(per_channel, tokens)
     want, _ = scan_ref(torch.from_numpy(per_channel), torch.from_numpy(tokens))
     np.testing.assert_allclose(h, want.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_numpy_rank1_with_scalar_initial() -> None:
+    """1-d tokens: the state, and so ``initial`` and ``h_final``, are 0-d, as with tensors."""
+    gates, tokens = np.full(5, 0.5), np.ones(5)
+    want_h, want_f = ferroscan.scan(
+        torch.from_numpy(gates), torch.from_numpy(tokens), initial=torch.tensor(2.0, dtype=F64), return_final=True
+    )
+    h, hf = ferroscan.scan(gates, tokens, initial=np.array(2.0), return_final=True)
+    assert h.shape == (5,) and hf.shape == ()
+    np.testing.assert_array_equal(h, want_h.numpy())
+    np.testing.assert_array_equal(hf, want_f.numpy())
+
+
+def test_numpy_read_only_arrays() -> None:
+    """Read-only arrays (e.g. np.broadcast_to, memory maps) are inputs like any other."""
+    gates = np.broadcast_to(np.float32(0.5), (2, 6))
+    tokens = np.ones((2, 6), dtype=np.float32)
+    tokens.setflags(write=False)
+    h = ferroscan.scan(gates, tokens)
+    np.testing.assert_array_equal(h[0], [1.0, 1.5, 1.75, 1.875, 1.9375, 1.96875])
+    assert tokens.flags.writeable is False and (tokens == 1).all()
 
 
 def test_numpy_empty_time_axis() -> None:
