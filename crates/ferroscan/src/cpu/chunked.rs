@@ -20,19 +20,21 @@ const UNITS_PER_THREAD: usize = 4;
 
 /// A recurrence `s[t] = gate·s[prev] + token` that writes `N` output tensors.
 ///
-/// Indices are physical: `p` outer, `t` time, `q` inner. The scan visits `t`
-/// descending when [`Recurrence::descending`] is true.
+/// Indices are physical: `p` outer, `t` time, `q` inner, and `i = (p·len + t)·inner + q`
+/// the flat index of element `(p, t, q)` (passed so the hot loop computes it once). The scan
+/// visits `t` descending when [`Recurrence::descending`] is true.
 pub(crate) trait Recurrence<T: Element, const N: usize>: Sync {
     /// Whether the scan runs from `t = len-1` down to `0`.
     fn descending(&self) -> bool;
     /// The state before the first step.
     fn initial(&self, p: usize, q: usize) -> T::Acc;
-    /// Multiplier of the previous state at step `t`.
-    fn gate(&self, p: usize, t: usize, q: usize) -> T::Acc;
-    /// Additive input at step `t`.
-    fn token(&self, p: usize, t: usize, q: usize) -> T::Acc;
-    /// Stores what step `t` produces from its state `s`; `at` indexes the unit's output slices.
-    fn emit(&self, p: usize, t: usize, q: usize, s: T::Acc, outs: &mut [&mut [T]; N], at: usize);
+    /// Multiplier of the previous state at element `i` (time `t`).
+    fn gate(&self, i: usize, t: usize) -> T::Acc;
+    /// Additive input at element `i`.
+    fn token(&self, i: usize) -> T::Acc;
+    /// Stores what `element = (i, t, p·inner + q)` produces from its state `s`; `at` indexes
+    /// the unit's output slices.
+    fn emit(&self, element: (usize, usize, usize), s: T::Acc, outs: &mut [&mut [T]; N], at: usize);
     /// The reported final value, from the state after the last step (`len > 0`).
     fn finish(&self, p: usize, q: usize, s: T::Acc) -> T::Acc;
 }
@@ -69,10 +71,12 @@ fn sweep<T: Element, R: Recurrence<T, N>, const N: usize>(
 ) {
     let q_len = shape.inner;
     let mut step = |t: usize| {
-        let base = (t - t_lo) * q_len;
+        let at = (t - t_lo) * q_len;
+        let row = (p * shape.len + t) * q_len;
         for (q, s) in carry.iter_mut().enumerate() {
-            *s = rec.gate(p, t, q) * *s + rec.token(p, t, q);
-            rec.emit(p, t, q, *s, outs, base + q);
+            let i = row + q;
+            *s = rec.gate(i, t) * *s + rec.token(i);
+            rec.emit((i, t, p * q_len + q), *s, outs, at + q);
         }
     };
     if rec.descending() {
@@ -85,6 +89,7 @@ fn sweep<T: Element, R: Recurrence<T, N>, const N: usize>(
 /// The affine map `s ↦ A·s + B` (one pair per `q`) that `t_lo..t_hi` applies.
 fn reduce<T: Element, R: Recurrence<T, N>, const N: usize>(
     rec: &R,
+    shape: &ScanShape,
     p: usize,
     (t_lo, t_hi): (usize, usize),
     maps: &mut [(T::Acc, T::Acc)],
@@ -92,8 +97,9 @@ fn reduce<T: Element, R: Recurrence<T, N>, const N: usize>(
     for (q, map) in maps.iter_mut().enumerate() {
         let mut acc = (T::Acc::ONE, T::Acc::ZERO);
         let mut step = |t: usize| {
-            let g = rec.gate(p, t, q);
-            acc = (g * acc.0, g * acc.1 + rec.token(p, t, q));
+            let i = (p * shape.len + t) * shape.inner + q;
+            let g = rec.gate(i, t);
+            acc = (g * acc.0, g * acc.1 + rec.token(i));
         };
         if rec.descending() {
             (t_lo..t_hi).rev().for_each(&mut step);
@@ -151,6 +157,7 @@ pub(crate) fn run<T: Element, R: Recurrence<T, N>, const N: usize>(
             .for_each(|(unit, m)| {
                 reduce(
                     rec,
+                    shape,
                     unit / plan.n_chunks,
                     chunk_bounds(unit % plan.n_chunks),
                     m,

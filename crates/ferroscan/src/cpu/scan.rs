@@ -48,16 +48,16 @@ impl<T: Element> Recurrence<T, 1> for Forward<'_, T> {
         state_or_zero(self.inputs.initial, &self.shape, p, q)
     }
     #[inline(always)]
-    fn gate(&self, p: usize, t: usize, q: usize) -> T::Acc {
-        self.inputs.gates[at(&self.shape, p, t, q)].to_acc()
+    fn gate(&self, i: usize, _: usize) -> T::Acc {
+        self.inputs.gates[i].to_acc()
     }
     #[inline(always)]
-    fn token(&self, p: usize, t: usize, q: usize) -> T::Acc {
-        self.inputs.tokens[at(&self.shape, p, t, q)].to_acc()
+    fn token(&self, i: usize) -> T::Acc {
+        self.inputs.tokens[i].to_acc()
     }
     #[inline(always)]
-    fn emit(&self, _: usize, _: usize, _: usize, s: T::Acc, outs: &mut [&mut [T]; 1], i: usize) {
-        outs[0][i] = T::from_acc(s);
+    fn emit(&self, _: (usize, usize, usize), s: T::Acc, outs: &mut [&mut [T]; 1], at: usize) {
+        outs[0][at] = T::from_acc(s);
     }
     fn finish(&self, _: usize, _: usize, s: T::Acc) -> T::Acc {
         s
@@ -129,6 +129,16 @@ impl<T: Element> Backward<'_, T> {
             t.checked_sub(1)
         }
     }
+
+    /// The flat index of the element at time `s` in the sequence of element `i` (at time `t`).
+    #[inline(always)]
+    fn moved(&self, i: usize, t: usize, s: usize) -> usize {
+        if s > t {
+            i + (s - t) * self.shape.inner
+        } else {
+            i - (t - s) * self.shape.inner
+        }
+    }
 }
 
 impl<T: Element> Recurrence<T, 2> for Backward<'_, T> {
@@ -140,24 +150,33 @@ impl<T: Element> Recurrence<T, 2> for Backward<'_, T> {
     }
     /// `a` of the step the forward took after `t`: one earlier in this scan.
     #[inline(always)]
-    fn gate(&self, p: usize, t: usize, q: usize) -> T::Acc {
+    fn gate(&self, i: usize, t: usize) -> T::Acc {
         self.prev_t(t).map_or(T::Acc::ONE, |s| {
-            self.inputs.gates[at(&self.shape, p, s, q)].to_acc()
+            self.inputs.gates[self.moved(i, t, s)].to_acc()
         })
     }
     #[inline(always)]
-    fn token(&self, p: usize, t: usize, q: usize) -> T::Acc {
-        self.inputs.grad_hidden[at(&self.shape, p, t, q)].to_acc()
+    fn token(&self, i: usize) -> T::Acc {
+        self.inputs.grad_hidden[i].to_acc()
     }
     /// `∂x[t] = g[t]`, `∂a[t] = g[t]·h_before(t)`, where `h_before` is the forward's previous state.
     #[inline(always)]
-    fn emit(&self, p: usize, t: usize, q: usize, g: T::Acc, outs: &mut [&mut [T]; 2], i: usize) {
+    fn emit(
+        &self,
+        (i, t, state): (usize, usize, usize),
+        g: T::Acc,
+        outs: &mut [&mut [T]; 2],
+        at: usize,
+    ) {
         let h_before = match self.next_t(t) {
-            Some(s) => self.inputs.hidden[at(&self.shape, p, s, q)].to_acc(),
-            None => state_or_zero(self.inputs.initial, &self.shape, p, q),
+            Some(s) => self.inputs.hidden[self.moved(i, t, s)].to_acc(),
+            None => self
+                .inputs
+                .initial
+                .map_or(T::Acc::ZERO, |h0| h0[state].to_acc()),
         };
-        outs[0][i] = T::from_acc(g * h_before);
-        outs[1][i] = T::from_acc(g);
+        outs[0][at] = T::from_acc(g * h_before);
+        outs[1][at] = T::from_acc(g);
     }
     /// `∂h0 = a[first forward step]·g[first forward step]`.
     fn finish(&self, p: usize, q: usize, g: T::Acc) -> T::Acc {
