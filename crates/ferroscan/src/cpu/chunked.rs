@@ -70,6 +70,20 @@ fn sweep<T: Element, R: Recurrence<T, N>, const N: usize>(
     outs: &mut [&mut [T]; N],
 ) {
     let q_len = shape.inner;
+    if let [s] = carry {
+        // One sequence per unit (time axis last): no inner loop on the serial critical path.
+        let mut step = |t: usize| {
+            let i = p * shape.len + t;
+            *s = rec.gate(i, t) * *s + rec.token(i);
+            rec.emit((i, t, p), *s, outs, t - t_lo);
+        };
+        if rec.descending() {
+            (t_lo..t_hi).rev().for_each(&mut step);
+        } else {
+            (t_lo..t_hi).for_each(&mut step);
+        }
+        return;
+    }
     let mut step = |t: usize| {
         let at = (t - t_lo) * q_len;
         let row = (p * shape.len + t) * q_len;
