@@ -210,15 +210,11 @@ def error_weights(
             grads = torch.autograd.grad(
                 outputs, [leaves[n] for n in names], weights, retain_graph=True, allow_unused=True
             )
-            out.update(
-                {prefix + n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)}
-            )
+            out.update({prefix + n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)})
     return out
 
 
-def assert_within(
-    actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor | float, what: str
-) -> None:
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor | float, what: str) -> None:
     """Asserts ``|actual - expected| <= bound`` elementwise; NaN anywhere fails.
 
     ``bound`` broadcasts against ``expected``. The message gives the worst error/bound ratio and

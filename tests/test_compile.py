@@ -87,10 +87,16 @@ def test_compile_scan_outputs_bitwise(device: str, reverse: bool) -> None:
             assert torch.equal(e, c)
 
 
-def test_compile_dynamic_lengths(device: str) -> None:
-    """One compiled function, several lengths and batch sizes, with dynamic shapes."""
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic-dynamic", "dynamic=True"])
+def test_compile_new_lengths(device: str, dynamic: Optional[bool]) -> None:
+    """One compiled function called with several lengths and batch sizes.
+
+    With the default ``dynamic=None`` the second shape makes Dynamo recompile with symbolic
+    sizes ("automatic dynamic shapes"); ``dynamic=True`` does so from the first call. Either way
+    ``fullgraph=True`` must hold: ferroscan.scan must trace with symbolic sizes.
+    """
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=dynamic)
     for shape in [(2, 17, 3), (3, 64, 3), (1, 100, 3)]:
         gates, tokens, initial = _inputs(shape, 1, device, seed=shape[1])
         for e, c in zip(model(gates, tokens, initial), compiled(gates, tokens, initial)):
@@ -179,7 +185,14 @@ def test_export_keeps_the_op_as_one_node(device: str) -> None:
     assert [n.target for n in nodes] == [torch.ops.ferroscan.scan_fwd.default], exported.graph
     for got, want in zip(exported.module()(x, h0), block(x, h0)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    # A new length, same program (the time axis is dynamic in the exported graph).
+
+
+def test_export_dynamic_length(device: str) -> None:
+    """An exported program whose time axis is a dynamic dimension runs on other lengths."""
+    block = Block(4).to(device)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 30, 4, generator=gen).to(device)
+    h0 = torch.randn(2, 4, generator=gen).to(device)
     length = torch.export.Dim("length", min=2, max=4096)
     exported = torch.export.export(block, (x, h0), dynamic_shapes={"x": {1: length}, "h0": None})
     assert len(_scan_nodes(exported.graph)) == 1

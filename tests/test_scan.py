@@ -382,7 +382,7 @@ def test_long_cuda(shape: tuple[int, ...], dim: int, reverse: bool) -> None:
     gates, tokens, initial = make_inputs(shape, dim, F32, "cuda", seed=23, initial=True)
     check_scan(
         gates, tokens, initial, dim=dim, reverse=reverse, return_final=True, seed=24,
-        what=f"{shape} dim={dim}", blocked=True,
+        what=f"{shape} dim={dim}", blocked=shape[dim] > 5000,
     )  # fmt: skip
 
 
@@ -694,22 +694,20 @@ def test_numpy_in_numpy_out(dtype: type, reverse: bool) -> None:
     assert isinstance(h2, np.ndarray) and isinstance(hf, np.ndarray)
     assert hf.dtype == dtype and hf.shape == (2, 3)
 
-    t = {np.float16: torch.float16, np.float32: F32, np.float64: F64}[dtype]
-    ref_h, _ = scan_ref(torch.from_numpy(gates), torch.from_numpy(tokens), dim=1, reverse=reverse)
-    ref_h2, ref_f = scan_ref(
-        torch.from_numpy(gates),
-        torch.from_numpy(tokens),
-        dim=1,
-        reverse=reverse,
-        initial=torch.from_numpy(initial),
-    )
-    tol = {torch.float16: 4e-3, F32: 1e-5, F64: 1e-12}[t]  # ~ a few units of the format, |h| <~ 5
-    np.testing.assert_allclose(h.astype(np.float64), ref_h.numpy(), rtol=tol, atol=tol)
-    np.testing.assert_allclose(h2.astype(np.float64), ref_h2.numpy(), rtol=tol, atol=tol)
-    np.testing.assert_allclose(hf.astype(np.float64), ref_f.numpy(), rtol=tol, atol=tol)
-    # Same numbers as the torch path on the same values.
-    th = ferroscan.scan(torch.from_numpy(gates), torch.from_numpy(tokens), dim=1, reverse=reverse)
-    np.testing.assert_array_equal(h, th.numpy())
+    # The very numbers of the torch path on the same values (which the tests above check against
+    # the reference, with derived tolerances) ...
+    g, x, h0 = (torch.from_numpy(v) for v in (gates, tokens, initial))
+    np.testing.assert_array_equal(h, ferroscan.scan(g, x, dim=1, reverse=reverse).numpy())
+    th2, thf = ferroscan.scan(g, x, dim=1, reverse=reverse, initial=h0, return_final=True)
+    np.testing.assert_array_equal(h2, th2.numpy())
+    np.testing.assert_array_equal(hf, thf.numpy())
+    # ... and, as a direct check, the float64 reference within the float64 bound.
+    if dtype == np.float64:
+        ref_h, ref_f = scan_ref(g, x, dim=1, reverse=reverse, initial=h0)
+        weights = error_weights(g, x, dim=1, reverse=reverse, initial=h0)
+        c = 8 * UNIT[F64]
+        assert_within(torch.from_numpy(h2), ref_h, c * weights["K"], "numpy h")
+        assert_within(torch.from_numpy(hf), ref_f, c * weights["K_final"], "numpy h_final")
 
 
 def test_numpy_non_contiguous_and_broadcast() -> None:
@@ -720,7 +718,7 @@ def test_numpy_non_contiguous_and_broadcast() -> None:
     h = ferroscan.scan(gates.T, tokens[:, ::-1])
     want, _ = scan_ref(torch.from_numpy(gates.T.copy()), torch.from_numpy(tokens[:, ::-1].copy()))
     np.testing.assert_allclose(h, want.numpy(), rtol=1e-12, atol=1e-12)
-    per_channel = gates[:3, :1].T.T.copy()  # (3, 1)
+    per_channel = gates[:3, :1].copy()  # (3, 1)
     h = ferroscan.scan(per_channel, tokens)
     want, _ = scan_ref(torch.from_numpy(per_channel), torch.from_numpy(tokens))
     np.testing.assert_allclose(h, want.numpy(), rtol=1e-12, atol=1e-12)
@@ -738,6 +736,9 @@ def test_numpy_rank1_with_scalar_initial() -> None:
     np.testing.assert_array_equal(hf, want_f.numpy())
 
 
+# PyTorch warns once per process that a read-only array makes a read-only tensor; ferroscan
+# never writes to its inputs, so here the warning is noise (reported to the maintainers).
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
 def test_numpy_read_only_arrays() -> None:
     """Read-only arrays (e.g. np.broadcast_to, memory maps) are inputs like any other."""
     gates = np.broadcast_to(np.float32(0.5), (2, 6))
@@ -825,19 +826,44 @@ def test_nan_inf_pass_through(device: str, length: int, positions: tuple[int, ..
     def reached(p: int) -> torch.Tensor:
         return t <= p if reverse else t >= p
 
-    assert torch.equal(h[1].isnan(), reached(p_nan)), "NaN token"
-    assert torch.equal(h[2].isposinf(), reached(p_inf)) and not h[2].isnan().any(), "+Inf token"
-    assert torch.equal(h[3].isnan(), reached(p_gate)), "NaN gate"
-    assert torch.equal(h[4].isnan(), reached(p_inf) & reached(p_ninf)), "+Inf then -Inf"
+    assert_mask(h[1], h[1].isnan(), reached(p_nan), "row 1, NaN token: NaN")
+    assert_mask(h[2], h[2].isposinf(), reached(p_inf), "row 2, +Inf token: +Inf")
+    assert_mask(h[3], h[3].isnan(), reached(p_gate), "row 3, NaN gate: NaN")
+    assert_mask(h[4], h[4].isnan(), reached(p_inf) & reached(p_ninf), "row 4, +Inf then -Inf token: NaN")
     assert torch.equal(h.isnan(), ref_h.isnan()) and torch.equal(h.isinf(), ref_h.isinf())
     assert torch.equal(hf.isnan(), ref_f.isnan()) and torch.equal(hf.isinf(), ref_f.isinf())
     finite = ref_h.isfinite()
     weights = error_weights(
         gates.nan_to_num(0.5, 0.5), tokens.nan_to_num(0, 0, 0), reverse=reverse, blocked=length > 5000
     )
-    bound = 8 * UNIT[F32] * weights["K"] + 1e-30
+    bound = (4 * UNIT[F32] + 4 * UNIT[F64]) * weights["K"] + 1e-30
     assert_within(h[finite], ref_h[finite], bound[finite], "finite positions")
     assert h[0].isfinite().all() and hf[0].isfinite()
+
+
+def assert_mask(values: torch.Tensor, got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """``got == want`` for boolean masks over a 1-d sequence, with the first mismatch reported."""
+    wrong = (got != want).nonzero().flatten()
+    if wrong.numel():
+        i = int(wrong[0])
+        pytest.fail(
+            f"{what} expected at {int(want.sum())} steps, found at {int(got.sum())}; {wrong.numel()} steps "
+            f"differ, the first at t={i} (value {values[i].item()}, expected the mask to be {bool(want[i])})"
+        )
+
+
+@pytest.mark.parametrize("length", [8, 5000])
+def test_inf_initial_pass_through(device: str, length: int) -> None:
+    """An infinite initial state stays infinite (positive gates, finite tokens), h_final too."""
+    gates, tokens, _ = make_inputs((3, length), -1, F32, device, seed=96)
+    initial = torch.tensor([float("inf"), 1.0, float("nan")], device=device)
+    for reverse in (False, True):
+        h, hf = ferroscan.scan(gates, tokens, reverse=reverse, initial=initial, return_final=True)
+        assert_mask(
+            h[0], h[0].isposinf(), torch.ones(length, dtype=torch.bool, device=device), f"+Inf initial {reverse=}"
+        )
+        assert h[1].isfinite().all() and h[2].isnan().all()
+        assert hf[0].isposinf() and hf[1].isfinite() and hf[2].isnan(), f"h_final {hf.tolist()}"
 
 
 def test_nan_inf_do_not_raise_in_backward(device: str) -> None:
