@@ -57,12 +57,23 @@ struct AffineMap {
 
 __device__ __forceinline__ AffineMap identity_map() { return AffineMap{acc_t(1), acc_t(0)}; }
 
-// The map that applies `first`, then `then`.
-__device__ __forceinline__ AffineMap compose(AffineMap first, AffineMap then) {
-    return AffineMap{then.a * first.a, then.a * first.b + then.b};
+// a * s where `a` is a product of gates. When that product underflowed to zero, an infinite s
+// stays infinite (signed), as a step-by-step loop keeps it: the exact product is not zero.
+__device__ __forceinline__ acc_t scale_by_product(acc_t a, acc_t s) {
+    return (a == acc_t(0) && isinf(s)) ? (signbit(a) ? -s : s) : a * s;
 }
 
-__device__ __forceinline__ acc_t apply(AffineMap m, acc_t s) { return m.a * s + m.b; }
+// The map that applies `first`, then `then`.
+__device__ __forceinline__ AffineMap compose(AffineMap first, AffineMap then) {
+    return AffineMap{then.a * first.a, scale_by_product(then.a, first.b) + then.b};
+}
+
+// The map `m` followed by one step with a real gate `g`: plain arithmetic, as a loop does it.
+__device__ __forceinline__ AffineMap then_step(AffineMap m, acc_t g, acc_t x) {
+    return AffineMap{g * m.a, g * m.b + x};
+}
+
+__device__ __forceinline__ acc_t apply(AffineMap m, acc_t s) { return scale_by_product(m.a, s) + m.b; }
 
 // Inclusive scan of maps over the lanes of a warp, lane 0 first.
 __device__ __forceinline__ AffineMap warp_inclusive_scan(AffineMap m, int lane) {

@@ -122,7 +122,7 @@ __device__ __forceinline__ void scan_rows(const ScanParams& P) {
         }
         AffineMap m = identity_map();
 #pragma unroll
-        for (int k = 0; k < K; ++k) m = compose(m, AffineMap{g[k], x[k]});
+        for (int k = 0; k < K; ++k) m = then_step(m, g[k], x[k]);
         const AffineMap inclusive = warp_inclusive_scan(m, lane);
         const AffineMap tile_map = shfl_map(inclusive, FS_WARP - 1);
         if (REDUCE) {
@@ -214,7 +214,7 @@ __device__ __forceinline__ void scan_strided(const ScanParams& P) {
             gate_before = a_here;
         }
         if (REDUCE) {
-            total = compose(total, AffineMap{g, x});
+            total = then_step(total, g, x);
             continue;
         }
         state = g * state + x;

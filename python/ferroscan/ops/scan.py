@@ -128,12 +128,18 @@ _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _memory_order(*tensors: Tensor) -> list[int]:
-    """A permutation under which every tensor is C-contiguous, or the identity (copy needed)."""
+    """A permutation under which every tensor is C-contiguous, or the identity (copy needed).
+
+    Under ``torch.compile`` sizes and strides may be symbolic and cannot be sorted: there the
+    identity is used (a non-contiguous input is copied once)."""
     ref = tensors[0]
-    order = sorted(range(ref.dim()), key=lambda d: (-ref.stride(d), -ref.shape[d]))
+    identity = list(range(ref.dim()))
+    if torch.compiler.is_compiling() or all(t.is_contiguous() for t in tensors):
+        return identity
+    order = sorted(identity, key=lambda d: (-ref.stride(d), -ref.shape[d]))
     if all(t.permute(order).is_contiguous() for t in tensors):
         return order
-    return list(range(ref.dim()))
+    return identity
 
 
 def _inverse(perm: list[int]) -> list[int]:
@@ -144,9 +150,10 @@ def _inverse(perm: list[int]) -> list[int]:
 
 
 def _prod(values: Union[list[int], tuple[int, ...]]) -> int:
+    """Product of sizes; stays symbolic under torch.compile/export (no ``int()``)."""
     out = 1
     for v in values:
-        out *= int(v)
+        out = out * v
     return out
 
 
@@ -214,7 +221,7 @@ def scan(
     x = tokens.permute(order).contiguous()
     a = gates.permute(order).contiguous()
     t_pos = order.index(dim)
-    outer, length, inner = _prod(x.shape[:t_pos]), int(x.shape[t_pos]), _prod(x.shape[t_pos + 1 :])
+    outer, length, inner = _prod(x.shape[:t_pos]), x.shape[t_pos], _prod(x.shape[t_pos + 1 :])
     # State axes in memory order, as positions among the state's own (original-order) axes.
     state_dims = [d for d in range(tokens.dim()) if d != dim]
     state_order = [state_dims.index(d) for d in order if d != dim]
@@ -243,7 +250,12 @@ def _scan_numpy(
             raise TypeError(f"{arg} must be a numpy.ndarray like the other arguments, got {type(value).__name__}")
         if value.dtype not in (np.float16, np.float32, np.float64):
             raise TypeError(f"{arg} has dtype {value.dtype}; expected float16, float32 or float64")
-        return torch.from_numpy(np.ascontiguousarray(value))
+        # A private C-contiguous copy when needed (keeps 0-d arrays 0-d; read-only arrays are
+        # copied rather than handed to torch.from_numpy, which warns about them).
+        array = np.ascontiguousarray(value).reshape(value.shape)
+        if not array.flags.writeable:
+            array = array.copy()
+        return torch.from_numpy(array)
 
     out = scan(
         to_tensor(gates, "gates"),

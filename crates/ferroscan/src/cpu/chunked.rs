@@ -188,7 +188,7 @@ pub(crate) fn run<T: Element, R: Recurrence<T, N>, const N: usize>(
                         let c = chunk_at(k);
                         carry_p[c * inner + q] = s;
                         let (a, b) = maps[(p * plan.n_chunks + c) * inner + q];
-                        s = a * s + b;
+                        s = T::Acc::scale_by_product(a, s) + b;
                     }
                     *fin = s;
                 }

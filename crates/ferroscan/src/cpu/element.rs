@@ -12,16 +12,44 @@ pub trait Accumulator:
     const ZERO: Self;
     /// Multiplicative identity.
     const ONE: Self;
+
+    /// `product · s`, where `product` is a product of gates: when it underflowed to zero, an
+    /// infinite `s` stays infinite (signed), as a step-by-step loop keeps it.
+    fn scale_by_product(product: Self, s: Self) -> Self;
 }
 
 impl Accumulator for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    #[inline(always)]
+    fn scale_by_product(product: Self, s: Self) -> Self {
+        if product == 0.0 && s.is_infinite() {
+            if product.is_sign_negative() {
+                -s
+            } else {
+                s
+            }
+        } else {
+            product * s
+        }
+    }
 }
 
 impl Accumulator for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    #[inline(always)]
+    fn scale_by_product(product: Self, s: Self) -> Self {
+        if product == 0.0 && s.is_infinite() {
+            if product.is_sign_negative() {
+                -s
+            } else {
+                s
+            }
+        } else {
+            product * s
+        }
+    }
 }
 
 /// A storage element type: converts to and from its accumulator type.
