@@ -19,10 +19,11 @@ single kernel pass on CUDA.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import _backend, _native
 from .._checks import check_same_kind, check_state, check_tensor, normalize_dim
@@ -39,8 +40,8 @@ def _shape3(t: Tensor) -> tuple[int, int, int]:
     return int(outer), int(length), int(inner)
 
 
-@torch.library.custom_op("ferroscan::scan_fwd", mutates_args=())
-def _scan_fwd(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:
+def _forward_impl(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:
+    """Runs the forward on the Rust core (CPU or CUDA): returns ``(h, h_final)``."""
     shape = _shape3(tokens)
     hidden = torch.empty_like(tokens)
     final = tokens.new_empty((shape[0], shape[2]))
@@ -57,13 +58,17 @@ def _scan_fwd(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse:
     return hidden, final
 
 
+@torch.library.custom_op("ferroscan::scan_fwd", mutates_args=())
+def _scan_fwd(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:
+    return _forward_impl(gates, tokens, initial, reverse)
+
+
 @_scan_fwd.register_fake
 def _scan_fwd_fake(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:
     return torch.empty_like(tokens), tokens.new_empty((tokens.shape[0], tokens.shape[2]))
 
 
-@torch.library.custom_op("ferroscan::scan_bwd", mutates_args=())
-def _scan_bwd(
+def _backward_impl(
     gates: Tensor,
     hidden: Tensor,
     initial: Optional[Tensor],
@@ -71,6 +76,7 @@ def _scan_bwd(
     grad_final: Optional[Tensor],
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Runs the fused backward on the Rust core: returns ``(dL/da, dL/dx, dL/dh0)``."""
     shape = _shape3(hidden)
     grad_gates = torch.empty_like(hidden)
     grad_tokens = torch.empty_like(hidden)
@@ -90,6 +96,18 @@ def _scan_bwd(
             a(grad_gates), a(grad_tokens), a(grad_initial),
         )  # fmt: skip
     return grad_gates, grad_tokens, grad_initial
+
+
+@torch.library.custom_op("ferroscan::scan_bwd", mutates_args=())
+def _scan_bwd(
+    gates: Tensor,
+    hidden: Tensor,
+    initial: Optional[Tensor],
+    grad_hidden: Tensor,
+    grad_final: Optional[Tensor],
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_impl(gates, hidden, initial, grad_hidden, grad_final, reverse)
 
 
 @_scan_bwd.register_fake
@@ -112,15 +130,50 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.reverse = reverse
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Tensor], grad_final: Optional[Tensor]):  # noqa: ANN201
+def _gradients(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Tensor],
+               grad_final: Optional[Tensor], backward_op: Callable) -> tuple:  # fmt: skip
     gates, hidden, initial = ctx.saved_tensors
     grad_hidden = torch.zeros_like(hidden) if grad_hidden is None else grad_hidden.contiguous()
     grad_final = None if grad_final is None else grad_final.contiguous()
-    grad_gates, grad_tokens, grad_initial = _scan_bwd(gates, hidden, initial, grad_hidden, grad_final, ctx.reverse)
+    grad_gates, grad_tokens, grad_initial = backward_op(gates, hidden, initial, grad_hidden, grad_final, ctx.reverse)
     return grad_gates, grad_tokens, (grad_initial if initial is not None else None), None
 
 
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Tensor],
+              grad_final: Optional[Tensor]) -> tuple:  # fmt: skip
+    return _gradients(ctx, grad_hidden, grad_final, _scan_bwd)
+
+
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerScan(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager mode without their Python
+    dispatch cost (tens of microseconds per call, which dominate short sequences)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, gates: Tensor, tokens: Tensor,
+                initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+        hidden, final = _forward_impl(gates, tokens, initial, reverse)
+        _setup_context(ctx, (gates, tokens, initial, reverse), (hidden, final))
+        return hidden, final
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Tensor],
+                 grad_final: Optional[Tensor]) -> tuple:  # fmt: skip
+        return _gradients(ctx, grad_hidden, grad_final, _backward_impl)
+
+
+def _run_forward(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:
+    """The custom op when tracing (torch.compile/export, fake or subclass tensors); in plain
+    eager mode the same kernels without the dispatcher's overhead."""
+    tensors = (gates, tokens) if initial is None else (gates, tokens, initial)
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
+        return torch.ops.ferroscan.scan_fwd(gates, tokens, initial, reverse)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _EagerScan.apply(gates, tokens, initial, reverse)
+    return _forward_impl(gates, tokens, initial, reverse)
 
 # ---------------------------------------------------------------------------------------------
 # Public function: any rank, any time axis, any strides.
@@ -227,9 +280,7 @@ def scan(
     state_order = [state_dims.index(d) for d in order if d != dim]
     h0 = None if initial is None else initial.permute(state_order).contiguous().view(outer, inner)
 
-    hidden, final = torch.ops.ferroscan.scan_fwd(
-        a.view(outer, length, inner), x.view(outer, length, inner), h0, reverse
-    )
+    hidden, final = _run_forward(a.view(outer, length, inner), x.view(outer, length, inner), h0, reverse)
     hidden = hidden.view(x.shape).permute(_inverse(order))
     if not return_final:
         return hidden
