@@ -3,6 +3,27 @@
 //! Two entry levels: raw device addresses on a borrowed stream ([`scan_forward_raw`],
 //! [`scan_backward_raw`]; what the Python package uses, with scratch it allocates), and cudarc
 //! slices ([`scan_forward`], [`scan_backward`]; scratch allocated here).
+//!
+//! ```no_run
+//! use ferroscan::args::{ScanInputs, ScanOutputs};
+//! use ferroscan::cuda::{device, scan::scan_forward};
+//! use ferroscan::{ScanProblem, ScanShape};
+//!
+//! let stream = device(0)?.context().default_stream();
+//! let problem = ScanProblem { shape: ScanShape::new(4, 1024, 1)?, reverse: false };
+//! let gates = stream.clone_htod(&vec![0.9f32; 4096]).unwrap();
+//! let tokens = stream.clone_htod(&vec![1.0f32; 4096]).unwrap();
+//! let mut hidden = stream.alloc_zeros::<f32>(4096).unwrap();
+//! scan_forward(
+//!     &stream,
+//!     &problem,
+//!     ScanInputs { gates: &gates, tokens: &tokens, initial: None },
+//!     ScanOutputs { hidden: &mut hidden, final_state: None },
+//! )?;
+//! let h = stream.clone_dtoh(&hidden).unwrap(); // synchronizes
+//! assert!((h[1023] - 10.0).abs() < 1e-3); // 1 + 0.9 + 0.81 + ... -> 1 / (1 - 0.9)
+//! # Ok::<(), ferroscan::Error>(())
+//! ```
 
 use std::sync::Arc;
 
