@@ -23,6 +23,7 @@
 #define FS_ITEMS (32 / (int)sizeof(storage_t))
 #define FS_ROWS_WARPS 4
 #define FS_STRIDED_THREADS 256
+#define FS_STRIDED_UNROLL 8
 
 // Mirrored by `ScanParams` in src/cuda/scan.rs; keep the two in the same order.
 struct ScanParams {
@@ -204,26 +205,38 @@ __device__ __forceinline__ void scan_strided(const ScanParams& P) {
     acc_t gate_before = (BWD && u_begin > 0) ? to_acc(P.gates[FS_AT(u_begin - 1)]) : acc_t(1);
     const acc_t h_initial = (BWD && P.aux_state) ? to_acc(P.aux_state[state_at]) : acc_t(0);
 
-#pragma unroll 4
-    for (i64 u = u_begin; u < u_end; ++u) {
-        acc_t g = to_acc(P.gates[FS_AT(u)]);
-        const acc_t x = to_acc(P.tokens[FS_AT(u)]);
-        if (BWD) {
-            const acc_t a_here = g;
-            g = gate_before;
-            gate_before = a_here;
+    // Steps in blocks of FS_STRIDED_UNROLL: all loads of a block are issued before its serial
+    // recurrence, so each thread keeps many independent loads in flight.
+    for (i64 u0 = u_begin; u0 < u_end; u0 += FS_STRIDED_UNROLL) {
+        acc_t g[FS_STRIDED_UNROLL], x[FS_STRIDED_UNROLL], h_before[FS_STRIDED_UNROLL];
+#pragma unroll
+        for (int k = 0; k < FS_STRIDED_UNROLL; ++k) {
+            const i64 u = u0 + k;
+            const bool inside = u < u_end;
+            g[k] = inside ? to_acc(P.gates[FS_AT(u)]) : acc_t(1);
+            x[k] = inside ? to_acc(P.tokens[FS_AT(u)]) : acc_t(0);
+            if (BWD && !REDUCE) h_before[k] = !inside ? acc_t(0) : (u + 1 < len) ? to_acc(P.aux[FS_AT(u + 1)]) : h_initial;
         }
-        if (REDUCE) {
-            total = then_step(total, g, x);
-            continue;
-        }
-        state = g * state + x;
-        if (!BWD) {
-            P.out0[FS_AT(u)] = from_acc(state);
-        } else {
-            const acc_t h_before = (u + 1 < len) ? to_acc(P.aux[FS_AT(u + 1)]) : h_initial;
-            P.out0[FS_AT(u)] = from_acc(state * h_before);
-            P.out1[FS_AT(u)] = from_acc(state);
+#pragma unroll
+        for (int k = 0; k < FS_STRIDED_UNROLL; ++k) {
+            const i64 u = u0 + k;
+            if (u >= u_end) break;
+            acc_t gate = g[k];
+            if (BWD) {  // the gate at position u is a at position u-1
+                gate = gate_before;
+                gate_before = g[k];
+            }
+            if (REDUCE) {
+                total = then_step(total, gate, x[k]);
+                continue;
+            }
+            state = gate * state + x[k];
+            if (!BWD) {
+                P.out0[FS_AT(u)] = from_acc(state);
+            } else {
+                P.out0[FS_AT(u)] = from_acc(state * h_before[k]);
+                P.out1[FS_AT(u)] = from_acc(state);
+            }
         }
     }
     if (REDUCE) {
