@@ -140,6 +140,64 @@ fn split_outer<'a, T, const N: usize>(
     }
 }
 
+/// Rows interleaved per unit in the time-last single-pass case.
+const ROW_GROUP: usize = 8;
+
+/// Steps `carry.len()` consecutive rows (`inner == 1`) starting at row `p0` through the whole
+/// time axis, one time step of every row at a time.
+fn sweep_rows<T: Element, R: Recurrence<T, N>, const N: usize>(
+    rec: &R,
+    shape: &ScanShape,
+    p0: usize,
+    carry: &mut [T::Acc],
+    outs: &mut [&mut [T]; N],
+) {
+    let len = shape.len;
+    let mut step = |t: usize| {
+        for (r, s) in carry.iter_mut().enumerate() {
+            let i = (p0 + r) * len + t;
+            *s = rec.gate(i, t) * *s + rec.token(i);
+            rec.emit((i, t, p0 + r), *s, outs, r * len + t);
+        }
+    };
+    if rec.descending() {
+        (0..len).rev().for_each(&mut step);
+    } else {
+        (0..len).for_each(&mut step);
+    }
+}
+
+/// Runs every `(p, chunk)` unit from its incoming state in `carries`.
+fn sweep_units<T: Element, R: Recurrence<T, N>, const N: usize>(
+    rec: &R,
+    shape: &ScanShape,
+    plan: &ChunkPlan,
+    outs: [&mut [T]; N],
+    carries: &mut [T::Acc],
+) {
+    let (len, inner) = (shape.len, shape.inner);
+    let chunk_bounds = |c: usize| (c * plan.chunk_len, ((c + 1) * plan.chunk_len).min(len));
+    let pieces = split_outer(outs, len * inner);
+    let chunk_elems = plan.chunk_len * inner;
+    pieces
+        .into_par_iter()
+        .zip(carries.par_chunks_mut((plan.n_chunks * inner).max(1)))
+        .enumerate()
+        .for_each(|(p, (piece, carry_p))| {
+            let mut chunk_iters = piece.map(|o| o.chunks_mut(chunk_elems.max(1)));
+            let units: Vec<[&mut [T]; N]> = (0..plan.n_chunks)
+                .map(|_| std::array::from_fn(|i| chunk_iters[i].next().unwrap_or_default()))
+                .collect();
+            units
+                .into_par_iter()
+                .zip(carry_p.par_chunks_mut(inner.max(1)))
+                .enumerate()
+                .for_each(|(c, (mut outs_c, carry))| {
+                    sweep(rec, shape, p, chunk_bounds(c), carry, &mut outs_c);
+                });
+        });
+}
+
 /// Runs `rec` over a `(outer, len, inner)` problem, writing its outputs and, when
 /// asked, the final values (`(outer, inner)`; the initial state when `len == 0`).
 pub(crate) fn run<T: Element, R: Recurrence<T, N>, const N: usize>(
@@ -199,25 +257,19 @@ pub(crate) fn run<T: Element, R: Recurrence<T, N>, const N: usize>(
         }
     }
 
-    let pieces = split_outer(outs, len * inner);
-    let chunk_elems = plan.chunk_len * inner;
-    pieces
-        .into_par_iter()
-        .zip(carries.par_chunks_mut((plan.n_chunks * inner).max(1)))
-        .enumerate()
-        .for_each(|(p, (piece, carry_p))| {
-            let mut chunk_iters = piece.map(|o| o.chunks_mut(chunk_elems.max(1)));
-            let units: Vec<[&mut [T]; N]> = (0..plan.n_chunks)
-                .map(|_| std::array::from_fn(|i| chunk_iters[i].next().unwrap_or_default()))
-                .collect();
-            units
-                .into_par_iter()
-                .zip(carry_p.par_chunks_mut(inner.max(1)))
-                .enumerate()
-                .for_each(|(c, (mut outs_c, carry))| {
-                    sweep(rec, shape, p, chunk_bounds(c), carry, &mut outs_c);
-                });
-        });
+    if inner == 1 && plan.n_chunks == 1 && len > 0 {
+        // Time axis last, many rows: interleave ROW_GROUP rows per unit so their independent
+        // recurrences overlap (one row alone is bound by the latency of its multiply-add chain).
+        split_outer(outs, len * ROW_GROUP)
+            .into_par_iter()
+            .zip(carries.par_chunks_mut(ROW_GROUP))
+            .enumerate()
+            .for_each(|(group, (mut outs_g, carry))| {
+                sweep_rows(rec, shape, group * ROW_GROUP, carry, &mut outs_g);
+            });
+    } else {
+        sweep_units(rec, shape, &plan, outs, &mut carries);
+    }
 
     if let Some(final_out) = final_out {
         let single_pass = plan.n_chunks == 1;
