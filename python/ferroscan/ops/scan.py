@@ -128,6 +128,9 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     hidden, _final = output
     ctx.save_for_backward(gates, hidden, initial)
     ctx.reverse = reverse
+    # An unused output (usually h_final) then arrives as None, which the kernel reads as zeros,
+    # instead of a zero-filled tensor (a launch and an allocation per backward).
+    ctx.set_materialize_grads(False)
 
 
 def _gradients(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Tensor],

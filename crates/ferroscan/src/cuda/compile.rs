@@ -19,8 +19,9 @@ use crate::layout::DType;
 /// The common header every kernel includes; spliced in because NVRTC gets no include path.
 const COMMON_HEADER: &str = include_str!("../../kernels/common.cuh");
 
-/// A kernel source file of `kernels/`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A kernel source file of `kernels/`. Compared and hashed by file name only: lookups happen on
+/// every launch and must not hash the whole text.
+#[derive(Clone, Copy, Debug)]
 pub struct KernelSource {
     /// File name, for messages and cache keys.
     pub file: &'static str,
@@ -36,6 +37,20 @@ pub const SCAN_SOURCE: KernelSource = KernelSource {
 
 /// Every kernel source of the crate.
 pub const ALL_SOURCES: [KernelSource; 1] = [SCAN_SOURCE];
+
+impl PartialEq for KernelSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.file == other.file
+    }
+}
+
+impl Eq for KernelSource {}
+
+impl std::hash::Hash for KernelSource {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.file.hash(state);
+    }
+}
 
 impl KernelSource {
     /// The text NVRTC compiles: the source with `common.cuh` spliced in.
