@@ -37,6 +37,29 @@ pub(crate) trait Recurrence<T: Element, const N: usize>: Sync {
     fn emit(&self, element: (usize, usize, usize), s: T::Acc, outs: &mut [&mut [T]; N], at: usize);
     /// The reported final value, from the state after the last step (`len > 0`).
     fn finish(&self, p: usize, q: usize, s: T::Acc) -> T::Acc;
+
+    /// Steps one sequence of an `inner == 1` problem (row `p`) through `t_lo..t_hi` from state
+    /// `s`; `outs` hold exactly that stretch. Recurrences override this with a loop over slices
+    /// (the hot path of the time-last layout); this default goes element by element.
+    fn sweep_row(
+        &self,
+        p: usize,
+        len: usize,
+        (t_lo, t_hi): (usize, usize),
+        s: &mut T::Acc,
+        outs: &mut [&mut [T]; N],
+    ) {
+        let mut step = |t: usize| {
+            let i = p * len + t;
+            *s = self.gate(i, t) * *s + self.token(i);
+            self.emit((i, t, p), *s, outs, t - t_lo);
+        };
+        if self.descending() {
+            (t_lo..t_hi).rev().for_each(&mut step);
+        } else {
+            (t_lo..t_hi).for_each(&mut step);
+        }
+    }
 }
 
 /// How the time axis is cut: `n_chunks` chunks of `chunk_len` steps (the last may be shorter).
@@ -71,17 +94,7 @@ fn sweep<T: Element, R: Recurrence<T, N>, const N: usize>(
 ) {
     let q_len = shape.inner;
     if let [s] = carry {
-        // One sequence per unit (time axis last): no inner loop on the serial critical path.
-        let mut step = |t: usize| {
-            let i = p * shape.len + t;
-            *s = rec.gate(i, t) * *s + rec.token(i);
-            rec.emit((i, t, p), *s, outs, t - t_lo);
-        };
-        if rec.descending() {
-            (t_lo..t_hi).rev().for_each(&mut step);
-        } else {
-            (t_lo..t_hi).for_each(&mut step);
-        }
+        rec.sweep_row(p, shape.len, (t_lo, t_hi), s, outs);
         return;
     }
     let mut step = |t: usize| {
@@ -137,33 +150,6 @@ fn split_outer<'a, T, const N: usize>(
             return pieces;
         }
         pieces.push(next.map(|o| o.unwrap_or_default()));
-    }
-}
-
-/// Rows interleaved per unit in the time-last single-pass case.
-const ROW_GROUP: usize = 8;
-
-/// Steps `carry.len()` consecutive rows (`inner == 1`) starting at row `p0` through the whole
-/// time axis, one time step of every row at a time.
-fn sweep_rows<T: Element, R: Recurrence<T, N>, const N: usize>(
-    rec: &R,
-    shape: &ScanShape,
-    p0: usize,
-    carry: &mut [T::Acc],
-    outs: &mut [&mut [T]; N],
-) {
-    let len = shape.len;
-    let mut step = |t: usize| {
-        for (r, s) in carry.iter_mut().enumerate() {
-            let i = (p0 + r) * len + t;
-            *s = rec.gate(i, t) * *s + rec.token(i);
-            rec.emit((i, t, p0 + r), *s, outs, r * len + t);
-        }
-    };
-    if rec.descending() {
-        (0..len).rev().for_each(&mut step);
-    } else {
-        (0..len).for_each(&mut step);
     }
 }
 
@@ -257,19 +243,7 @@ pub(crate) fn run<T: Element, R: Recurrence<T, N>, const N: usize>(
         }
     }
 
-    if inner == 1 && plan.n_chunks == 1 && len > 0 {
-        // Time axis last, many rows: interleave ROW_GROUP rows per unit so their independent
-        // recurrences overlap (one row alone is bound by the latency of its multiply-add chain).
-        split_outer(outs, len * ROW_GROUP)
-            .into_par_iter()
-            .zip(carries.par_chunks_mut(ROW_GROUP))
-            .enumerate()
-            .for_each(|(group, (mut outs_g, carry))| {
-                sweep_rows(rec, shape, group * ROW_GROUP, carry, &mut outs_g);
-            });
-    } else {
-        sweep_units(rec, shape, &plan, outs, &mut carries);
-    }
+    sweep_units(rec, shape, &plan, outs, &mut carries);
 
     if let Some(final_out) = final_out {
         let single_pass = plan.n_chunks == 1;

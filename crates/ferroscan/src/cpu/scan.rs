@@ -62,6 +62,29 @@ impl<T: Element> Recurrence<T, 1> for Forward<'_, T> {
     fn finish(&self, _: usize, _: usize, s: T::Acc) -> T::Acc {
         s
     }
+    fn sweep_row(
+        &self,
+        p: usize,
+        len: usize,
+        (t_lo, t_hi): (usize, usize),
+        s: &mut T::Acc,
+        outs: &mut [&mut [T]; 1],
+    ) {
+        let range = p * len + t_lo..p * len + t_hi;
+        let steps = outs[0]
+            .iter_mut()
+            .zip(&self.inputs.gates[range.clone()])
+            .zip(&self.inputs.tokens[range]);
+        let step = |((h, &g), &x): ((&mut T, &T), &T)| {
+            *s = g.to_acc() * *s + x.to_acc();
+            *h = T::from_acc(*s);
+        };
+        if self.reverse {
+            steps.rev().for_each(step);
+        } else {
+            steps.for_each(step);
+        }
+    }
 }
 
 /// Computes `h` (and the final state) of a first-order scan.
@@ -186,6 +209,54 @@ impl<T: Element> Recurrence<T, 2> for Backward<'_, T> {
             self.shape.len - 1
         };
         self.inputs.gates[at(&self.shape, p, first, q)].to_acc() * g
+    }
+    fn sweep_row(
+        &self,
+        p: usize,
+        len: usize,
+        (t_lo, t_hi): (usize, usize),
+        s: &mut T::Acc,
+        outs: &mut [&mut [T]; 2],
+    ) {
+        let row = p * len..(p + 1) * len;
+        let (a, h, gh) = (
+            &self.inputs.gates[row.clone()],
+            &self.inputs.hidden[row.clone()],
+            &self.inputs.grad_hidden[row],
+        );
+        let h0 = self
+            .inputs
+            .initial
+            .map_or(T::Acc::ZERO, |h0| h0[p].to_acc());
+        let [grad_a, grad_x] = outs;
+        let (grad_a, grad_x) = (&mut grad_a[..t_hi - t_lo], &mut grad_x[..t_hi - t_lo]);
+        if self.descending {
+            // Forward ran ascending: g[t] = a[t+1]·g[t+1] + gh[t], ∂a[t] = g[t]·h[t-1].
+            for t in (t_lo..t_hi).rev() {
+                let gate = if t + 1 < len {
+                    a[t + 1].to_acc()
+                } else {
+                    T::Acc::ONE
+                };
+                *s = gate * *s + gh[t].to_acc();
+                let h_before = if t > 0 { h[t - 1].to_acc() } else { h0 };
+                grad_a[t - t_lo] = T::from_acc(*s * h_before);
+                grad_x[t - t_lo] = T::from_acc(*s);
+            }
+        } else {
+            // Forward ran descending: g[t] = a[t-1]·g[t-1] + gh[t], ∂a[t] = g[t]·h[t+1].
+            for t in t_lo..t_hi {
+                let gate = if t > 0 {
+                    a[t - 1].to_acc()
+                } else {
+                    T::Acc::ONE
+                };
+                *s = gate * *s + gh[t].to_acc();
+                let h_before = if t + 1 < len { h[t + 1].to_acc() } else { h0 };
+                grad_a[t - t_lo] = T::from_acc(*s * h_before);
+                grad_x[t - t_lo] = T::from_acc(*s);
+            }
+        }
     }
 }
 
