@@ -33,6 +33,7 @@ import pytest
 import torch
 from ferroscan.compat import accelerated_scan as acc
 from ferroscan.compat import fpscan
+from reference import assert_within
 
 F64 = torch.float64
 
@@ -93,24 +94,6 @@ def _eps(length: int, dtype: torch.dtype) -> float:
     u_c = UNIT[F64] if dtype == F64 else UNIT[torch.float32]
     accumulation = 2 * (2 * length * u_c)
     return accumulation + UNIT[dtype] * (1 + accumulation)
-
-
-def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str) -> None:
-    """Assert ``|actual - expected| <= bound`` elementwise (plus the format's tiniest normal)."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    got = actual.detach().to("cpu", F64)
-    want = expected.detach().to("cpu", F64)
-    limit = bound.detach().to("cpu", F64) + torch.finfo(actual.dtype).tiny
-    err = (got - want).abs()
-    bad = ~(err <= limit)  # also catches NaN
-    if bad.any():
-        ratio = (err / limit).nan_to_num(nan=math.inf).max().item()
-        index = tuple(int(i) for i in bad.nonzero()[0])
-        pytest.fail(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements exceed the bound; "
-            f"worst error/bound = {ratio:.3g}; first at {index}: got {got[index].item():.9g}, "
-            f"want {want[index].item():.9g}, bound {limit[index].item():.3g}"
-        )
 
 
 def make_inputs(

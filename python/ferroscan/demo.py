@@ -11,13 +11,11 @@ write h), backward 5 (read a, h, dL/dh; write dL/da, dL/dx).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
 
 import torch
 
 import ferroscan
+from ferroscan.bench.timing import median_ms
 
 
 def reference_scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -31,37 +29,15 @@ def reference_scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU)."""
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", type=int, nargs=3, metavar=("B", "D", "L"), default=None)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], default="float32")
-    parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     shape = tuple(args.shape or ((8, 1536, 4096) if device.type == "cuda" else (8, 256, 4096)))
-    repeats = args.repeats or (50 if device.type == "cuda" else 5)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"ferroscan {ferroscan.__version__}: scan of {shape} {args.dtype} on {name}")
 
@@ -95,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Throughput.
     numel, size = tokens.numel(), tokens.element_size()
-    fwd_ms = time_ms(lambda: ferroscan.scan(gates, tokens), device, repeats)
+    fwd_ms = median_ms(lambda: ferroscan.scan(gates, tokens), device)
     a_g = gates.detach().requires_grad_(True)
     x_g = tokens.detach().requires_grad_(True)
     grad = torch.randn_like(tokens)
     # autograd.grad, not .backward(): accumulating into .grad would add elementwise kernels.
-    fwd_bwd_ms = time_ms(lambda: torch.autograd.grad(ferroscan.scan(a_g, x_g), (a_g, x_g), grad), device, repeats)
+    fwd_bwd_ms = median_ms(lambda: torch.autograd.grad(ferroscan.scan(a_g, x_g), (a_g, x_g), grad), device)
     print(f"forward          {fwd_ms:9.3f} ms  {3 * numel * size / fwd_ms / 1e6:8.1f} GB/s")
     print(f"forward+backward {fwd_bwd_ms:9.3f} ms  {8 * numel * size / fwd_bwd_ms / 1e6:8.1f} GB/s")
     return 0 if ok else 1

@@ -40,30 +40,9 @@ import torch
 
 import ferroscan
 
+from ._common import prepare
+
 __all__ = ["scan", "scan_forward", "warp", "scalar", "triton"]
-
-
-def _prepare(
-    gates: torch.Tensor, tokens: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-    """Check shapes and bring ``gates`` and ``tokens`` to one (promoted) dtype.
-
-    Returns the converted pair and the result dtype (that of ``tokens``).
-    """
-    if not isinstance(gates, torch.Tensor) or not isinstance(tokens, torch.Tensor):
-        raise TypeError("gates and tokens must be torch.Tensor")
-    if gates.shape != tokens.shape:
-        raise ValueError(
-            f"gates and tokens must have the same shape, got {tuple(gates.shape)} "
-            f"and {tuple(tokens.shape)}"
-        )
-    if tokens.dim() == 0:
-        raise ValueError("gates and tokens need at least one (time) axis, the last one")
-    out_dtype = tokens.dtype
-    if gates.dtype != tokens.dtype:
-        common = torch.promote_types(gates.dtype, tokens.dtype)
-        gates, tokens = gates.to(common), tokens.to(common)
-    return gates, tokens, out_dtype
 
 
 def scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -92,7 +71,7 @@ def scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     Returns:
         ``x``, same shape as ``tokens`` and of the dtype of ``tokens``.
     """
-    gates, tokens, out_dtype = _prepare(gates, tokens)
+    gates, tokens, out_dtype = prepare(gates, tokens)
     states = ferroscan.scan(gates, tokens, dim=-1)
     return states.to(out_dtype)
 
@@ -123,7 +102,7 @@ def scan_forward(gates: torch.Tensor, tokens: torch.Tensor, reverse: bool = Fals
         ``x``, same shape as ``tokens`` and of the dtype of ``tokens``.
     """
     with torch.no_grad():
-        gates, tokens, out_dtype = _prepare(gates, tokens)
+        gates, tokens, out_dtype = prepare(gates, tokens)
         states = ferroscan.scan(gates, tokens, dim=-1, reverse=reverse)
         return states.to(out_dtype)
 

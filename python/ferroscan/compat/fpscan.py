@@ -36,30 +36,9 @@ from torch.autograd.function import once_differentiable
 
 import ferroscan
 
+from ._common import prepare
+
 __all__ = ["pscan", "scan_forward", "PScan"]
-
-
-def _prepare(
-    gates: torch.Tensor, tokens: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-    """Check shapes and bring ``gates`` and ``tokens`` to one (promoted) dtype.
-
-    Returns the converted pair and the result dtype (that of ``tokens``).
-    """
-    if not isinstance(gates, torch.Tensor) or not isinstance(tokens, torch.Tensor):
-        raise TypeError("gates and tokens must be torch.Tensor")
-    if gates.shape != tokens.shape:
-        raise ValueError(
-            f"gates and tokens must have the same shape, got {tuple(gates.shape)} "
-            f"and {tuple(tokens.shape)}"
-        )
-    if tokens.dim() == 0:
-        raise ValueError("gates and tokens need at least one (time) axis, the last one")
-    out_dtype = tokens.dtype
-    if gates.dtype != tokens.dtype:
-        common = torch.promote_types(gates.dtype, tokens.dtype)
-        gates, tokens = gates.to(common), tokens.to(common)
-    return gates, tokens, out_dtype
 
 
 def scan_forward(
@@ -100,7 +79,7 @@ def scan_forward(
         ``out`` when given, else a new tensor holding ``y``.
     """
     with torch.no_grad():
-        gates, tokens, out_dtype = _prepare(gates, tokens)
+        gates, tokens, out_dtype = prepare(gates, tokens)
         if out is not None and out.shape != tokens.shape:
             raise ValueError(
                 f"out must have the shape of tokens {tuple(tokens.shape)}, got {tuple(out.shape)}"
@@ -136,7 +115,7 @@ class PScan(torch.autograd.Function):
     def forward(ctx: Any, gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Compute ``y`` and save ``(gates, y)`` for the backward pass."""
         gates_dtype = gates.dtype if isinstance(gates, torch.Tensor) else None
-        gates, tokens, out_dtype = _prepare(gates, tokens)
+        gates, tokens, out_dtype = prepare(gates, tokens)
         ctx.input_dtypes = (gates_dtype, out_dtype)
         states = ferroscan.scan(gates, tokens, dim=-1)
         ctx.save_for_backward(gates, states)
