@@ -37,15 +37,39 @@ fn run_detached<R: Send>(
         .map_err(to_py)
 }
 
-fn problem(outer: usize, len: usize, inner: usize, reverse: bool) -> Result<ScanProblem, Error> {
-    Ok(ScanProblem {
-        shape: ScanShape::new(outer, len, inner)?,
-        reverse,
-    })
+/// The element type and problem of a call.
+fn parse(
+    dtype: &str,
+    (outer, len, inner): (usize, usize, usize),
+    reverse: bool,
+) -> PyResult<(DType, ScanProblem)> {
+    let dtype = DType::parse(dtype).map_err(to_py)?;
+    let shape = ScanShape::new(outer, len, inner).map_err(to_py)?;
+    Ok((dtype, ScanProblem { shape, reverse }))
 }
 
-fn opt(addr: usize) -> Option<usize> {
-    (addr != 0).then_some(addr)
+/// An optional buffer: address 0 means absent.
+fn opt<A: PartialEq + Default>(addr: A) -> Option<A> {
+    (addr != A::default()).then_some(addr)
+}
+
+/// Runs `f` on device `device` with PyTorch's stream `stream`, the GIL released.
+///
+/// # Safety
+/// `stream` must be a live stream of the device's primary context (PyTorch's current stream),
+/// and every address `f` passes on must be valid for its shape until the stream ran the kernels.
+unsafe fn on_cuda<R: Send>(
+    py: Python<'_>,
+    device: usize,
+    stream: u64,
+    f: impl FnOnce(&cuda::Device, &cudarc::driver::CudaStream) -> Result<R, Error> + Send,
+) -> PyResult<R> {
+    run_detached(py, move || {
+        let dev = cuda::device(device)?;
+        // SAFETY: guaranteed by the caller.
+        let stream = unsafe { dev.borrowed_stream(stream) };
+        f(&dev, &stream)
+    })
 }
 
 /// A host buffer of `n` elements at `addr`.
@@ -167,8 +191,7 @@ fn cpu_scan_forward(
     hidden: usize,
     final_state: usize,
 ) -> PyResult<()> {
-    let dtype = DType::parse(dtype).map_err(to_py)?;
-    let problem = problem(shape.0, shape.1, shape.2, reverse).map_err(to_py)?;
+    let (dtype, problem) = parse(dtype, shape, reverse)?;
     let inputs = ScanInputs {
         gates,
         tokens,
@@ -204,8 +227,7 @@ fn cpu_scan_backward(
     grad_tokens: usize,
     grad_initial: usize,
 ) -> PyResult<()> {
-    let dtype = DType::parse(dtype).map_err(to_py)?;
-    let problem = problem(shape.0, shape.1, shape.2, reverse).map_err(to_py)?;
+    let (dtype, problem) = parse(dtype, shape, reverse)?;
     let inputs = ScanGradInputs {
         gates,
         hidden,
@@ -234,8 +256,7 @@ fn cuda_scan_scratch_bytes(
     dtype: &str,
     shape: (usize, usize, usize),
 ) -> PyResult<usize> {
-    let dtype = DType::parse(dtype).map_err(to_py)?;
-    let problem = problem(shape.0, shape.1, shape.2, false).map_err(to_py)?;
+    let (dtype, problem) = parse(dtype, shape, false)?;
     run_detached(py, move || {
         let dev = cuda::device(device)?;
         Ok(cuda::scan::scan_scratch_bytes(&dev, dtype, &problem))
@@ -261,34 +282,30 @@ fn cuda_scan_forward(
     scratch: u64,
     scratch_bytes: usize,
 ) -> PyResult<()> {
-    let dtype = DType::parse(dtype).map_err(to_py)?;
-    let problem = problem(shape.0, shape.1, shape.2, reverse).map_err(to_py)?;
-    let some = |a: u64| (a != 0).then_some(a);
-    run_detached(py, move || {
-        let dev = cuda::device(device)?;
-        // SAFETY: the Python package passes PyTorch's live stream of this device and contiguous
-        // tensors of the validated shapes on it, kept alive by the caching allocator's stream
-        // semantics until the kernels ran.
-        unsafe {
-            let stream = dev.borrowed_stream(stream);
+    let (dtype, problem) = parse(dtype, shape, reverse)?;
+    // SAFETY: the Python package passes PyTorch's live stream of this device and contiguous
+    // tensors of the validated shapes on it, kept alive by the caching allocator's stream
+    // semantics until the kernels ran.
+    unsafe {
+        on_cuda(py, device, stream, move |dev, stream| {
             cuda::scan::scan_forward_raw(
-                &dev,
-                &stream,
+                dev,
+                stream,
                 dtype,
                 &problem,
                 ScanInputs {
                     gates,
                     tokens,
-                    initial: some(initial),
+                    initial: opt(initial),
                 },
                 ScanOutputs {
                     hidden,
-                    final_state: some(final_state),
+                    final_state: opt(final_state),
                 },
                 (scratch, scratch_bytes),
             )
-        }
-    })
+        })
+    }
 }
 
 /// Backward scan of device buffers on the CUDA stream `stream`.
@@ -313,35 +330,31 @@ fn cuda_scan_backward(
     scratch: u64,
     scratch_bytes: usize,
 ) -> PyResult<()> {
-    let dtype = DType::parse(dtype).map_err(to_py)?;
-    let problem = problem(shape.0, shape.1, shape.2, reverse).map_err(to_py)?;
-    let some = |a: u64| (a != 0).then_some(a);
-    run_detached(py, move || {
-        let dev = cuda::device(device)?;
-        // SAFETY: as in `cuda_scan_forward`.
-        unsafe {
-            let stream = dev.borrowed_stream(stream);
+    let (dtype, problem) = parse(dtype, shape, reverse)?;
+    // SAFETY: as in `cuda_scan_forward`.
+    unsafe {
+        on_cuda(py, device, stream, move |dev, stream| {
             cuda::scan::scan_backward_raw(
-                &dev,
-                &stream,
+                dev,
+                stream,
                 dtype,
                 &problem,
                 ScanGradInputs {
                     gates,
                     hidden,
-                    initial: some(initial),
+                    initial: opt(initial),
                     grad_hidden,
-                    grad_final: some(grad_final),
+                    grad_final: opt(grad_final),
                 },
                 ScanGradOutputs {
                     grad_gates,
                     grad_tokens,
-                    grad_initial: some(grad_initial),
+                    grad_initial: opt(grad_initial),
                 },
                 (scratch, scratch_bytes),
             )
-        }
-    })
+        })
+    }
 }
 
 /// The compiled extension module `ferroscan._native`.

@@ -298,6 +298,57 @@ unsafe fn launch(
     Ok(())
 }
 
+/// What both passes share: the empty cases, the required addresses, the plan, the scratch
+/// check and the launch. `params` holds the pass's addresses (roles as in `kernels/scan.cu`);
+/// `required` names the tensors that must be present (also the ones vector loads touch).
+///
+/// # Safety
+/// As for [`scan_forward_raw`].
+unsafe fn run_pass(
+    device: &Device,
+    stream: &CudaStream,
+    dtype: DType,
+    (backward, problem): (bool, &ScanProblem),
+    mut params: ScanParams,
+    required: &[(&'static str, u64)],
+    (scratch, scratch_bytes): (u64, usize),
+) -> Result<()> {
+    let shape = problem.shape;
+    if shape.len == 0 {
+        // The final state (or its gradient) is the initial one (or its gradient).
+        let bytes = shape.state_numel() * dtype.size_bytes();
+        // SAFETY: forwarded from the caller.
+        return unsafe { pass_state_through(stream, params.final_out, params.initial, bytes) };
+    }
+    if shape.numel() == 0 {
+        return Ok(());
+    }
+    for &(arg, address) in required {
+        check_required(arg, address)?;
+    }
+    let plan = ScanPlan::new(device.sm_count(), dtype, &shape);
+    check_scratch(&plan, dtype, &shape, scratch, scratch_bytes)?;
+    params.maps = scratch;
+    params.outer = shape.outer as i64;
+    params.len = shape.len as i64;
+    params.inner = shape.inner as i64;
+    params.chunk_len = plan.chunk_len as i64;
+    params.n_chunks = plan.n_chunks as i64;
+    let vector_buffers: Vec<u64> = required.iter().map(|&(_, address)| address).collect();
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        launch(
+            device,
+            stream,
+            dtype,
+            &plan,
+            (backward, problem.reverse),
+            &params,
+            &vector_buffers,
+        )
+    }
+}
+
 /// Forward scan on raw device addresses (`0` = absent optional) of element type `dtype`, on
 /// `stream`. Asynchronous: returns once the kernels are queued.
 ///
@@ -314,55 +365,31 @@ pub unsafe fn scan_forward_raw(
     problem: &ScanProblem,
     inputs: ScanInputs<u64>,
     outputs: ScanOutputs<u64>,
-    (scratch, scratch_bytes): (u64, usize),
+    scratch: (u64, usize),
 ) -> Result<()> {
-    let shape = problem.shape;
-    let initial = inputs.initial.unwrap_or(0);
-    let final_state = outputs.final_state.unwrap_or(0);
-    if shape.len == 0 {
-        // SAFETY: forwarded from the caller.
-        return unsafe {
-            pass_state_through(
-                stream,
-                final_state,
-                initial,
-                shape.state_numel() * dtype.size_bytes(),
-            )
-        };
-    }
-    if shape.numel() == 0 {
-        return Ok(());
-    }
-    check_required("gates", inputs.gates)?;
-    check_required("tokens", inputs.tokens)?;
-    check_required("hidden", outputs.hidden)?;
-    let plan = ScanPlan::new(device.sm_count(), dtype, &shape);
-    check_scratch(&plan, dtype, &shape, scratch, scratch_bytes)?;
     let params = ScanParams {
         gates: inputs.gates,
         tokens: inputs.tokens,
-        initial,
+        initial: inputs.initial.unwrap_or(0),
         out0: outputs.hidden,
-        final_out: final_state,
-        maps: scratch,
-        outer: shape.outer as i64,
-        len: shape.len as i64,
-        inner: shape.inner as i64,
-        chunk_len: plan.chunk_len as i64,
-        n_chunks: plan.n_chunks as i64,
+        final_out: outputs.final_state.unwrap_or(0),
         ..ScanParams::default()
     };
-    let vector_buffers = [inputs.gates, inputs.tokens, outputs.hidden];
+    let required = [
+        ("gates", inputs.gates),
+        ("tokens", inputs.tokens),
+        ("hidden", outputs.hidden),
+    ];
     // SAFETY: forwarded from the caller.
     unsafe {
-        launch(
+        run_pass(
             device,
             stream,
             dtype,
-            &plan,
-            (false, problem.reverse),
-            &params,
-            &vector_buffers,
+            (false, problem),
+            params,
+            &required,
+            scratch,
         )
     }
 }
@@ -379,65 +406,36 @@ pub unsafe fn scan_backward_raw(
     problem: &ScanProblem,
     inputs: ScanGradInputs<u64>,
     outputs: ScanGradOutputs<u64>,
-    (scratch, scratch_bytes): (u64, usize),
+    scratch: (u64, usize),
 ) -> Result<()> {
-    let shape = problem.shape;
-    let grad_final = inputs.grad_final.unwrap_or(0);
-    let grad_initial = outputs.grad_initial.unwrap_or(0);
-    if shape.len == 0 {
-        // SAFETY: forwarded from the caller.
-        return unsafe {
-            pass_state_through(
-                stream,
-                grad_initial,
-                grad_final,
-                shape.state_numel() * dtype.size_bytes(),
-            )
-        };
-    }
-    if shape.numel() == 0 {
-        return Ok(());
-    }
-    check_required("gates", inputs.gates)?;
-    check_required("hidden", inputs.hidden)?;
-    check_required("grad_hidden", inputs.grad_hidden)?;
-    check_required("grad_gates", outputs.grad_gates)?;
-    check_required("grad_tokens", outputs.grad_tokens)?;
-    let plan = ScanPlan::new(device.sm_count(), dtype, &shape);
-    check_scratch(&plan, dtype, &shape, scratch, scratch_bytes)?;
     let params = ScanParams {
         gates: inputs.gates,
         tokens: inputs.grad_hidden,
-        initial: grad_final,
+        initial: inputs.grad_final.unwrap_or(0),
         aux: inputs.hidden,
         aux_state: inputs.initial.unwrap_or(0),
         out0: outputs.grad_gates,
         out1: outputs.grad_tokens,
-        final_out: grad_initial,
-        maps: scratch,
-        outer: shape.outer as i64,
-        len: shape.len as i64,
-        inner: shape.inner as i64,
-        chunk_len: plan.chunk_len as i64,
-        n_chunks: plan.n_chunks as i64,
+        final_out: outputs.grad_initial.unwrap_or(0),
+        ..ScanParams::default()
     };
-    let vector_buffers = [
-        inputs.gates,
-        inputs.grad_hidden,
-        inputs.hidden,
-        outputs.grad_gates,
-        outputs.grad_tokens,
+    let required = [
+        ("gates", inputs.gates),
+        ("grad_hidden", inputs.grad_hidden),
+        ("hidden", inputs.hidden),
+        ("grad_gates", outputs.grad_gates),
+        ("grad_tokens", outputs.grad_tokens),
     ];
     // SAFETY: forwarded from the caller.
     unsafe {
-        launch(
+        run_pass(
             device,
             stream,
             dtype,
-            &plan,
-            (true, problem.reverse),
-            &params,
-            &vector_buffers,
+            (true, problem),
+            params,
+            &required,
+            scratch,
         )
     }
 }
