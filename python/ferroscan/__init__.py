@@ -3,13 +3,16 @@
 Operations:
     scan(gates, tokens, *, dim=-1, reverse=False, initial=None, return_final=False)
         h[t] = gates[t] * h[t-1] + tokens[t]
+    gated_scan(x, a, b=None, c=None, *, dim=1, reverse=False, initial=None, return_final=False, out_dtype=None)
+        h[t] = a[t] * h[t-1] + b[t] * x[t],  y[t] = c[t] * h[t]   (unfused for now)
 
 CUDA tensors run on ferroscan's CUDA kernels (compiled at first use by NVRTC, then cached);
 CPU tensors and NumPy arrays on its multithreaded CPU backend.
 """
 
 from . import _native
+from .ops.gated_scan import gated_scan
 from .ops.scan import scan
 
 __version__ = _native.__version__
-__all__ = ["scan", "__version__"]
+__all__ = ["scan", "gated_scan", "__version__"]
