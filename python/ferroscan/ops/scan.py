@@ -274,19 +274,24 @@ def scan(
     initial = check_state(initial, "initial", state_shape, tokens, "tokens")
 
     order = _memory_order(tokens, gates)
-    x = tokens.permute(order).contiguous()
-    a = gates.permute(order).contiguous()
     t_pos = order.index(dim)
+    permuted = order != list(range(tokens.dim()))
+    x = (tokens.permute(order) if permuted else tokens).contiguous()
+    a = (gates.permute(order) if permuted else gates).contiguous()
     outer, length, inner = _prod(x.shape[:t_pos]), x.shape[t_pos], _prod(x.shape[t_pos + 1 :])
     # State axes in memory order, as positions among the state's own (original-order) axes.
     state_dims = [d for d in range(tokens.dim()) if d != dim]
     state_order = [state_dims.index(d) for d in order if d != dim]
-    h0 = None if initial is None else initial.permute(state_order).contiguous().view(outer, inner)
+    h0 = None
+    if initial is not None:
+        h0 = (initial.permute(state_order) if permuted else initial).contiguous().view(outer, inner)
 
     hidden, final = _run_forward(a.view(outer, length, inner), x.view(outer, length, inner), h0, reverse)
-    hidden = hidden.view(x.shape).permute(_inverse(order))
+    hidden = hidden.view(x.shape).permute(_inverse(order)) if permuted else hidden.view(tokens.shape)
     if not return_final:
         return hidden
+    if not permuted:
+        return hidden, final.view(state_shape)
     final_shape = [tokens.shape[state_dims[i]] for i in state_order]
     final = final.view(final_shape).permute(_inverse(state_order))
     return hidden, final
