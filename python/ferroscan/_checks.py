@@ -61,3 +61,26 @@ def check_state(
             f"(the shape of {like_arg} without the time axis)"
         )
     return state
+
+
+def broadcast_to_like(value: torch.Tensor, arg: str, like: torch.Tensor, like_arg: str) -> torch.Tensor:
+    """``value`` expanded to ``like``'s shape (a view); ValueError naming ``arg`` unless its shape
+    equals ``like``'s or broadcasts to it without growing it."""
+    if value.shape == like.shape:
+        return value
+    try:
+        fits = torch.broadcast_shapes(value.shape, like.shape) == like.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{arg} has shape {tuple(value.shape)} but {like_arg} has {tuple(like.shape)}; "
+            f"{arg} must have the shape of {like_arg} or broadcast to it"
+        )
+    return value.expand(like.shape)
+
+
+def check_has_time_axis(value: torch.Tensor, arg: str) -> None:
+    """ValueError unless ``value`` has at least one dimension."""
+    if value.dim() == 0:
+        raise ValueError(f"{arg} must have at least one dimension (the time axis); got a 0-d tensor")

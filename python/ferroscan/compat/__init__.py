@@ -1,4 +1,5 @@
-r"""Drop-in stand-ins for other first-order scan packages, built on :func:`ferroscan.scan`.
+r"""Drop-in stand-ins for other first-order scan packages, built on :func:`ferroscan.scan`
+(and :func:`ferroscan.gated_scan`).
 
 Each module mirrors a peer package's public names, signatures and return
 conventions for the recurrence :math:`h_t = a_t h_{t-1} + b_t` (time on the last
@@ -12,6 +13,11 @@ bounded lengths, contiguity, fixed rank, dtype and CUDA-only limits):
 * :mod:`ferroscan.compat.fpscan`: for ``fpscan``: ``pscan(gates, tokens)``,
   ``scan_forward(gates, tokens, reverse=False, out=None)`` and the autograd
   function ``PScan``.
+* :mod:`ferroscan.compat.quick_ssm`: for ``quick_ssm``: the gated variant
+  ``scan(x, a, b, c, *, block_l=256, checkpoint=True, tile_b=None, tile_d=None,
+  backend="auto", out_dtype=None)`` (:math:`h_t = a_t h_{t-1} + b_t x_t`,
+  :math:`y_t = c_t h_t`, ``(B, L, D)`` with time on axis 1), built on
+  :func:`ferroscan.gated_scan`.
 
 The submodules are imported lazily, on first attribute access or explicit import;
 they need nothing beyond :mod:`torch` and :mod:`ferroscan`.
@@ -22,7 +28,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["accelerated_scan", "fpscan"]
+__all__ = ["accelerated_scan", "fpscan", "quick_ssm"]
 
 
 def __getattr__(name: str) -> ModuleType:

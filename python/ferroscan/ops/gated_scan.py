@@ -16,10 +16,27 @@ from typing import Optional, Union
 
 import torch
 
-from .._checks import DTYPE_NAMES, check_same_kind, check_tensor
+from .._checks import (
+    DTYPE_NAMES,
+    broadcast_to_like,
+    check_has_time_axis,
+    check_same_kind,
+    check_state,
+    check_tensor,
+    normalize_dim,
+)
 from .scan import scan
 
 Tensor = torch.Tensor
+
+
+def _checked(value: Optional[Tensor], arg: str, x: Tensor) -> Tensor:
+    """A gate tensor of ``x``'s dtype and device (TypeError naming ``arg`` otherwise)."""
+    if value is None:
+        raise TypeError(f"{arg} must be a tensor, got None")
+    check_tensor(value, arg)
+    check_same_kind(x, "x", value, arg)
+    return value
 
 
 def gated_scan(
@@ -57,32 +74,23 @@ def gated_scan(
         ``y``, or ``(y, h_final)`` with ``return_final``.
     """
     check_tensor(x, "x")
-    for name, value in (("a", a), ("b", b), ("c", c)):
-        if value is not None:
-            check_tensor(value, name)
-            check_same_kind(x, "x", value, name)
+    check_has_time_axis(x, "x")
+    gates = broadcast_to_like(_checked(a, "a", x), "a", x, "x")
+    in_gates = None if b is None else broadcast_to_like(_checked(b, "b", x), "b", x, "x")
+    out_gates = None if c is None else broadcast_to_like(_checked(c, "c", x), "c", x, "x")
     if out_dtype is not None and out_dtype not in DTYPE_NAMES:
         raise TypeError(f"out_dtype must be one of float16, bfloat16, float32, float64, got {out_dtype}")
-    out_dtype = out_dtype or x.dtype
+    dim = normalize_dim(dim, x.dim())
+    state_shape = [s for d, s in enumerate(x.shape) if d != dim]
+    initial = check_state(initial, "initial", state_shape, x, "x")
     # Half types are storage only: the products and the scan run in float32.
     work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    tokens = x.to(work) if b is None else x.to(work) * b.to(work)
-    gates = a.to(work)
-    if gates.shape != tokens.shape:
-        try:
-            gates = gates.expand(tokens.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"a has shape {tuple(a.shape)} but x has {tuple(x.shape)}; a must broadcast to x"
-            ) from None
-    if initial is not None:
-        check_tensor(initial, "initial")
-        check_same_kind(x, "x", initial, "initial")
+    tokens = x.to(work) if in_gates is None else x.to(work) * in_gates.to(work)
     h0 = None if initial is None else initial.to(work)
-    out = scan(gates, tokens, dim=dim, reverse=reverse, initial=h0, return_final=return_final)
+    out = scan(gates.to(work), tokens, dim=dim, reverse=reverse, initial=h0, return_final=return_final)
     hidden, final = out if return_final else (out, None)
-    y = hidden if c is None else hidden * c.to(work)
-    y = y.to(out_dtype)
+    y = hidden if out_gates is None else hidden * out_gates.to(work)
+    y = y.to(out_dtype or x.dtype)
     if return_final:
         return y, final.to(x.dtype)
     return y

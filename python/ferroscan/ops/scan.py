@@ -26,7 +26,14 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _backend, _native
-from .._checks import check_same_kind, check_state, check_tensor, normalize_dim
+from .._checks import (
+    broadcast_to_like,
+    check_has_time_axis,
+    check_same_kind,
+    check_state,
+    check_tensor,
+    normalize_dim,
+)
 
 Tensor = torch.Tensor
 
@@ -254,19 +261,8 @@ def scan(
     check_tensor(tokens, "tokens")
     check_tensor(gates, "gates")
     check_same_kind(tokens, "tokens", gates, "gates")
-    if tokens.dim() == 0:
-        raise ValueError("tokens must have at least one dimension (the time axis); got a 0-d tensor")
-    if gates.shape != tokens.shape:
-        try:
-            broadcast_ok = torch.broadcast_shapes(gates.shape, tokens.shape) == tokens.shape
-        except RuntimeError:
-            broadcast_ok = False
-        if not broadcast_ok:
-            raise ValueError(
-                f"gates has shape {tuple(gates.shape)} but tokens has {tuple(tokens.shape)}; "
-                "gates must have the shape of tokens or broadcast to it"
-            )
-        gates = gates.expand(tokens.shape)
+    check_has_time_axis(tokens, "tokens")
+    gates = broadcast_to_like(gates, "gates", tokens, "tokens")
     if not isinstance(reverse, bool):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     dim = normalize_dim(dim, tokens.dim())
