@@ -17,6 +17,6 @@ cargo test --workspace
 echo "== NVRTC compiles every kernel variant (sm_80, sm_90)"
 cargo test -p ferroscan --test kernels_compile -- --ignored
 echo "== ruff"
-"$VENV/bin/ruff" check python tests
+"$VENV/bin/ruff" check python tests examples
 echo "== pytest"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

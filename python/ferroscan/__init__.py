@@ -10,9 +10,9 @@ CUDA tensors run on ferroscan's CUDA kernels (compiled at first use by NVRTC, th
 CPU tensors and NumPy arrays on its multithreaded CPU backend.
 """
 
-from . import _native
+from . import _native, nn
 from .ops.gated_scan import gated_scan
 from .ops.scan import scan
 
 __version__ = _native.__version__
-__all__ = ["scan", "gated_scan", "__version__"]
+__all__ = ["scan", "gated_scan", "nn", "__version__"]
