@@ -13,6 +13,10 @@ pub trait Accumulator:
     /// Multiplicative identity.
     const ONE: Self;
 
+    /// `self · a + b` in one rounding. Fast only where the CPU's FMA instructions are enabled
+    /// (see [`crate::cpu::fused`]); elsewhere it is a library call.
+    fn mul_add(self, a: Self, b: Self) -> Self;
+
     /// `product · s`, where `product` is a product of gates: when it underflowed to zero, an
     /// infinite `s` stays infinite (signed), as a step-by-step loop keeps it.
     fn scale_by_product(product: Self, s: Self) -> Self;
@@ -21,6 +25,10 @@ pub trait Accumulator:
 impl Accumulator for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
+    }
     #[inline(always)]
     fn scale_by_product(product: Self, s: Self) -> Self {
         if product == 0.0 && s.is_infinite() {
@@ -38,6 +46,10 @@ impl Accumulator for f32 {
 impl Accumulator for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
+    }
     #[inline(always)]
     fn scale_by_product(product: Self, s: Self) -> Self {
         if product == 0.0 && s.is_infinite() {

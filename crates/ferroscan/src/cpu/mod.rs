@@ -2,6 +2,7 @@
 
 mod chunked;
 mod element;
+mod fused;
 pub mod scan;
 
 pub use element::{Accumulator, Element};

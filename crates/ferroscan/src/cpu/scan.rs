@@ -10,6 +10,7 @@
 
 use super::chunked::{run, Recurrence};
 use super::element::{Accumulator, Element};
+use super::fused;
 pub use crate::args::{ScanGradInputs, ScanGradOutputs, ScanInputs, ScanOutputs};
 use crate::error::Result;
 use crate::layout::{ScanProblem, ScanShape};
@@ -32,6 +33,33 @@ fn at(shape: &ScanShape, p: usize, t: usize, q: usize) -> usize {
 #[inline(always)]
 fn state_or_zero<T: Element>(state: Option<&[T]>, shape: &ScanShape, p: usize, q: usize) -> T::Acc {
     state.map_or(T::Acc::ZERO, |s| s[p * shape.inner + q].to_acc())
+}
+
+/// `h[t] = a[t]·h[t-1] + x[t]` over one contiguous stretch (descending when `reverse`), in
+/// multiply-add steps: the loop is bound by the latency of that dependency chain, which a fused
+/// multiply-add halves (`FUSED`, only inside an FMA-enabled function; see [`fused`]).
+#[inline(always)]
+fn forward_row<T: Element, const FUSED: bool>(
+    gates: &[T],
+    tokens: &[T],
+    out: &mut [T],
+    s: &mut T::Acc,
+    reverse: bool,
+) {
+    let steps = out.iter_mut().zip(gates).zip(tokens);
+    let step = |((h, &g), &x): ((&mut T, &T), &T)| {
+        *s = if FUSED {
+            g.to_acc().mul_add(*s, x.to_acc())
+        } else {
+            g.to_acc() * *s + x.to_acc()
+        };
+        *h = T::from_acc(*s);
+    };
+    if reverse {
+        steps.rev().for_each(step);
+    } else {
+        steps.for_each(step);
+    }
 }
 
 struct Forward<'a, T> {
@@ -71,19 +99,12 @@ impl<T: Element> Recurrence<T, 1> for Forward<'_, T> {
         outs: &mut [&mut [T]; 1],
     ) {
         let range = p * len + t_lo..p * len + t_hi;
-        let steps = outs[0]
-            .iter_mut()
-            .zip(&self.inputs.gates[range.clone()])
-            .zip(&self.inputs.tokens[range]);
-        let step = |((h, &g), &x): ((&mut T, &T), &T)| {
-            *s = g.to_acc() * *s + x.to_acc();
-            *h = T::from_acc(*s);
-        };
-        if self.reverse {
-            steps.rev().for_each(step);
-        } else {
-            steps.for_each(step);
-        }
+        let (gates, tokens) = (
+            &self.inputs.gates[range.clone()],
+            &self.inputs.tokens[range],
+        );
+        let out = &mut outs[0][..t_hi - t_lo];
+        fused::dispatch!(forward_row(gates, tokens, out, s, self.reverse));
     }
 }
 
@@ -123,6 +144,60 @@ pub fn scan_forward<T: Element>(
     };
     run(&shape, &rec, [outputs.hidden], outputs.final_state);
     Ok(())
+}
+
+/// One sequence's inputs of the backward: `a`, `h`, `∂h`, `h0`, and its length.
+struct BackwardRow<'a, T: Element> {
+    a: &'a [T],
+    h: &'a [T],
+    gh: &'a [T],
+    h0: T::Acc,
+    len: usize,
+}
+
+/// The backward over `t_lo..t_hi` of one sequence (see the module docs for the formulas); like
+/// [`forward_row`], a chain of dependent multiply-adds.
+#[inline(always)]
+fn backward_row<T: Element, const FUSED: bool>(
+    row: &BackwardRow<'_, T>,
+    (t_lo, t_hi): (usize, usize),
+    descending: bool,
+    s: &mut T::Acc,
+    (grad_a, grad_x): (&mut [T], &mut [T]),
+) {
+    let (a, h, gh, len) = (row.a, row.h, row.gh, row.len);
+    let mut step = |t: usize, gate: T::Acc, h_before: T::Acc| {
+        *s = if FUSED {
+            gate.mul_add(*s, gh[t].to_acc())
+        } else {
+            gate * *s + gh[t].to_acc()
+        };
+        grad_a[t - t_lo] = T::from_acc(*s * h_before);
+        grad_x[t - t_lo] = T::from_acc(*s);
+    };
+    let value =
+        |t: Option<usize>, of: &[T], otherwise: T::Acc| t.map_or(otherwise, |t| of[t].to_acc());
+    if descending {
+        // Forward ran ascending: g[t] = a[t+1]·g[t+1] + gh[t], ∂a[t] = g[t]·h[t-1].
+        for t in (t_lo..t_hi).rev() {
+            let next = Some(t + 1).filter(|&n| n < len);
+            step(
+                t,
+                value(next, a, T::Acc::ONE),
+                value(t.checked_sub(1), h, row.h0),
+            );
+        }
+    } else {
+        // Forward ran descending: g[t] = a[t-1]·g[t-1] + gh[t], ∂a[t] = g[t]·h[t+1].
+        for t in t_lo..t_hi {
+            let next = Some(t + 1).filter(|&n| n < len);
+            step(
+                t,
+                value(t.checked_sub(1), a, T::Acc::ONE),
+                value(next, h, row.h0),
+            );
+        }
+    }
 }
 
 struct Backward<'a, T> {
@@ -229,34 +304,10 @@ impl<T: Element> Recurrence<T, 2> for Backward<'_, T> {
             .initial
             .map_or(T::Acc::ZERO, |h0| h0[p].to_acc());
         let [grad_a, grad_x] = outs;
-        let (grad_a, grad_x) = (&mut grad_a[..t_hi - t_lo], &mut grad_x[..t_hi - t_lo]);
-        if self.descending {
-            // Forward ran ascending: g[t] = a[t+1]·g[t+1] + gh[t], ∂a[t] = g[t]·h[t-1].
-            for t in (t_lo..t_hi).rev() {
-                let gate = if t + 1 < len {
-                    a[t + 1].to_acc()
-                } else {
-                    T::Acc::ONE
-                };
-                *s = gate * *s + gh[t].to_acc();
-                let h_before = if t > 0 { h[t - 1].to_acc() } else { h0 };
-                grad_a[t - t_lo] = T::from_acc(*s * h_before);
-                grad_x[t - t_lo] = T::from_acc(*s);
-            }
-        } else {
-            // Forward ran descending: g[t] = a[t-1]·g[t-1] + gh[t], ∂a[t] = g[t]·h[t+1].
-            for t in t_lo..t_hi {
-                let gate = if t > 0 {
-                    a[t - 1].to_acc()
-                } else {
-                    T::Acc::ONE
-                };
-                *s = gate * *s + gh[t].to_acc();
-                let h_before = if t + 1 < len { h[t + 1].to_acc() } else { h0 };
-                grad_a[t - t_lo] = T::from_acc(*s * h_before);
-                grad_x[t - t_lo] = T::from_acc(*s);
-            }
-        }
+        let grads = (&mut grad_a[..t_hi - t_lo], &mut grad_x[..t_hi - t_lo]);
+        let rows = BackwardRow { a, h, gh, h0, len };
+        let descending = self.descending;
+        fused::dispatch!(backward_row(&rows, (t_lo, t_hi), descending, s, grads));
     }
 }
 
