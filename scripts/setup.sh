@@ -32,5 +32,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${REQUIREMENTS[*]}" ]; then
   echo "${REQUIREMENTS[*]}" > "$stamp"
 fi
 echo "setup: building ferroscan (release)"
-"$VENV/bin/maturin" develop --release -q 2>&1 | grep -v "^Requirement already satisfied" || true
+log="$VENV/.ferroscan-build.log"
+if ! VIRTUAL_ENV="$(cd "$VENV" && pwd)" "$VENV/bin/maturin" develop --release -q >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "setup: the build failed (log above)" >&2
+  exit 1
+fi
 "$VENV/bin/python" -c "import ferroscan; print('setup: ferroscan', ferroscan.__version__, 'ready')"
