@@ -153,6 +153,9 @@ fn split_outer<'a, T, const N: usize>(
     }
 }
 
+/// One piece of work: its index, its output slices and its incoming states.
+type Work<'a, T, const N: usize> = (usize, ([&'a mut [T]; N], &'a mut [<T as Element>::Acc]));
+
 /// Runs every `(p, chunk)` unit from its incoming state in `carries`.
 fn sweep_units<T: Element, R: Recurrence<T, N>, const N: usize>(
     rec: &R,
@@ -165,23 +168,43 @@ fn sweep_units<T: Element, R: Recurrence<T, N>, const N: usize>(
     let chunk_bounds = |c: usize| (c * plan.chunk_len, ((c + 1) * plan.chunk_len).min(len));
     let pieces = split_outer(outs, len * inner);
     let chunk_elems = plan.chunk_len * inner;
-    pieces
-        .into_par_iter()
-        .zip(carries.par_chunks_mut((plan.n_chunks * inner).max(1)))
-        .enumerate()
-        .for_each(|(p, (piece, carry_p))| {
-            let mut chunk_iters = piece.map(|o| o.chunks_mut(chunk_elems.max(1)));
-            let units: Vec<[&mut [T]; N]> = (0..plan.n_chunks)
-                .map(|_| std::array::from_fn(|i| chunk_iters[i].next().unwrap_or_default()))
-                .collect();
+    let run_piece = |(p, (piece, carry_p)): Work<'_, T, N>| {
+        let mut chunk_iters = piece.map(|o| o.chunks_mut(chunk_elems.max(1)));
+        let units: Vec<[&mut [T]; N]> = (0..plan.n_chunks)
+            .map(|_| std::array::from_fn(|i| chunk_iters[i].next().unwrap_or_default()))
+            .collect();
+        let run_unit = |(c, (mut outs_c, carry)): Work<'_, T, N>| {
+            sweep(rec, shape, p, chunk_bounds(c), carry, &mut outs_c);
+        };
+        if plan.n_chunks == 1 {
+            units
+                .into_iter()
+                .zip(carry_p.chunks_mut(inner.max(1)))
+                .enumerate()
+                .for_each(run_unit);
+        } else {
             units
                 .into_par_iter()
                 .zip(carry_p.par_chunks_mut(inner.max(1)))
                 .enumerate()
-                .for_each(|(c, (mut outs_c, carry))| {
-                    sweep(rec, shape, p, chunk_bounds(c), carry, &mut outs_c);
-                });
-        });
+                .for_each(run_unit);
+        }
+    };
+    let carry_slices = (plan.n_chunks * inner).max(1);
+    if shape.numel() < MIN_UNIT_ELEMENTS {
+        // Too small to pay for handing work to the thread pool (microseconds per call).
+        pieces
+            .into_iter()
+            .zip(carries.chunks_mut(carry_slices))
+            .enumerate()
+            .for_each(run_piece);
+    } else {
+        pieces
+            .into_par_iter()
+            .zip(carries.par_chunks_mut(carry_slices))
+            .enumerate()
+            .for_each(run_piece);
+    }
 }
 
 /// Runs `rec` over a `(outer, len, inner)` problem, writing its outputs and, when
