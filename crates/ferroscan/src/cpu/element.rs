@@ -22,47 +22,34 @@ pub trait Accumulator:
     fn scale_by_product(product: Self, s: Self) -> Self;
 }
 
-impl Accumulator for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn mul_add(self, a: Self, b: Self) -> Self {
-        f32::mul_add(self, a, b)
-    }
-    #[inline(always)]
-    fn scale_by_product(product: Self, s: Self) -> Self {
-        if product == 0.0 && s.is_infinite() {
-            if product.is_sign_negative() {
-                -s
-            } else {
-                s
+/// `Accumulator` for a primitive float type (`f32`, `f64`): the same code for both.
+macro_rules! float_accumulator {
+    ($t:ty) => {
+        impl Accumulator for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
             }
-        } else {
-            product * s
+            #[inline(always)]
+            fn scale_by_product(product: Self, s: Self) -> Self {
+                if product == 0.0 && s.is_infinite() {
+                    if product.is_sign_negative() {
+                        -s
+                    } else {
+                        s
+                    }
+                } else {
+                    product * s
+                }
+            }
         }
-    }
+    };
 }
 
-impl Accumulator for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn mul_add(self, a: Self, b: Self) -> Self {
-        f64::mul_add(self, a, b)
-    }
-    #[inline(always)]
-    fn scale_by_product(product: Self, s: Self) -> Self {
-        if product == 0.0 && s.is_infinite() {
-            if product.is_sign_negative() {
-                -s
-            } else {
-                s
-            }
-        } else {
-            product * s
-        }
-    }
-}
+float_accumulator!(f32);
+float_accumulator!(f64);
 
 /// A storage element type: converts to and from its accumulator type.
 pub trait Element: Copy + Send + Sync + 'static {
