@@ -199,3 +199,51 @@ def test_export_dynamic_length(device: str) -> None:
     x2 = torch.randn(2, 77, 4, generator=gen).to(device)
     for got, want in zip(exported.module()(x2, h0), block(x2, h0)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused gated scan (CUDA only: elsewhere gated_scan composes ferroscan::scan_fwd)
+# ---------------------------------------------------------------------------------------------
+
+needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def gated_model(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, h0: torch.Tensor) -> tuple:
+    y, hf = ferroscan.gated_scan(x * 2, torch.sigmoid(a), b, c, dim=1, initial=h0, return_final=True)
+    return y.tanh().sum(dim=-1), hf * 3
+
+
+@pytest.mark.parametrize("_", [None], ids=["cuda"], marks=needs_cuda)
+def test_compile_gated_fullgraph_matches_eager(_: None) -> None:
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(7)
+    x, a, b, c = (torch.randn(2, 70, 40, generator=gen).cuda() for _ in range(4))
+    h0 = torch.randn(2, 40, generator=gen).cuda()
+    compiled = torch.compile(gated_model, fullgraph=True, backend="aot_eager")
+    eager_in, comp_in = _leaves(x, a, b, c, h0), _leaves(x, a, b, c, h0)
+    eager_out, comp_out = gated_model(*eager_in), compiled(*comp_in)
+    for e, o in zip(eager_out, comp_out):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
+    w = [torch.randn_like(o) for o in eager_out]
+    eager_grads, comp_grads = torch.autograd.grad(eager_out, eager_in, w), torch.autograd.grad(comp_out, comp_in, w)
+    for name, e, o in zip("xabch", eager_grads, comp_grads):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5, msg=f"d/d{name}")
+
+
+@pytest.mark.parametrize("_", [None], ids=["cuda"], marks=needs_cuda)
+def test_opcheck_gated_ops(_: None) -> None:
+    gen = torch.Generator().manual_seed(8)
+    for dtype in (F32, F64):
+        for with_b, with_c, with_initial, reverse in [(True, True, True, False), (False, True, False, True),
+                                                      (True, False, True, True), (False, False, False, False)]:
+            x, a, b, c = (torch.randn(2, 19, 33, generator=gen).to(dtype).cuda() for _ in range(4))
+            b, c = (b if with_b else None), (c if with_c else None)
+            h0 = torch.randn(2, 33, generator=gen).to(dtype).cuda() if with_initial else None
+            torch.library.opcheck(torch.ops.ferroscan.gated_scan_fwd.default, (x, a, b, c, h0, reverse, False))
+            fwd_args = (x.requires_grad_(), a, b, c, h0, reverse, True)
+            torch.library.opcheck(torch.ops.ferroscan.gated_scan_fwd.default, fwd_args)
+            _, _, checkpoints = torch.ops.ferroscan.gated_scan_fwd(x.detach(), a, b, c, h0, reverse, True)
+            grad_y = torch.randn_like(x)
+            for grad_final in (None, torch.randn(2, 33, dtype=dtype, device="cuda")):
+                args = (x.detach(), a, b, c, checkpoints, grad_y, grad_final, reverse, with_initial)
+                torch.library.opcheck(torch.ops.ferroscan.gated_scan_bwd.default, args)

@@ -518,3 +518,76 @@ def test_bad_inputs(kwargs: dict, exc: type, name: str) -> None:
         ferroscan.gated_scan(**kwargs)
     message = str(info.value)
     assert message.startswith(f"{name} ") or f" {name} " in message or f"{name}=" in message, message
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused CUDA kernels (time axis not innermost): blocks of 32 states, windows of
+# 8 warps x 8 steps, checkpoints every 8 steps, the recomputing backward and its memory.
+# ---------------------------------------------------------------------------------------------
+
+FUSED_LENGTHS = [1, 8, 9, 63, 64, 65, 130, 700]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("length", FUSED_LENGTHS)
+def test_fused_window_and_group_edges(length: int) -> None:
+    """Lengths around the 8-step segments and 64-step windows; 40 and 66 states (a partial group
+    of 32); every mode in turn."""
+    for i, (shape, dim) in enumerate([((2, length, 20), 1), ((1, length, 33, 2), 1), ((3, 11, length), 2)]):
+        mode = MODES[(7 * FUSED_LENGTHS.index(length) + 5 * i) % len(MODES)]
+        reverse, with_initial, return_final, bc = mode
+        inputs = make_inputs(shape, dim, F32, "cuda", seed=length + i, bc=bc, initial=with_initial)
+        check(inputs, dim=dim, reverse=reverse, return_final=return_final, seed=length, what=f"{shape} {mode_id(mode)}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_fused_gradcheck(reverse: bool) -> None:
+    """Finite differences through the fused kernels: 70 steps (two windows), 34 states."""
+    inputs = make_inputs((1, 70, 34), 1, F64, "cuda", seed=41, initial=True)
+    args = tuple(inputs[k].clone().requires_grad_() for k in NAMES)
+
+    def fn(x: Tensor, a: Tensor, b: Tensor, c: Tensor, h0: Tensor) -> object:
+        return ferroscan.gated_scan(x, a, b, c, dim=1, reverse=reverse, initial=h0, return_final=True)
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_backward_is_deterministic() -> None:
+    inputs = make_inputs((2, 300, 64), 1, F32, "cuda", seed=43, initial=True)
+    ls = leaves(inputs)
+    w = upstream((2, 300, 64), inputs["x"], 44)
+    runs = []
+    for _ in range(2):
+        y = ferroscan.gated_scan(ls["x"], ls["a"], ls["b"], ls["c"], initial=ls["initial"])
+        runs.append(torch.autograd.grad(y, list(ls.values()), w))
+    for name, g1, g2 in zip(ls, *runs):
+        assert torch.equal(g1, g2), f"gradient of {name} differs between two runs"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_fused_peak_memory(dtype: torch.dtype) -> None:
+    """Forward + backward allocate no more than y, the four gradients and the checkpoints (the
+    state every 8 steps, float32) beyond the inputs: h is never stored."""
+    batch, length, channels = 4, 4096, 256
+    inputs = make_inputs((batch, length, channels), 1, dtype, "cuda", seed=45)
+    ls = leaves(inputs)
+    w = upstream((batch, length, channels), inputs["x"], 46)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y = ferroscan.gated_scan(ls["x"], ls["a"], ls["b"], ls["c"])
+    grads = torch.autograd.grad(y, [ls[k] for k in ("x", "a", "b", "c")], w)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    tensor_bytes = y.numel() * y.element_size()
+    checkpoint_bytes = -(-length // 8) * batch * channels * 4
+    allowed = 5 * tensor_bytes + checkpoint_bytes + 2**20  # y, 4 gradients, checkpoints, 1 MiB slack
+    assert len(grads) == 4
+    assert peak <= allowed, f"peak {peak / 2**20:.1f} MiB above the {allowed / 2**20:.1f} MiB allowed"

@@ -13,6 +13,8 @@ use ferroscan::{cuda, DType, Error, ScanProblem, ScanShape};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
+mod gated_scan;
+
 fn to_py(err: Error) -> PyErr {
     match err {
         Error::InvalidArgument { .. } => PyValueError::new_err(err.to_string()),
@@ -365,6 +367,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_scan_scratch_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_scan_forward, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_scan_backward, m)?)?;
+    gated_scan::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

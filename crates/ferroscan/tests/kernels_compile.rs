@@ -5,11 +5,24 @@
 //! Ignored by a plain `cargo test` (reported as ignored, i.e. skipped); the project's test
 //! command runs it with `--ignored`, where a missing NVRTC is a failure.
 
-use ferroscan::cuda::compile::{compile_cubin, nvrtc_version, ALL_SOURCES, SCAN_SOURCE};
-use ferroscan::cuda::scan::all_kernel_names;
+use ferroscan::cuda::compile::{
+    compile_cubin, nvrtc_version, KernelSource, ALL_SOURCES, GATED_SCAN_SOURCE, SCAN_SOURCE,
+};
+use ferroscan::cuda::{gated_scan, scan};
 use ferroscan::DType;
 
 const ARCHES: [(i32, i32); 2] = [(8, 0), (9, 0)];
+
+/// The kernel names the launchers ask for in `source`.
+fn launched_names(source: &KernelSource) -> Vec<String> {
+    if *source == SCAN_SOURCE {
+        scan::all_kernel_names()
+    } else if *source == GATED_SCAN_SOURCE {
+        gated_scan::all_kernel_names()
+    } else {
+        panic!("no kernel-name list for {}", source.file)
+    }
+}
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
@@ -30,15 +43,14 @@ fn every_kernel_variant_compiles_to_cubin() {
                     panic!("{} {dtype:?} sm_{}{}: {e}", source.file, arch.0, arch.1)
                 });
                 assert_eq!(&cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
-                if source == SCAN_SOURCE {
-                    for name in all_kernel_names() {
-                        assert!(
-                            contains(&cubin, name.as_bytes()),
-                            "kernel {name} missing from the {dtype:?} sm_{}{} CUBIN",
-                            arch.0,
-                            arch.1
-                        );
-                    }
+                for name in launched_names(&source) {
+                    assert!(
+                        contains(&cubin, name.as_bytes()),
+                        "kernel {name} missing from the {dtype:?} sm_{}{} CUBIN of {}",
+                        arch.0,
+                        arch.1,
+                        source.file
+                    );
                 }
             }
         }

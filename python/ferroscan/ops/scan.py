@@ -34,6 +34,7 @@ from .._checks import (
     check_tensor,
     normalize_dim,
 )
+from ._layout import ScanLayout
 
 Tensor = torch.Tensor
 
@@ -190,36 +191,6 @@ def _run_forward(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], rever
 # ---------------------------------------------------------------------------------------------
 
 
-def _memory_order(*tensors: Tensor) -> list[int]:
-    """A permutation under which every tensor is C-contiguous, or the identity (copy needed).
-
-    Under ``torch.compile`` sizes and strides may be symbolic and cannot be sorted: there the
-    identity is used (a non-contiguous input is copied once)."""
-    ref = tensors[0]
-    identity = list(range(ref.dim()))
-    if torch.compiler.is_compiling() or all(t.is_contiguous() for t in tensors):
-        return identity
-    order = sorted(identity, key=lambda d: (-ref.stride(d), -ref.shape[d]))
-    if all(t.permute(order).is_contiguous() for t in tensors):
-        return order
-    return identity
-
-
-def _inverse(perm: list[int]) -> list[int]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return inv
-
-
-def _prod(values: Union[list[int], tuple[int, ...]]) -> int:
-    """Product of sizes; stays symbolic under torch.compile/export (no ``int()``)."""
-    out = 1
-    for v in values:
-        out = out * v
-    return out
-
-
 def scan(
     gates: Union[Tensor, np.ndarray],
     tokens: Union[Tensor, np.ndarray],
@@ -269,28 +240,12 @@ def scan(
     state_shape = [s for d, s in enumerate(tokens.shape) if d != dim]
     initial = check_state(initial, "initial", state_shape, tokens, "tokens")
 
-    order = _memory_order(tokens, gates)
-    t_pos = order.index(dim)
-    permuted = order != list(range(tokens.dim()))
-    x = (tokens.permute(order) if permuted else tokens).contiguous()
-    a = (gates.permute(order) if permuted else gates).contiguous()
-    outer, length, inner = _prod(x.shape[:t_pos]), x.shape[t_pos], _prod(x.shape[t_pos + 1 :])
-    # State axes in memory order, as positions among the state's own (original-order) axes.
-    state_dims = [d for d in range(tokens.dim()) if d != dim]
-    state_order = [state_dims.index(d) for d in order if d != dim]
-    h0 = None
-    if initial is not None:
-        h0 = (initial.permute(state_order) if permuted else initial).contiguous().view(outer, inner)
-
-    hidden, final = _run_forward(a.view(outer, length, inner), x.view(outer, length, inner), h0, reverse)
-    hidden = hidden.view(x.shape).permute(_inverse(order)) if permuted else hidden.view(tokens.shape)
-    if not return_final:
-        return hidden
-    if not permuted:
-        return hidden, final.view(state_shape)
-    final_shape = [tokens.shape[state_dims[i]] for i in state_order]
-    final = final.view(final_shape).permute(_inverse(state_order))
-    return hidden, final
+    layout = ScanLayout(tokens, dim, gates)
+    hidden, final = _run_forward(
+        layout.flatten(gates), layout.flatten(tokens), layout.flatten_state(initial), reverse
+    )
+    hidden = layout.restore(hidden)
+    return (hidden, layout.restore_state(final)) if return_final else hidden
 
 
 def _scan_numpy(

@@ -35,8 +35,14 @@ pub const SCAN_SOURCE: KernelSource = KernelSource {
     text: include_str!("../../kernels/scan.cu"),
 };
 
+/// `kernels/gated_scan.cu`: the fused gated scan.
+pub const GATED_SCAN_SOURCE: KernelSource = KernelSource {
+    file: "gated_scan.cu",
+    text: include_str!("../../kernels/gated_scan.cu"),
+};
+
 /// Every kernel source of the crate.
-pub const ALL_SOURCES: [KernelSource; 1] = [SCAN_SOURCE];
+pub const ALL_SOURCES: [KernelSource; 2] = [SCAN_SOURCE, GATED_SCAN_SOURCE];
 
 impl PartialEq for KernelSource {
     fn eq(&self, other: &Self) -> bool {

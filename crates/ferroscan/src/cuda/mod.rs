@@ -5,6 +5,8 @@
 
 pub mod compile;
 mod device;
+pub mod gated_scan;
+mod launch;
 pub mod scan;
 
 pub use device::{device, Device};

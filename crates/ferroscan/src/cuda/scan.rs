@@ -27,13 +27,11 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    result as driver_result, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::compile::SCAN_SOURCE;
 use super::device::{driver_error, Device};
+use super::launch::{check_required, grid_blocks, pass_state_through};
 use crate::args::{ScanGradInputs, ScanGradOutputs, ScanInputs, ScanOutputs};
 use crate::cpu::Element;
 use crate::error::{Error, Result};
@@ -205,38 +203,6 @@ fn check_scratch(
     Ok(())
 }
 
-fn check_required(arg: &'static str, ptr: u64) -> Result<()> {
-    if ptr == 0 {
-        Err(Error::invalid(arg, "a device address, got null"))
-    } else {
-        Ok(())
-    }
-}
-
-/// Copies (or zeroes, when `src` is absent) one state buffer on the stream: the whole scan
-/// when the time axis is empty.
-///
-/// # Safety
-/// `dst` and `src` must be valid device buffers of `bytes` bytes on the stream's context.
-unsafe fn pass_state_through(stream: &CudaStream, dst: u64, src: u64, bytes: usize) -> Result<()> {
-    if dst == 0 || bytes == 0 {
-        return Ok(());
-    }
-    stream
-        .context()
-        .bind_to_thread()
-        .map_err(driver_error("binding the context"))?;
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        if src == 0 {
-            driver_result::memset_d8_async(dst, 0, bytes, stream.cu_stream())
-        } else {
-            driver_result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream())
-        }
-    }
-    .map_err(driver_error("copying the state of an empty scan"))
-}
-
 /// Launches the reduce (if chunked) and apply passes of the (backward?, reverse?) scan.
 ///
 /// # Safety
@@ -266,18 +232,9 @@ unsafe fn launch(
             STRIDED_THREADS,
         ),
     };
-    let blocks = work.div_ceil(per_block);
-    let grid = u32::try_from(blocks)
-        .ok()
-        .filter(|&b| b < i32::MAX as u32)
-        .ok_or_else(|| {
-            Error::invalid(
-                "shape",
-                format!("fewer than 2^31 thread blocks of work, got {blocks}"),
-            )
-        })?;
+    let grid = grid_blocks(work.div_ceil(per_block))?;
     let cfg = LaunchConfig {
-        grid_dim: (grid.max(1), 1, 1),
+        grid_dim: (grid, 1, 1),
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -1,0 +1,218 @@
+// Gated scan, fused: h[u] = a[u]*h[u-1] + b[u]*x[u], y[u] = c[u]*h[u], forward and a
+// memory-lean backward that recomputes h instead of reading it.
+//
+// Positions u are scan positions: the physical time index is t = DESC ? len-1-u : u, so one
+// kernel serves both directions (DESC = the user's `reverse`).
+//
+// Thread mapping: the states of the problem (outer*inner of them, flattened as p*inner + q) are
+// cut into groups of 32, one group per block and one state per lane, so every load of a warp
+// reads 32 consecutive inner indices (coalesced when inner >= 32). The block's FS_GATED_WARPS
+// warps split the time axis: a window of FS_GATED_WARPS*FS_GATED_SEG steps is read at once, warp
+// w owning segment w. Each warp reduces its segment to an affine map of the state, the maps meet
+// in shared memory, and every warp folds the maps before its own into the block's running state.
+// Each element is therefore read once and written once, with no scratch in global memory and
+// many loads in flight per thread (a whole segment is loaded before any arithmetic).
+//
+// Forward also stores, when asked, the state entering every segment ("checkpoints",
+// (len/FS_GATED_SEG, states) in acc_t). The backward walks the windows from the end, recomputes
+// h of each segment from its checkpoint with the very operations of the forward (so bit-identical
+// h), and runs the adjoint recurrence
+//   lam[u] = a[u+1]*lam[u+1] + c[u]*gy[u],      lam[len-1] = c*gy + grad_final,
+//   dx = lam*b, db = lam*x, da = lam*h[u-1], dc = gy*h[u], dh0 = a[0]*lam[0],
+// combining segments through shared memory the same way, right to left.
+
+#include "common.cuh"
+
+#define FS_GATED_WARPS 8
+#define FS_GATED_SEG 8  // steps per warp per window; also the checkpoint spacing
+
+// Mirrored by `GatedParams` in src/cuda/gated_scan.rs; keep the two in the same order.
+struct GatedParams {
+    const storage_t* x;
+    const storage_t* a;
+    const storage_t* b;           // null when absent (means 1): kernels are specialized on it
+    const storage_t* c;           // null when absent (means 1)
+    const storage_t* initial;     // h0 (null: zeros)
+    const storage_t* grad_y;      // backward
+    const storage_t* grad_final;  // backward (null: zeros)
+    storage_t* y;                 // forward
+    storage_t* final_out;         // forward: h after the last step (null: skipped)
+    acc_t* checkpoints;           // forward writes (null: skipped), backward reads
+    storage_t* grad_x;            // backward outputs...
+    storage_t* grad_a;
+    storage_t* grad_b;            // (only with b)
+    storage_t* grad_c;            // (only with c)
+    storage_t* grad_initial;      // (null: skipped)
+    i64 outer, len, inner;
+};
+
+struct GatedLane {
+    bool active;    // this lane owns a state (the last group may be partial)
+    i64 state;      // p*inner + q
+    i64 base;       // element (p, 0, q)
+    i64 n_states;
+};
+
+__device__ __forceinline__ GatedLane gated_lane(const GatedParams& P) {
+    GatedLane l;
+    l.n_states = P.outer * P.inner;
+    const i64 s = (i64)blockIdx.x * FS_WARP + threadIdx.x % FS_WARP;
+    l.active = s < l.n_states;
+    l.state = l.active ? s : 0;
+    const i64 p = l.state / P.inner, q = l.state % P.inner;
+    l.base = p * P.len * P.inner + q;
+    return l;
+}
+
+template <bool DESC>
+__device__ __forceinline__ i64 gated_at(const GatedLane& l, const GatedParams& P, i64 u) {
+    return l.base + (DESC ? P.len - 1 - u : u) * P.inner;
+}
+
+// A segment's inputs: gate, token b*x, and the raw b and x the backward needs.
+template <bool DESC, bool HAS_B>
+__device__ __forceinline__ void load_segment(const GatedParams& P, const GatedLane& l, i64 u0, acc_t (&g)[FS_GATED_SEG],
+                                             acc_t (&xs)[FS_GATED_SEG], acc_t (&bs)[FS_GATED_SEG]) {
+#pragma unroll
+    for (int k = 0; k < FS_GATED_SEG; ++k) {
+        const i64 u = u0 + k;
+        const bool inside = l.active && u < P.len;
+        const i64 at = inside ? gated_at<DESC>(l, P, u) : 0;
+        g[k] = inside ? to_acc(P.a[at]) : acc_t(1);
+        xs[k] = inside ? to_acc(P.x[at]) : acc_t(0);
+        bs[k] = (HAS_B && inside) ? to_acc(P.b[at]) : acc_t(1);
+    }
+}
+
+template <bool HAS_B>
+__device__ __forceinline__ acc_t token(acc_t b, acc_t x) { return HAS_B ? b * x : x; }
+
+template <bool DESC, bool HAS_B, bool HAS_C>
+__device__ __forceinline__ void gated_forward(const GatedParams& P) {
+    __shared__ AffineMap maps[2][FS_GATED_WARPS][FS_WARP];
+    const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
+    const GatedLane l = gated_lane(P);
+    const i64 len = P.len;
+    acc_t carry = (l.active && P.initial) ? to_acc(P.initial[l.state]) : acc_t(0);
+    int buf = 0;
+    for (i64 w0 = 0; w0 < len; w0 += FS_GATED_WARPS * FS_GATED_SEG, buf ^= 1) {
+        const i64 u0 = w0 + (i64)warp * FS_GATED_SEG;
+        acc_t g[FS_GATED_SEG], xs[FS_GATED_SEG], bs[FS_GATED_SEG], cs[FS_GATED_SEG];
+        load_segment<DESC, HAS_B>(P, l, u0, g, xs, bs);
+#pragma unroll
+        for (int k = 0; k < FS_GATED_SEG; ++k) {
+            const i64 u = u0 + k;
+            const bool inside = HAS_C && l.active && u < len;
+            cs[k] = inside ? to_acc(P.c[gated_at<DESC>(l, P, u)]) : acc_t(1);
+        }
+        AffineMap m = identity_map();
+#pragma unroll
+        for (int k = 0; k < FS_GATED_SEG; ++k) m = then_step(m, g[k], token<HAS_B>(bs[k], xs[k]));
+        maps[buf][warp][lane] = m;
+        __syncthreads();
+        acc_t h = carry;
+#pragma unroll
+        for (int j = 0; j < FS_GATED_WARPS; ++j) {
+            const acc_t next = apply(maps[buf][j][lane], carry);
+            if (j == warp) h = carry;
+            carry = next;
+        }
+        if (u0 < len && l.active) {
+            if (P.checkpoints) P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state] = h;
+#pragma unroll
+            for (int k = 0; k < FS_GATED_SEG; ++k) {
+                const i64 u = u0 + k;
+                if (u >= len) break;
+                h = g[k] * h + token<HAS_B>(bs[k], xs[k]);
+                P.y[gated_at<DESC>(l, P, u)] = from_acc(HAS_C ? cs[k] * h : h);
+                if (u == len - 1 && P.final_out) P.final_out[l.state] = from_acc(h);
+            }
+        }
+    }
+}
+
+template <bool DESC, bool HAS_B, bool HAS_C>
+__device__ __forceinline__ void gated_backward(const GatedParams& P) {
+    __shared__ AffineMap maps[2][FS_GATED_WARPS][FS_WARP];
+    const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
+    const GatedLane l = gated_lane(P);
+    const i64 len = P.len;
+    constexpr i64 WINDOW = FS_GATED_WARPS * FS_GATED_SEG;
+    // lam at the first position right of the current window (grad_final past the end).
+    acc_t carry = (l.active && P.grad_final) ? to_acc(P.grad_final[l.state]) : acc_t(0);
+    int buf = 0;
+    for (i64 w0 = (len - 1) / WINDOW * WINDOW; w0 >= 0; w0 -= WINDOW, buf ^= 1) {
+        const i64 u0 = w0 + (i64)warp * FS_GATED_SEG;
+        const bool live = l.active && u0 < len;
+        acc_t g[FS_GATED_SEG], xs[FS_GATED_SEG], bs[FS_GATED_SEG], tok[FS_GATED_SEG], gy[FS_GATED_SEG];
+        load_segment<DESC, HAS_B>(P, l, u0, g, xs, bs);
+#pragma unroll
+        for (int k = 0; k < FS_GATED_SEG; ++k) {
+            const i64 u = u0 + k;
+            const bool inside = l.active && u < len;
+            const i64 at = inside ? gated_at<DESC>(l, P, u) : 0;
+            gy[k] = inside ? to_acc(P.grad_y[at]) : acc_t(0);
+            tok[k] = (HAS_C && inside) ? to_acc(P.c[at]) * gy[k] : gy[k];
+        }
+        const i64 u_next = u0 + FS_GATED_SEG;
+        const acc_t a_next = (l.active && u_next < len) ? to_acc(P.a[gated_at<DESC>(l, P, u_next)]) : acc_t(1);
+        const acc_t h_in = live ? P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state] : acc_t(0);
+
+        // The segment's adjoint map: lam at u_next -> lam at u0.
+        AffineMap m = identity_map();
+#pragma unroll
+        for (int k = FS_GATED_SEG - 1; k >= 0; --k) m = then_step(m, k + 1 < FS_GATED_SEG ? g[k + 1] : a_next, tok[k]);
+        maps[buf][warp][lane] = m;
+        __syncthreads();
+        acc_t lam = carry;
+#pragma unroll
+        for (int j = FS_GATED_WARPS - 1; j >= 0; --j) {
+            const acc_t next = apply(maps[buf][j][lane], carry);
+            if (j == warp) lam = carry;
+            carry = next;
+        }
+        if (!live) continue;
+
+        acc_t h[FS_GATED_SEG];
+        acc_t s = h_in;
+#pragma unroll
+        for (int k = 0; k < FS_GATED_SEG; ++k) {
+            s = g[k] * s + token<HAS_B>(bs[k], xs[k]);
+            h[k] = s;
+        }
+#pragma unroll
+        for (int k = FS_GATED_SEG - 1; k >= 0; --k) {
+            const i64 u = u0 + k;
+            lam = (k + 1 < FS_GATED_SEG ? g[k + 1] : a_next) * lam + tok[k];
+            if (u >= len) continue;
+            const i64 at = gated_at<DESC>(l, P, u);
+            const acc_t h_before = k > 0 ? h[k - 1] : h_in;
+            P.grad_x[at] = from_acc(HAS_B ? lam * bs[k] : lam);
+            P.grad_a[at] = from_acc(lam * h_before);
+            if (HAS_B) P.grad_b[at] = from_acc(lam * xs[k]);
+            if (HAS_C) P.grad_c[at] = from_acc(gy[k] * h[k]);
+        }
+        if (u0 == 0 && P.grad_initial) P.grad_initial[l.state] = from_acc(g[0] * lam);
+    }
+}
+
+// Kernel names: gated_<fwd|bwd>_r<reverse>_b<has b>_c<has c>; see `kernel_name` in
+// src/cuda/gated_scan.rs.
+#define FS_GATED_KERNELS(REV, HB, HC)                                                              \
+    extern "C" __global__ void __launch_bounds__(FS_GATED_WARPS * FS_WARP)                         \
+        gated_fwd_r##REV##_b##HB##_c##HC(const GatedParams P) {                                    \
+        gated_forward<(REV) != 0, (HB) != 0, (HC) != 0>(P);                                                             \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FS_GATED_WARPS * FS_WARP)                         \
+        gated_bwd_r##REV##_b##HB##_c##HC(const GatedParams P) {                                    \
+        gated_backward<(REV) != 0, (HB) != 0, (HC) != 0>(P);                                                            \
+    }
+
+FS_GATED_KERNELS(0, 0, 0)
+FS_GATED_KERNELS(0, 0, 1)
+FS_GATED_KERNELS(0, 1, 0)
+FS_GATED_KERNELS(0, 1, 1)
+FS_GATED_KERNELS(1, 0, 0)
+FS_GATED_KERNELS(1, 0, 1)
+FS_GATED_KERNELS(1, 1, 0)
+FS_GATED_KERNELS(1, 1, 1)

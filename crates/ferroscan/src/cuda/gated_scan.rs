@@ -1,0 +1,297 @@
+//! Launcher of the fused gated scan (`kernels/gated_scan.cu`):
+//! `h[t] = a[t]·h[t-1] + b[t]·x[t]`, `y[t] = c[t]·h[t]`, `b` and `c` optional (1).
+//!
+//! The forward reads `x, a, b, c` and writes `y` (plus, when asked, the final state and the
+//! checkpoints the backward needs: the state entering every [`CHECKPOINT_SPACING`] steps, in the
+//! accumulator type). The backward reads `x, a, b, c, ∂y` and the checkpoints, recomputes `h`
+//! segment by segment, and writes `∂x, ∂a, ∂b, ∂c` (and `∂h0`): nothing of size `len` is stored
+//! between the passes besides the inputs.
+//!
+//! Raw device addresses on a borrowed stream, as [`super::scan::scan_forward_raw`]; tensors are
+//! C-contiguous `(outer, len, inner)`, states `(outer, inner)`, checkpoints
+//! [`checkpoint_shape`]. Any layout works; the kernels coalesce across `inner`, so they suit
+//! `inner >= 32` best (channels-last).
+
+use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::compile::GATED_SCAN_SOURCE;
+use super::device::{driver_error, Device};
+use super::launch::{check_required, grid_blocks, pass_state_through};
+use crate::error::Result;
+use crate::layout::{DType, ScanProblem, ScanShape};
+
+/// Steps between two checkpoints (`FS_GATED_SEG` in gated_scan.cu).
+pub const CHECKPOINT_SPACING: usize = 8;
+/// Warps per block (`FS_GATED_WARPS`); each block owns 32 states.
+const WARPS: usize = 8;
+const STATES_PER_BLOCK: usize = 32;
+
+/// `(segments, states)`: the checkpoint buffer's shape, in accumulator elements
+/// ([`DType::accumulator_bytes`] each).
+pub fn checkpoint_shape(shape: &ScanShape) -> (usize, usize) {
+    (shape.len.div_ceil(CHECKPOINT_SPACING), shape.state_numel())
+}
+
+/// Kernel parameters, passed by value; mirrors `struct GatedParams` in `kernels/gated_scan.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GatedParams {
+    x: u64,
+    a: u64,
+    b: u64,
+    c: u64,
+    initial: u64,
+    grad_y: u64,
+    grad_final: u64,
+    y: u64,
+    final_out: u64,
+    checkpoints: u64,
+    grad_x: u64,
+    grad_a: u64,
+    grad_b: u64,
+    grad_c: u64,
+    grad_initial: u64,
+    outer: i64,
+    len: i64,
+    inner: i64,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's `GatedParams` (u64 addresses, i64 sizes).
+unsafe impl DeviceRepr for GatedParams {}
+
+/// The buffers of a forward call (device addresses; `None` = absent).
+#[derive(Clone, Copy, Debug)]
+pub struct GatedForwardBuffers {
+    /// Inputs `x`, `a` (required), `b`, `c` (absent: 1), `h0` (absent: zeros).
+    pub x: u64,
+    /// Gates `a`.
+    pub a: u64,
+    /// Input gates `b`.
+    pub b: Option<u64>,
+    /// Output gates `c`.
+    pub c: Option<u64>,
+    /// Initial state `h0`, `(outer, inner)`.
+    pub initial: Option<u64>,
+    /// Output `y`.
+    pub y: u64,
+    /// The state after the last step, `(outer, inner)`.
+    pub final_state: Option<u64>,
+    /// Checkpoints for the backward ([`checkpoint_shape`], accumulator type).
+    pub checkpoints: Option<u64>,
+}
+
+/// The buffers of a backward call (device addresses; `None` = absent).
+#[derive(Clone, Copy, Debug)]
+pub struct GatedBackwardBuffers {
+    /// `x` as given to the forward.
+    pub x: u64,
+    /// `a` as given to the forward.
+    pub a: u64,
+    /// `b` as given to the forward (absent: 1; then `grad_b` must be absent too).
+    pub b: Option<u64>,
+    /// `c` as given to the forward (absent: 1; then `grad_c` must be absent too).
+    pub c: Option<u64>,
+    /// The checkpoints the forward wrote.
+    pub checkpoints: u64,
+    /// Gradient of the loss with respect to `y`.
+    pub grad_y: u64,
+    /// Gradient with respect to the final state (absent: zeros).
+    pub grad_final: Option<u64>,
+    /// Outputs `∂x`, `∂a`.
+    pub grad_x: u64,
+    /// `∂a`.
+    pub grad_a: u64,
+    /// `∂b` (exactly when `b` is present).
+    pub grad_b: Option<u64>,
+    /// `∂c` (exactly when `c` is present).
+    pub grad_c: Option<u64>,
+    /// `∂h0` (absent: not computed).
+    pub grad_initial: Option<u64>,
+}
+
+/// The kernel name of a pass; must match `FS_GATED_KERNELS` in `kernels/gated_scan.cu`.
+pub fn kernel_name(backward: bool, reverse: bool, has_b: bool, has_c: bool) -> String {
+    format!(
+        "gated_{}_r{}_b{}_c{}",
+        if backward { "bwd" } else { "fwd" },
+        u8::from(reverse),
+        u8::from(has_b),
+        u8::from(has_c)
+    )
+}
+
+/// Every kernel name of `gated_scan.cu` (for compile checks).
+pub fn all_kernel_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for backward in [false, true] {
+        for reverse in [false, true] {
+            for has_b in [false, true] {
+                for has_c in [false, true] {
+                    names.push(kernel_name(backward, reverse, has_b, has_c));
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Launches one pass over the whole problem.
+///
+/// # Safety
+/// Every non-zero address in `params` must be valid for the shape it describes.
+unsafe fn launch(
+    device: &Device,
+    stream: &CudaStream,
+    dtype: DType,
+    name: &str,
+    shape: &ScanShape,
+    mut params: GatedParams,
+) -> Result<()> {
+    params.outer = shape.outer as i64;
+    params.len = shape.len as i64;
+    params.inner = shape.inner as i64;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            grid_blocks(shape.state_numel().div_ceil(STATES_PER_BLOCK))?,
+            1,
+            1,
+        ),
+        block_dim: ((WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let function = device.function(GATED_SCAN_SOURCE, dtype, name)?;
+    let mut builder = stream.launch_builder(&function);
+    builder.arg(&params);
+    // SAFETY: the kernel touches only the buffers in `params`, valid as the caller guarantees.
+    unsafe { builder.launch(cfg) }.map_err(driver_error("launching a gated scan kernel"))?;
+    Ok(())
+}
+
+/// Fused gated-scan forward on raw device addresses, queued on `stream`.
+///
+/// # Safety
+/// Every present address must point to device memory of `device` holding a C-contiguous buffer
+/// of the shape the problem gives it (tensors `(outer, len, inner)` of `dtype`, states
+/// `(outer, inner)` of `dtype`, checkpoints [`checkpoint_shape`] of the accumulator type), alive
+/// until the stream has run the kernel; outputs must not overlap inputs; `stream` must belong to
+/// `device`'s primary context.
+pub unsafe fn gated_scan_forward_raw(
+    device: &Device,
+    stream: &CudaStream,
+    dtype: DType,
+    problem: &ScanProblem,
+    buffers: GatedForwardBuffers,
+) -> Result<()> {
+    let shape = problem.shape;
+    if shape.len == 0 {
+        let bytes = shape.state_numel() * dtype.size_bytes();
+        let (dst, src) = (
+            buffers.final_state.unwrap_or(0),
+            buffers.initial.unwrap_or(0),
+        );
+        // SAFETY: forwarded from the caller.
+        return unsafe { pass_state_through(stream, dst, src, bytes) };
+    }
+    if shape.numel() == 0 {
+        return Ok(());
+    }
+    for (arg, address) in [("x", buffers.x), ("a", buffers.a), ("y", buffers.y)] {
+        check_required(arg, address)?;
+    }
+    let params = GatedParams {
+        x: buffers.x,
+        a: buffers.a,
+        b: buffers.b.unwrap_or(0),
+        c: buffers.c.unwrap_or(0),
+        initial: buffers.initial.unwrap_or(0),
+        y: buffers.y,
+        final_out: buffers.final_state.unwrap_or(0),
+        checkpoints: buffers.checkpoints.unwrap_or(0),
+        ..GatedParams::default()
+    };
+    let name = kernel_name(
+        false,
+        problem.reverse,
+        buffers.b.is_some(),
+        buffers.c.is_some(),
+    );
+    // SAFETY: forwarded from the caller.
+    unsafe { launch(device, stream, dtype, &name, &shape, params) }
+}
+
+/// Fused, recomputing gated-scan backward on raw device addresses; see
+/// [`gated_scan_forward_raw`] for the contract.
+///
+/// # Safety
+/// As for [`gated_scan_forward_raw`]; `checkpoints` must be what the forward of the same inputs
+/// wrote.
+pub unsafe fn gated_scan_backward_raw(
+    device: &Device,
+    stream: &CudaStream,
+    dtype: DType,
+    problem: &ScanProblem,
+    buffers: GatedBackwardBuffers,
+) -> Result<()> {
+    let shape = problem.shape;
+    if shape.len == 0 {
+        // h_final = h0, so the gradient passes straight through.
+        let bytes = shape.state_numel() * dtype.size_bytes();
+        let (dst, src) = (
+            buffers.grad_initial.unwrap_or(0),
+            buffers.grad_final.unwrap_or(0),
+        );
+        // SAFETY: forwarded from the caller.
+        return unsafe { pass_state_through(stream, dst, src, bytes) };
+    }
+    if shape.numel() == 0 {
+        return Ok(());
+    }
+    for (arg, address) in [
+        ("x", buffers.x),
+        ("a", buffers.a),
+        ("checkpoints", buffers.checkpoints),
+        ("grad_y", buffers.grad_y),
+        ("grad_x", buffers.grad_x),
+        ("grad_a", buffers.grad_a),
+    ] {
+        check_required(arg, address)?;
+    }
+    for (present, arg, grad) in [
+        (buffers.b.is_some(), "grad_b", buffers.grad_b),
+        (buffers.c.is_some(), "grad_c", buffers.grad_c),
+    ] {
+        if present != grad.is_some() {
+            return Err(crate::Error::invalid(
+                arg,
+                if present {
+                    "a device address (its gate was given)"
+                } else {
+                    "absent (its gate was not given)"
+                },
+            ));
+        }
+    }
+    let params = GatedParams {
+        x: buffers.x,
+        a: buffers.a,
+        b: buffers.b.unwrap_or(0),
+        c: buffers.c.unwrap_or(0),
+        grad_y: buffers.grad_y,
+        grad_final: buffers.grad_final.unwrap_or(0),
+        checkpoints: buffers.checkpoints,
+        grad_x: buffers.grad_x,
+        grad_a: buffers.grad_a,
+        grad_b: buffers.grad_b.unwrap_or(0),
+        grad_c: buffers.grad_c.unwrap_or(0),
+        grad_initial: buffers.grad_initial.unwrap_or(0),
+        ..GatedParams::default()
+    };
+    let name = kernel_name(
+        true,
+        problem.reverse,
+        buffers.b.is_some(),
+        buffers.c.is_some(),
+    );
+    // SAFETY: forwarded from the caller.
+    unsafe { launch(device, stream, dtype, &name, &shape, params) }
+}
