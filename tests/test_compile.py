@@ -205,16 +205,13 @@ def test_export_dynamic_length(device: str) -> None:
 # The fused gated scan (CUDA only: elsewhere gated_scan composes ferroscan::scan_fwd)
 # ---------------------------------------------------------------------------------------------
 
-needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
 def gated_model(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, h0: torch.Tensor) -> tuple:
     y, hf = ferroscan.gated_scan(x * 2, torch.sigmoid(a), b, c, dim=1, initial=h0, return_final=True)
     return y.tanh().sum(dim=-1), hf * 3
 
 
-@pytest.mark.parametrize("_", [None], ids=["cuda"], marks=needs_cuda)
-def test_compile_gated_fullgraph_matches_eager(_: None) -> None:
+@pytest.mark.cuda
+def test_compile_gated_fullgraph_matches_eager() -> None:
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(7)
     x, a, b, c = (torch.randn(2, 70, 40, generator=gen).cuda() for _ in range(4))
@@ -230,8 +227,8 @@ def test_compile_gated_fullgraph_matches_eager(_: None) -> None:
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5, msg=f"d/d{name}")
 
 
-@pytest.mark.parametrize("_", [None], ids=["cuda"], marks=needs_cuda)
-def test_opcheck_gated_ops(_: None) -> None:
+@pytest.mark.cuda
+def test_opcheck_gated_ops() -> None:
     gen = torch.Generator().manual_seed(8)
     for dtype in (F32, F64):
         for with_b, with_c, with_initial, reverse in [(True, True, True, False), (False, True, False, True),

@@ -529,7 +529,6 @@ FUSED_LENGTHS = [1, 8, 9, 63, 64, 65, 130, 700]
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("length", FUSED_LENGTHS)
 def test_fused_window_and_group_edges(length: int) -> None:
     """Lengths around the 8-step segments and 64-step windows; 40 and 66 states (a partial group
@@ -542,7 +541,6 @@ def test_fused_window_and_group_edges(length: int) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_fused_gradcheck(reverse: bool) -> None:
     """Finite differences through the fused kernels: 70 steps (two windows), 34 states."""
@@ -556,7 +554,6 @@ def test_fused_gradcheck(reverse: bool) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_backward_is_deterministic() -> None:
     inputs = make_inputs((2, 300, 64), 1, F32, "cuda", seed=43, initial=True)
     ls = leaves(inputs)
@@ -570,7 +567,6 @@ def test_fused_backward_is_deterministic() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 def test_fused_peak_memory(dtype: torch.dtype) -> None:
     """Forward + backward allocate no more than y, the four gradients and the checkpoints (the

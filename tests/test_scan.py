@@ -386,6 +386,28 @@ def test_long_cuda(shape: tuple[int, ...], dim: int, reverse: bool) -> None:
     )  # fmt: skip
 
 
+def _block_kernel_states() -> int:
+    """States (time axis not innermost) enough for the CUDA scan to run on the block kernels of
+    ``gated_scan.cu`` (one block of 32 states per multiprocessor at least), plus a partial group."""
+    return torch.cuda.get_device_properties(0).multi_processor_count * 32 + 40
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("length", [1, 9, 64, 65, 150])
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+def test_cuda_block_kernels(length: int, dtype: torch.dtype) -> None:
+    """Channels-last problems with many states: the windowed block kernels, forward and backward,
+    lengths around their 8-step segments and 64-step windows."""
+    reverse, with_initial, return_final = MODES[length % len(MODES)]
+    shape = (1, length, _block_kernel_states())
+    gates, tokens, initial = make_inputs(shape, 1, dtype, "cuda", seed=26 + length, initial=with_initial)
+    checker = check_scan if dtype in (F32, F64) else check_half
+    checker(
+        gates, tokens, initial, dim=1, reverse=reverse, return_final=return_final, seed=27,
+        what=f"{dtype} {shape} {mode_id((reverse, with_initial, return_final))}",
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(("shape", "dim", "block"), [((3, 1000), -1, 32), ((2, 77, 3), 1, 8), ((5,), 0, 4)])
 def test_blocked_reference_matches_loop(shape: tuple[int, ...], dim: int, block: int, reverse: bool) -> None:

@@ -35,6 +35,7 @@ struct GatedParams {
     const storage_t* initial;     // h0 (null: zeros)
     const storage_t* grad_y;      // backward
     const storage_t* grad_final;  // backward (null: zeros)
+    const storage_t* hidden;      // backward with a stored h (the plain scan): h instead of checkpoints
     storage_t* y;                 // forward
     storage_t* final_out;         // forward: h after the last step (null: skipped)
     acc_t* checkpoints;           // forward writes (null: skipped), backward reads
@@ -69,53 +70,92 @@ __device__ __forceinline__ i64 gated_at(const GatedLane& l, const GatedParams& P
     return l.base + (DESC ? P.len - 1 - u : u) * P.inner;
 }
 
-// A segment's inputs: gate, token b*x, and the raw b and x the backward needs.
-template <bool DESC, bool HAS_B>
-__device__ __forceinline__ void load_segment(const GatedParams& P, const GatedLane& l, i64 u0, acc_t (&g)[FS_GATED_SEG],
-                                             acc_t (&xs)[FS_GATED_SEG], acc_t (&bs)[FS_GATED_SEG]) {
-#pragma unroll
-    for (int k = 0; k < FS_GATED_SEG; ++k) {
-        const i64 u = u0 + k;
-        const bool inside = l.active && u < P.len;
-        const i64 at = inside ? gated_at<DESC>(l, P, u) : 0;
-        g[k] = inside ? to_acc(P.a[at]) : acc_t(1);
-        xs[k] = inside ? to_acc(P.x[at]) : acc_t(0);
-        bs[k] = (HAS_B && inside) ? to_acc(P.b[at]) : acc_t(1);
-    }
-}
-
 template <bool HAS_B>
 __device__ __forceinline__ acc_t token(acc_t b, acc_t x) { return HAS_B ? b * x : x; }
+
+// What a forward segment reads: gates, tokens b*x and output gates (1 and 0 past the end).
+template <bool DESC, bool HAS_B, bool HAS_C>
+struct ForwardSegment {
+    acc_t g[FS_GATED_SEG], tok[FS_GATED_SEG], c[FS_GATED_SEG];
+
+    __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
+#pragma unroll
+        for (int k = 0; k < FS_GATED_SEG; ++k) {
+            const i64 u = u0 + k;
+            const bool inside = l.active && u < P.len;
+            const i64 at = inside ? gated_at<DESC>(l, P, u) : 0;
+            g[k] = inside ? to_acc(P.a[at]) : acc_t(1);
+            const acc_t x = inside ? to_acc(P.x[at]) : acc_t(0);
+            tok[k] = token<HAS_B>((HAS_B && inside) ? to_acc(P.b[at]) : acc_t(1), x);
+            c[k] = (HAS_C && inside) ? to_acc(P.c[at]) : acc_t(1);
+        }
+    }
+};
+
+// What a backward segment reads: the forward's inputs, the adjoint's tokens c*gy, the gate one
+// step past the segment, and the checkpoint (the state entering the segment). STORED_H (the
+// plain scan, whose forward output is h): h itself instead of x and the checkpoint.
+template <bool DESC, bool HAS_B, bool HAS_C, bool STORED_H>
+struct BackwardSegment {
+    acc_t g[FS_GATED_SEG], x[FS_GATED_SEG], b[FS_GATED_SEG], gy[FS_GATED_SEG], tok[FS_GATED_SEG];
+    acc_t a_next, h_in;
+    static_assert(!STORED_H || (!HAS_B && !HAS_C), "a stored h comes from the plain scan");
+
+    __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
+#pragma unroll
+        for (int k = 0; k < FS_GATED_SEG; ++k) {
+            const i64 u = u0 + k;
+            const bool inside = l.active && u < P.len;
+            const i64 at = inside ? gated_at<DESC>(l, P, u) : 0;
+            g[k] = inside ? to_acc(P.a[at]) : acc_t(1);
+            x[k] = inside ? to_acc(STORED_H ? P.hidden[at] : P.x[at]) : acc_t(0);  // STORED_H: h
+            b[k] = (HAS_B && inside) ? to_acc(P.b[at]) : acc_t(1);
+            gy[k] = inside ? to_acc(P.grad_y[at]) : acc_t(0);
+            tok[k] = (HAS_C && inside) ? to_acc(P.c[at]) * gy[k] : gy[k];
+        }
+        const i64 u_next = u0 + FS_GATED_SEG;
+        a_next = (l.active && u_next < P.len) ? to_acc(P.a[gated_at<DESC>(l, P, u_next)]) : acc_t(1);
+        if (!(l.active && u0 < P.len)) {
+            h_in = acc_t(0);
+        } else if (!STORED_H) {
+            h_in = P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state];
+        } else if (u0 > 0) {
+            h_in = to_acc(P.hidden[gated_at<DESC>(l, P, u0 - 1)]);
+        } else {
+            h_in = P.initial ? to_acc(P.initial[l.state]) : acc_t(0);
+        }
+    }
+};
+
+// Both passes load the next window's segment before working on the current one (software
+// pipelining), so loads stay in flight across the block's synchronization and the stores.
 
 template <bool DESC, bool HAS_B, bool HAS_C>
 __device__ __forceinline__ void gated_forward(const GatedParams& P) {
     __shared__ AffineMap maps[2][FS_GATED_WARPS][FS_WARP];
+    constexpr i64 WINDOW = FS_GATED_WARPS * FS_GATED_SEG;
     const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
     const GatedLane l = gated_lane(P);
     const i64 len = P.len;
     acc_t carry = (l.active && P.initial) ? to_acc(P.initial[l.state]) : acc_t(0);
+    ForwardSegment<DESC, HAS_B, HAS_C> cur, next;
+    cur.load(P, l, (i64)warp * FS_GATED_SEG);
     int buf = 0;
-    for (i64 w0 = 0; w0 < len; w0 += FS_GATED_WARPS * FS_GATED_SEG, buf ^= 1) {
+    for (i64 w0 = 0; w0 < len; w0 += WINDOW, buf ^= 1) {
         const i64 u0 = w0 + (i64)warp * FS_GATED_SEG;
-        acc_t g[FS_GATED_SEG], xs[FS_GATED_SEG], bs[FS_GATED_SEG], cs[FS_GATED_SEG];
-        load_segment<DESC, HAS_B>(P, l, u0, g, xs, bs);
-#pragma unroll
-        for (int k = 0; k < FS_GATED_SEG; ++k) {
-            const i64 u = u0 + k;
-            const bool inside = HAS_C && l.active && u < len;
-            cs[k] = inside ? to_acc(P.c[gated_at<DESC>(l, P, u)]) : acc_t(1);
-        }
+        const bool more = w0 + WINDOW < len;
+        if (more) next.load(P, l, u0 + WINDOW);
         AffineMap m = identity_map();
 #pragma unroll
-        for (int k = 0; k < FS_GATED_SEG; ++k) m = then_step(m, g[k], token<HAS_B>(bs[k], xs[k]));
+        for (int k = 0; k < FS_GATED_SEG; ++k) m = then_step(m, cur.g[k], cur.tok[k]);
         maps[buf][warp][lane] = m;
         __syncthreads();
         acc_t h = carry;
 #pragma unroll
         for (int j = 0; j < FS_GATED_WARPS; ++j) {
-            const acc_t next = apply(maps[buf][j][lane], carry);
+            const acc_t after = apply(maps[buf][j][lane], carry);
             if (j == warp) h = carry;
-            carry = next;
+            carry = after;
         }
         if (u0 < len && l.active) {
             if (P.checkpoints) P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state] = h;
@@ -123,81 +163,75 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
             for (int k = 0; k < FS_GATED_SEG; ++k) {
                 const i64 u = u0 + k;
                 if (u >= len) break;
-                h = g[k] * h + token<HAS_B>(bs[k], xs[k]);
-                P.y[gated_at<DESC>(l, P, u)] = from_acc(HAS_C ? cs[k] * h : h);
+                h = cur.g[k] * h + cur.tok[k];
+                P.y[gated_at<DESC>(l, P, u)] = from_acc(HAS_C ? cur.c[k] * h : h);
                 if (u == len - 1 && P.final_out) P.final_out[l.state] = from_acc(h);
             }
         }
+        if (more) cur = next;
     }
 }
 
-template <bool DESC, bool HAS_B, bool HAS_C>
+template <bool DESC, bool HAS_B, bool HAS_C, bool STORED_H>
 __device__ __forceinline__ void gated_backward(const GatedParams& P) {
     __shared__ AffineMap maps[2][FS_GATED_WARPS][FS_WARP];
+    constexpr i64 WINDOW = FS_GATED_WARPS * FS_GATED_SEG;
     const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
     const GatedLane l = gated_lane(P);
     const i64 len = P.len;
-    constexpr i64 WINDOW = FS_GATED_WARPS * FS_GATED_SEG;
     // lam at the first position right of the current window (grad_final past the end).
     acc_t carry = (l.active && P.grad_final) ? to_acc(P.grad_final[l.state]) : acc_t(0);
+    const i64 last_window = (len - 1) / WINDOW * WINDOW;
+    BackwardSegment<DESC, HAS_B, HAS_C, STORED_H> cur, next;
+    cur.load(P, l, last_window + (i64)warp * FS_GATED_SEG);
     int buf = 0;
-    for (i64 w0 = (len - 1) / WINDOW * WINDOW; w0 >= 0; w0 -= WINDOW, buf ^= 1) {
+    for (i64 w0 = last_window; w0 >= 0; w0 -= WINDOW, buf ^= 1) {
         const i64 u0 = w0 + (i64)warp * FS_GATED_SEG;
-        const bool live = l.active && u0 < len;
-        acc_t g[FS_GATED_SEG], xs[FS_GATED_SEG], bs[FS_GATED_SEG], tok[FS_GATED_SEG], gy[FS_GATED_SEG];
-        load_segment<DESC, HAS_B>(P, l, u0, g, xs, bs);
-#pragma unroll
-        for (int k = 0; k < FS_GATED_SEG; ++k) {
-            const i64 u = u0 + k;
-            const bool inside = l.active && u < len;
-            const i64 at = inside ? gated_at<DESC>(l, P, u) : 0;
-            gy[k] = inside ? to_acc(P.grad_y[at]) : acc_t(0);
-            tok[k] = (HAS_C && inside) ? to_acc(P.c[at]) * gy[k] : gy[k];
-        }
-        const i64 u_next = u0 + FS_GATED_SEG;
-        const acc_t a_next = (l.active && u_next < len) ? to_acc(P.a[gated_at<DESC>(l, P, u_next)]) : acc_t(1);
-        const acc_t h_in = live ? P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state] : acc_t(0);
+        const bool more = w0 > 0;
+        if (more) next.load(P, l, u0 - WINDOW);
 
-        // The segment's adjoint map: lam at u_next -> lam at u0.
+        // The segment's adjoint map: lam at u0 + FS_GATED_SEG -> lam at u0.
         AffineMap m = identity_map();
 #pragma unroll
-        for (int k = FS_GATED_SEG - 1; k >= 0; --k) m = then_step(m, k + 1 < FS_GATED_SEG ? g[k + 1] : a_next, tok[k]);
+        for (int k = FS_GATED_SEG - 1; k >= 0; --k)
+            m = then_step(m, k + 1 < FS_GATED_SEG ? cur.g[k + 1] : cur.a_next, cur.tok[k]);
         maps[buf][warp][lane] = m;
         __syncthreads();
         acc_t lam = carry;
 #pragma unroll
         for (int j = FS_GATED_WARPS - 1; j >= 0; --j) {
-            const acc_t next = apply(maps[buf][j][lane], carry);
+            const acc_t before = apply(maps[buf][j][lane], carry);
             if (j == warp) lam = carry;
-            carry = next;
+            carry = before;
         }
-        if (!live) continue;
-
-        acc_t h[FS_GATED_SEG];
-        acc_t s = h_in;
+        if (l.active && u0 < len) {
+            acc_t h[FS_GATED_SEG];
+            acc_t s = cur.h_in;
 #pragma unroll
-        for (int k = 0; k < FS_GATED_SEG; ++k) {
-            s = g[k] * s + token<HAS_B>(bs[k], xs[k]);
-            h[k] = s;
-        }
+            for (int k = 0; k < FS_GATED_SEG; ++k) {
+                s = STORED_H ? cur.x[k] : cur.g[k] * s + token<HAS_B>(cur.b[k], cur.x[k]);
+                h[k] = s;
+            }
 #pragma unroll
-        for (int k = FS_GATED_SEG - 1; k >= 0; --k) {
-            const i64 u = u0 + k;
-            lam = (k + 1 < FS_GATED_SEG ? g[k + 1] : a_next) * lam + tok[k];
-            if (u >= len) continue;
-            const i64 at = gated_at<DESC>(l, P, u);
-            const acc_t h_before = k > 0 ? h[k - 1] : h_in;
-            P.grad_x[at] = from_acc(HAS_B ? lam * bs[k] : lam);
-            P.grad_a[at] = from_acc(lam * h_before);
-            if (HAS_B) P.grad_b[at] = from_acc(lam * xs[k]);
-            if (HAS_C) P.grad_c[at] = from_acc(gy[k] * h[k]);
+            for (int k = FS_GATED_SEG - 1; k >= 0; --k) {
+                const i64 u = u0 + k;
+                lam = (k + 1 < FS_GATED_SEG ? cur.g[k + 1] : cur.a_next) * lam + cur.tok[k];
+                if (u >= len) continue;
+                const i64 at = gated_at<DESC>(l, P, u);
+                const acc_t h_before = k > 0 ? h[k - 1] : cur.h_in;
+                P.grad_x[at] = from_acc(HAS_B ? lam * cur.b[k] : lam);
+                P.grad_a[at] = from_acc(lam * h_before);
+                if (HAS_B) P.grad_b[at] = from_acc(lam * cur.x[k]);
+                if (HAS_C) P.grad_c[at] = from_acc(cur.gy[k] * h[k]);
+            }
+            if (u0 == 0 && P.grad_initial) P.grad_initial[l.state] = from_acc(cur.g[0] * lam);
         }
-        if (u0 == 0 && P.grad_initial) P.grad_initial[l.state] = from_acc(g[0] * lam);
+        if (more) cur = next;
     }
 }
 
-// Kernel names: gated_<fwd|bwd>_r<reverse>_b<has b>_c<has c>; see `kernel_name` in
-// src/cuda/gated_scan.rs.
+// Kernel names: gated_<fwd|bwd>_r<reverse>_b<has b>_c<has c>, and scan_blocks_bwd_r<reverse>
+// (the plain scan's backward from its stored h); see `kernel_name` in src/cuda/gated_scan.rs.
 #define FS_GATED_KERNELS(REV, HB, HC)                                                              \
     extern "C" __global__ void __launch_bounds__(FS_GATED_WARPS * FS_WARP)                         \
         gated_fwd_r##REV##_b##HB##_c##HC(const GatedParams P) {                                    \
@@ -205,7 +239,7 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(FS_GATED_WARPS * FS_WARP)                         \
         gated_bwd_r##REV##_b##HB##_c##HC(const GatedParams P) {                                    \
-        gated_backward<(REV) != 0, (HB) != 0, (HC) != 0>(P);                                                            \
+        gated_backward<(REV) != 0, (HB) != 0, (HC) != 0, false>(P);                                                            \
     }
 
 FS_GATED_KERNELS(0, 0, 0)
@@ -216,3 +250,11 @@ FS_GATED_KERNELS(1, 0, 0)
 FS_GATED_KERNELS(1, 0, 1)
 FS_GATED_KERNELS(1, 1, 0)
 FS_GATED_KERNELS(1, 1, 1)
+
+#define FS_SCAN_BLOCKS_BWD(REV)                                                                    \
+    extern "C" __global__ void __launch_bounds__(FS_GATED_WARPS * FS_WARP)                         \
+        scan_blocks_bwd_r##REV(const GatedParams P) {                                              \
+        gated_backward<(REV) != 0, false, false, true>(P);                                         \
+    }
+FS_SCAN_BLOCKS_BWD(0)
+FS_SCAN_BLOCKS_BWD(1)

@@ -7,14 +7,18 @@ import sys
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\noperations: scan")
+        print(__doc__.strip() + "\n\noperations: scan, gated")
         return 0 if argv else 2
     op, rest = argv[0], argv[1:]
     if op == "scan":
         from .scan import main as scan_main
 
         return scan_main(rest)
-    print(f"unknown benchmark {op!r}; operations: scan", file=sys.stderr)
+    if op == "gated":
+        from .gated import main as gated_main
+
+        return gated_main(rest)
+    print(f"unknown benchmark {op!r}; operations: scan, gated", file=sys.stderr)
     return 2
 
 

@@ -32,28 +32,30 @@ pub fn checkpoint_shape(shape: &ScanShape) -> (usize, usize) {
     (shape.len.div_ceil(CHECKPOINT_SPACING), shape.state_numel())
 }
 
-/// Kernel parameters, passed by value; mirrors `struct GatedParams` in `kernels/gated_scan.cu`.
+/// Kernel parameters, passed by value; mirrors `struct GatedParams` in `kernels/gated_scan.cu`
+/// (addresses, 0 = absent; the sizes are filled in by [`launch`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-struct GatedParams {
-    x: u64,
-    a: u64,
-    b: u64,
-    c: u64,
-    initial: u64,
-    grad_y: u64,
-    grad_final: u64,
-    y: u64,
-    final_out: u64,
-    checkpoints: u64,
-    grad_x: u64,
-    grad_a: u64,
-    grad_b: u64,
-    grad_c: u64,
-    grad_initial: u64,
-    outer: i64,
-    len: i64,
-    inner: i64,
+pub(super) struct GatedParams {
+    pub(super) x: u64,
+    pub(super) a: u64,
+    pub(super) b: u64,
+    pub(super) c: u64,
+    pub(super) initial: u64,
+    pub(super) grad_y: u64,
+    pub(super) grad_final: u64,
+    pub(super) hidden: u64,
+    pub(super) y: u64,
+    pub(super) final_out: u64,
+    pub(super) checkpoints: u64,
+    pub(super) grad_x: u64,
+    pub(super) grad_a: u64,
+    pub(super) grad_b: u64,
+    pub(super) grad_c: u64,
+    pub(super) grad_initial: u64,
+    pub(super) outer: i64,
+    pub(super) len: i64,
+    pub(super) inner: i64,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's `GatedParams` (u64 addresses, i64 sizes).
@@ -120,9 +122,25 @@ pub fn kernel_name(backward: bool, reverse: bool, has_b: bool, has_c: bool) -> S
     )
 }
 
+/// The plain scan's backward from its stored `h` on these kernels (see [`uses_blocks`]).
+pub(super) fn scan_backward_kernel_name(reverse: bool) -> String {
+    format!("scan_blocks_bwd_r{}", u8::from(reverse))
+}
+
+/// Whether the plain scan of `shape` runs on these kernels (forward: the gated forward without
+/// `b` and `c`; backward: [`scan_backward_kernel_name`]) rather than on `scan.cu`'s: when the
+/// time axis is not innermost and there are enough states for a block per multiprocessor.
+/// (With fewer states, `scan.cu` splits the time axis across blocks instead.)
+pub(super) fn uses_blocks(sm_count: usize, shape: &ScanShape) -> bool {
+    shape.inner > 1 && shape.state_numel().div_ceil(STATES_PER_BLOCK) >= sm_count
+}
+
 /// Every kernel name of `gated_scan.cu` (for compile checks).
 pub fn all_kernel_names() -> Vec<String> {
-    let mut names = Vec::new();
+    let mut names = vec![
+        scan_backward_kernel_name(false),
+        scan_backward_kernel_name(true),
+    ];
     for backward in [false, true] {
         for reverse in [false, true] {
             for has_b in [false, true] {
@@ -135,11 +153,11 @@ pub fn all_kernel_names() -> Vec<String> {
     names
 }
 
-/// Launches one pass over the whole problem.
+/// Launches the kernel `name` of `gated_scan.cu` over the whole problem.
 ///
 /// # Safety
 /// Every non-zero address in `params` must be valid for the shape it describes.
-unsafe fn launch(
+pub(super) unsafe fn launch(
     device: &Device,
     stream: &CudaStream,
     dtype: DType,

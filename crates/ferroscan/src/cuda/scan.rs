@@ -31,6 +31,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
 
 use super::compile::SCAN_SOURCE;
 use super::device::{driver_error, Device};
+use super::gated_scan::{self, GatedParams};
 use super::launch::{check_required, grid_blocks, pass_state_through};
 use crate::args::{ScanGradInputs, ScanGradOutputs, ScanInputs, ScanOutputs};
 use crate::cpu::Element;
@@ -138,6 +139,9 @@ impl ScanPlan {
 /// Scratch bytes a scan (forward or backward) of `problem` needs on `device`; pass a buffer at
 /// least this large (and 8-byte aligned) to the raw entry points.
 pub fn scan_scratch_bytes(device: &Device, dtype: DType, problem: &ScanProblem) -> usize {
+    if gated_scan::uses_blocks(device.sm_count(), &problem.shape) {
+        return 0;
+    }
     ScanPlan::new(device.sm_count(), dtype, &problem.shape).scratch_bytes(dtype, &problem.shape)
 }
 
@@ -255,6 +259,50 @@ unsafe fn launch(
     Ok(())
 }
 
+/// A pass on the block kernels of `gated_scan.cu` (see [`gated_scan::uses_blocks`]): the roles of
+/// `params` (as in `kernels/scan.cu`) given to the gated kernels' parameters.
+///
+/// # Safety
+/// As for [`scan_forward_raw`].
+unsafe fn run_on_blocks(
+    device: &Device,
+    stream: &CudaStream,
+    dtype: DType,
+    (backward, problem): (bool, &ScanProblem),
+    params: &ScanParams,
+) -> Result<()> {
+    let (name, gated) = if backward {
+        (
+            gated_scan::scan_backward_kernel_name(problem.reverse),
+            GatedParams {
+                a: params.gates,
+                grad_y: params.tokens,
+                grad_final: params.initial,
+                hidden: params.aux,
+                initial: params.aux_state,
+                grad_a: params.out0,
+                grad_x: params.out1,
+                grad_initial: params.final_out,
+                ..GatedParams::default()
+            },
+        )
+    } else {
+        (
+            gated_scan::kernel_name(false, problem.reverse, false, false),
+            GatedParams {
+                a: params.gates,
+                x: params.tokens,
+                initial: params.initial,
+                y: params.out0,
+                final_out: params.final_out,
+                ..GatedParams::default()
+            },
+        )
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { gated_scan::launch(device, stream, dtype, &name, &problem.shape, gated) }
+}
+
 /// What both passes share: the empty cases, the required addresses, the plan, the scratch
 /// check and the launch. `params` holds the pass's addresses (roles as in `kernels/scan.cu`);
 /// `required` names the tensors that must be present (also the ones vector loads touch).
@@ -282,6 +330,10 @@ unsafe fn run_pass(
     }
     for &(arg, address) in required {
         check_required(arg, address)?;
+    }
+    if gated_scan::uses_blocks(device.sm_count(), &shape) {
+        // SAFETY: forwarded from the caller.
+        return unsafe { run_on_blocks(device, stream, dtype, (backward, problem), &params) };
     }
     let plan = ScanPlan::new(device.sm_count(), dtype, &shape);
     check_scratch(&plan, dtype, &shape, scratch, scratch_bytes)?;
