@@ -73,58 +73,76 @@ __device__ __forceinline__ i64 gated_at(const GatedLane& l, const GatedParams& P
 template <bool HAS_B>
 __device__ __forceinline__ acc_t token(acc_t b, acc_t x) { return HAS_B ? b * x : x; }
 
-// What a forward segment reads: gates, tokens b*x and output gates (1 and 0 past the end).
+// Segments keep what they load in the storage type and convert at use: a conversion placed right
+// after a prefetching load would wait for it and defeat the prefetch.
+
+// What a forward segment reads: gates, inputs and gates b, c (1, 0, 1, 1 past the end).
 template <bool DESC, bool HAS_B, bool HAS_C>
 struct ForwardSegment {
-    acc_t g[FS_GATED_SEG], tok[FS_GATED_SEG], c[FS_GATED_SEG];
+    storage_t ra[FS_GATED_SEG], rx[FS_GATED_SEG], rb[FS_GATED_SEG], rc[FS_GATED_SEG];
 
     __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
+        const storage_t one = from_acc(acc_t(1)), zero = from_acc(acc_t(0));
 #pragma unroll
         for (int k = 0; k < FS_GATED_SEG; ++k) {
             const i64 u = u0 + k;
             const bool inside = l.active && u < P.len;
             const i64 at = inside ? gated_at<DESC>(l, P, u) : 0;
-            g[k] = inside ? to_acc(P.a[at]) : acc_t(1);
-            const acc_t x = inside ? to_acc(P.x[at]) : acc_t(0);
-            tok[k] = token<HAS_B>((HAS_B && inside) ? to_acc(P.b[at]) : acc_t(1), x);
-            c[k] = (HAS_C && inside) ? to_acc(P.c[at]) : acc_t(1);
+            ra[k] = inside ? P.a[at] : one;
+            rx[k] = inside ? P.x[at] : zero;
+            if (HAS_B) rb[k] = inside ? P.b[at] : one;
+            if (HAS_C) rc[k] = inside ? P.c[at] : one;
         }
     }
+    __device__ __forceinline__ acc_t g(int k) const { return to_acc(ra[k]); }
+    __device__ __forceinline__ acc_t tok(int k) const { return HAS_B ? to_acc(rb[k]) * to_acc(rx[k]) : to_acc(rx[k]); }
+    __device__ __forceinline__ acc_t out(int k, acc_t h) const { return HAS_C ? to_acc(rc[k]) * h : h; }
 };
 
-// What a backward segment reads: the forward's inputs, the adjoint's tokens c*gy, the gate one
-// step past the segment, and the checkpoint (the state entering the segment). STORED_H (the
-// plain scan, whose forward output is h): h itself instead of x and the checkpoint.
+// What a backward segment reads: the forward's inputs, dL/dy, the gate one step past the segment,
+// and the state entering the segment (its checkpoint). STORED_H (the plain scan, whose forward
+// output is h): h itself instead of x, and h one step before the segment instead of a checkpoint.
 template <bool DESC, bool HAS_B, bool HAS_C, bool STORED_H>
 struct BackwardSegment {
-    acc_t g[FS_GATED_SEG], x[FS_GATED_SEG], b[FS_GATED_SEG], gy[FS_GATED_SEG], tok[FS_GATED_SEG];
-    acc_t a_next, h_in;
+    storage_t ra[FS_GATED_SEG], rx[FS_GATED_SEG], rb[FS_GATED_SEG], rc[FS_GATED_SEG], rgy[FS_GATED_SEG];
+    storage_t ra_next, rh_before;
+    acc_t checkpoint;
     static_assert(!STORED_H || (!HAS_B && !HAS_C), "a stored h comes from the plain scan");
 
     __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
+        const storage_t one = from_acc(acc_t(1)), zero = from_acc(acc_t(0));
 #pragma unroll
         for (int k = 0; k < FS_GATED_SEG; ++k) {
             const i64 u = u0 + k;
             const bool inside = l.active && u < P.len;
             const i64 at = inside ? gated_at<DESC>(l, P, u) : 0;
-            g[k] = inside ? to_acc(P.a[at]) : acc_t(1);
-            x[k] = inside ? to_acc(STORED_H ? P.hidden[at] : P.x[at]) : acc_t(0);  // STORED_H: h
-            b[k] = (HAS_B && inside) ? to_acc(P.b[at]) : acc_t(1);
-            gy[k] = inside ? to_acc(P.grad_y[at]) : acc_t(0);
-            tok[k] = (HAS_C && inside) ? to_acc(P.c[at]) * gy[k] : gy[k];
+            ra[k] = inside ? P.a[at] : one;
+            rx[k] = inside ? (STORED_H ? P.hidden[at] : P.x[at]) : zero;
+            if (HAS_B) rb[k] = inside ? P.b[at] : one;
+            if (HAS_C) rc[k] = inside ? P.c[at] : one;
+            rgy[k] = inside ? P.grad_y[at] : zero;
         }
         const i64 u_next = u0 + FS_GATED_SEG;
-        a_next = (l.active && u_next < P.len) ? to_acc(P.a[gated_at<DESC>(l, P, u_next)]) : acc_t(1);
-        if (!(l.active && u0 < P.len)) {
-            h_in = acc_t(0);
-        } else if (!STORED_H) {
-            h_in = P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state];
-        } else if (u0 > 0) {
-            h_in = to_acc(P.hidden[gated_at<DESC>(l, P, u0 - 1)]);
+        ra_next = (l.active && u_next < P.len) ? P.a[gated_at<DESC>(l, P, u_next)] : one;
+        const bool live = l.active && u0 < P.len;
+        if (!STORED_H) {
+            checkpoint = live ? P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state] : acc_t(0);
+        } else if (live && u0 > 0) {
+            rh_before = P.hidden[gated_at<DESC>(l, P, u0 - 1)];
         } else {
-            h_in = P.initial ? to_acc(P.initial[l.state]) : acc_t(0);
+            rh_before = (live && P.initial) ? P.initial[l.state] : zero;
         }
     }
+    __device__ __forceinline__ acc_t g(int k) const { return to_acc(ra[k]); }
+    // The adjoint's gate at position k: a one step later.
+    __device__ __forceinline__ acc_t g_after(int k) const {
+        return to_acc(k + 1 < FS_GATED_SEG ? ra[k + 1] : ra_next);
+    }
+    __device__ __forceinline__ acc_t x(int k) const { return to_acc(rx[k]); }
+    __device__ __forceinline__ acc_t b(int k) const { return HAS_B ? to_acc(rb[k]) : acc_t(1); }
+    __device__ __forceinline__ acc_t gy(int k) const { return to_acc(rgy[k]); }
+    __device__ __forceinline__ acc_t tok(int k) const { return HAS_C ? to_acc(rc[k]) * gy(k) : gy(k); }
+    __device__ __forceinline__ acc_t h_in() const { return STORED_H ? to_acc(rh_before) : checkpoint; }
 };
 
 // Both passes load the next window's segment before working on the current one (software
@@ -147,7 +165,7 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
         if (more) next.load(P, l, u0 + WINDOW);
         AffineMap m = identity_map();
 #pragma unroll
-        for (int k = 0; k < FS_GATED_SEG; ++k) m = then_step(m, cur.g[k], cur.tok[k]);
+        for (int k = 0; k < FS_GATED_SEG; ++k) m = then_step(m, cur.g(k), cur.tok(k));
         maps[buf][warp][lane] = m;
         __syncthreads();
         acc_t h = carry;
@@ -163,8 +181,8 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
             for (int k = 0; k < FS_GATED_SEG; ++k) {
                 const i64 u = u0 + k;
                 if (u >= len) break;
-                h = cur.g[k] * h + cur.tok[k];
-                P.y[gated_at<DESC>(l, P, u)] = from_acc(HAS_C ? cur.c[k] * h : h);
+                h = cur.g(k) * h + cur.tok(k);
+                P.y[gated_at<DESC>(l, P, u)] = from_acc(cur.out(k, h));
                 if (u == len - 1 && P.final_out) P.final_out[l.state] = from_acc(h);
             }
         }
@@ -194,7 +212,7 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
         AffineMap m = identity_map();
 #pragma unroll
         for (int k = FS_GATED_SEG - 1; k >= 0; --k)
-            m = then_step(m, k + 1 < FS_GATED_SEG ? cur.g[k + 1] : cur.a_next, cur.tok[k]);
+            m = then_step(m, cur.g_after(k), cur.tok(k));
         maps[buf][warp][lane] = m;
         __syncthreads();
         acc_t lam = carry;
@@ -206,25 +224,26 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
         }
         if (l.active && u0 < len) {
             acc_t h[FS_GATED_SEG];
-            acc_t s = cur.h_in;
+            const acc_t h_in = cur.h_in();
+            acc_t s = h_in;
 #pragma unroll
             for (int k = 0; k < FS_GATED_SEG; ++k) {
-                s = STORED_H ? cur.x[k] : cur.g[k] * s + token<HAS_B>(cur.b[k], cur.x[k]);
+                s = STORED_H ? cur.x(k) : cur.g(k) * s + token<HAS_B>(cur.b(k), cur.x(k));
                 h[k] = s;
             }
 #pragma unroll
             for (int k = FS_GATED_SEG - 1; k >= 0; --k) {
                 const i64 u = u0 + k;
-                lam = (k + 1 < FS_GATED_SEG ? cur.g[k + 1] : cur.a_next) * lam + cur.tok[k];
+                lam = cur.g_after(k) * lam + cur.tok(k);
                 if (u >= len) continue;
                 const i64 at = gated_at<DESC>(l, P, u);
-                const acc_t h_before = k > 0 ? h[k - 1] : cur.h_in;
-                P.grad_x[at] = from_acc(HAS_B ? lam * cur.b[k] : lam);
+                const acc_t h_before = k > 0 ? h[k - 1] : h_in;
+                P.grad_x[at] = from_acc(HAS_B ? lam * cur.b(k) : lam);
                 P.grad_a[at] = from_acc(lam * h_before);
-                if (HAS_B) P.grad_b[at] = from_acc(lam * cur.x[k]);
-                if (HAS_C) P.grad_c[at] = from_acc(cur.gy[k] * h[k]);
+                if (HAS_B) P.grad_b[at] = from_acc(lam * cur.x(k));
+                if (HAS_C) P.grad_c[at] = from_acc(cur.gy(k) * h[k]);
             }
-            if (u0 == 0 && P.grad_initial) P.grad_initial[l.state] = from_acc(cur.g[0] * lam);
+            if (u0 == 0 && P.grad_initial) P.grad_initial[l.state] = from_acc(cur.g(0) * lam);
         }
         if (more) cur = next;
     }
