@@ -1,0 +1,824 @@
+r"""Context parallelism: one recurrence whose time axis is sharded over the ranks of a
+``torch.distributed`` process group (NCCL on GPUs, gloo on CPUs).
+
+Each rank of ``group`` holds a contiguous slice of the time axis, in rank order (rank 0 the first
+steps). :func:`scan`, :func:`gated_scan` and :func:`selective_scan` return on every rank its
+slice of the result that the single-device operation gives on the concatenated sequence, and
+their gradients are that result's gradients (conventions for replicated inputs below).
+
+Method
+------
+All three operations are diagonal linear recurrences in a state :math:`h` (shape ``S``):
+:math:`h_t = \alpha_t \odot h_{t-1} + \beta_t` with :math:`\alpha_t = a_t` for ``scan`` and
+``gated_scan`` and :math:`\alpha_t = \exp(\Delta_t A)` for ``selective_scan``. A slice of steps
+therefore maps its incoming state :math:`c` to its end state *affinely*,
+
+.. math::
+
+    h_\text{end} = P \odot c + E, \qquad P = \prod_{t \in \text{slice}} \alpha_t, \qquad
+    E = h_\text{end}\big|_{c = 0},
+
+(for ``selective_scan`` :math:`P = \exp(A \sum_t \Delta_t)`, per (batch, dim, N)). The pair
+:math:`(P, E)` is the slice's *transfer*. Numbering the ranks in scan order :math:`k = 0..R-1`
+(group rank order, reversed when ``reverse=True``):
+
+1. Every rank but the first computes its transfer: :math:`P_k` by a product (or a sum of
+   :math:`\Delta`) over its slice, :math:`E_k` by scanning its slice from a zero state. The first
+   rank scans its slice from ``initial`` straight away: its result is final, and its
+   :math:`E_0` is its true end state (:math:`P_0` is not needed and sent as zeros).
+2. **One** ``all_gather`` of the stacked :math:`(P_k, E_k)`: :math:`2|S|` elements per rank,
+   independent of the sequence length.
+3. Every rank folds the transfers of the ranks before it into its incoming state,
+   :math:`c_0 = 0,\ c_{k+1} = P_k \odot c_k + E_k` (where :math:`c_k = 0` exactly this is
+   :math:`E_k`, so an infinite :math:`P_k` cannot turn it into NaN), and rescans its slice with
+   ``initial`` = :math:`c_k`. Every rank also folds all :math:`R` transfers: :math:`c_R` is the
+   final state, the same bits on every rank.
+
+Backward mirrors it in the opposite direction. With :math:`\bar g` the gradient arriving at a
+rank's outputs and :math:`u_k = \partial\mathcal{L}/\partial c_{k+1}` the gradient arriving at
+the end state of slice :math:`k` from everything after it,
+
+.. math::
+
+    \frac{\partial\mathcal{L}}{\partial c_k} = P_k \odot u_k + B_k, \qquad
+    B_k = \frac{\partial\mathcal{L}}{\partial c_k}\Big|_{u_k = 0}, \qquad
+    u_{R-1} = \sum_{\text{ranks}} \bar g_\text{final},
+
+because :math:`\partial h_\text{end} / \partial c = \operatorname{diag}(P)`. Every rank but the
+first computes :math:`B_k` (a backward pass of its slice with no gradient at its end state);
+**one** ``all_gather`` of the stacked :math:`(B_k, \bar g_{\text{final},k})` (:math:`2|S|`
+elements per rank); every rank folds :math:`u_k` from the ranks after it and runs the backward of
+its slice once more with :math:`u_k` at its end state. That yields the gradients of its inputs,
+including every term through the states of later ranks: the global computation is a chain of
+slices, and each slice's backward is given the exact gradient at its end. The local graph is kept
+from the forward (nothing is recomputed), and :math:`P_k` from the forward's gather.
+
+Cost per call, with :math:`|S|` the state's element count (``scan``/``gated_scan``: the input's
+element count divided by its local length; ``selective_scan``: batch x dim x N) and :math:`s` the
+bytes of the transfer dtype (float32 for float16/bfloat16/float32 inputs, float64 for float64):
+
+* communication: one ``all_gather`` forward and one backward, each rank contributing
+  :math:`2|S|s` bytes and receiving :math:`2(R-1)|S|s`; with ``validate=True`` (the default)
+  the forward adds one ``all_gather`` of a descriptor of :data:`DESCRIPTOR_LEN` int64 per rank;
+* computation: two local passes forward (one on the first rank) and two backward, plus
+  :math:`O(R|S|)` for the folds.
+
+Conventions
+-----------
+* **Slices** are contiguous and in group rank order; their lengths may differ between ranks (and
+  be zero). All other axes must agree across ranks; so must dtypes, devices (CPU or CUDA),
+  ``reverse`` and ``delta_softplus``.
+* ``initial`` enters where the scan starts: it is read **only on rank 0** (on the last rank with
+  ``reverse=True``); elsewhere it may be ``None`` or any tensor of the right shape (ignored).
+  The usual case is to pass the same (replicated) tensor on every rank: its gradient arrives on
+  the starting rank in full and is zero on the others, so summing over ranks gives the
+  single-device gradient.
+* **Replicated inputs** (anything not sharded along time: ``selective_scan``'s ``A``, ``D``,
+  ``delta_bias`` and time-invariant ``B``/``C``; gates of ``scan``/``gated_scan`` broadcast along
+  the time axis): every rank passes the same values and receives, as its gradient, the
+  contribution of its own slice, including that slice's effect on every later state. The
+  single-device gradient is the sum over ranks — all-reduce it, as data parallelism does (e.g.
+  DDP, or ``torch.distributed.all_reduce(p.grad)``).
+* ``return_final``: the final state of the whole sequence (the last rank's, or rank 0's when
+  reversed), computed by the fold on every rank and identical on all of them (it equals the last
+  state of the scan up to rounding). Its gradient is the sum of the gradients every rank sends
+  to its copy.
+* **The backward is collective.** When any rank differentiates (gradients enabled and some input
+  requiring grad), every rank's outputs require grad and every rank must run a backward through
+  them (e.g. by including them in its loss), as with DDP. With ``validate=True`` a rank whose
+  inputs do not require grad is told by the others; with ``validate=False`` every rank must
+  agree by itself.
+* **Validation.** With ``validate=True``, every rank first checks its arguments locally and then
+  all ranks exchange a small descriptor (argument status, op, dtype, device, ``reverse``, state
+  shape, grad mode): a bad argument on one rank, or a mismatch between ranks, raises a clear
+  exception on *every* rank instead of a hang (gloo aborts the process on a size mismatch; NCCL
+  hangs). This costs one more small collective and, on CUDA, a host synchronization. With
+  ``validate=False`` the forward is one collective and never synchronizes the host, but a
+  mismatch is undetected (a bad argument still raises locally, and the other ranks then wait for
+  the process group's timeout).
+* A group of one rank runs the single-device operation (no communication).
+* Half types (float16/bfloat16): ``gated_scan`` computes and carries states in float32, like the
+  single-device op. ``scan`` takes its state in the input dtype, so each rank's incoming state is
+  rounded once to it (the rounding its output gets anyway).
+* Double backward is not supported.
+
+Status: values and gradients are tested against the single-process result with the gloo backend
+on 2 and 3 CPU processes; the NCCL path is the same code (tests marked ``cuda``, run with 2+
+GPUs) and has not yet been run on a multi-GPU machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from ._checks import (
+    DTYPE_NAMES,
+    broadcast_to_like,
+    check_has_time_axis,
+    check_same_kind,
+    check_state,
+    check_tensor,
+    normalize_dim,
+)
+from .ops.gated_scan import gated_scan as _local_gated_scan
+from .ops.scan import scan as _local_scan
+
+Tensor = torch.Tensor
+
+__all__ = ["scan", "gated_scan", "selective_scan", "DESCRIPTOR_LEN"]
+
+# ---------------------------------------------------------------------------------------------
+# The recurrence as one rank sees it, and the group
+# ---------------------------------------------------------------------------------------------
+
+#: Callable running one rank's slice: ``(inputs, state) -> (output, end_state)``, differentiable
+#: in the inputs and the state (``state=None`` means zeros, or no ``initial``).
+RunSlice = Callable[[Sequence[Optional[Tensor]], Optional[Tensor]], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class _Recurrence:
+    """One operation on one rank's slice: what the context-parallel machinery needs of it."""
+
+    name: str  #: public name, for messages ("ferroscan.distributed.scan")
+    code: int  #: operation id exchanged in the descriptor
+    flags: int  #: options that must agree across ranks (bit field)
+    state_arg: str  #: how messages name the state's shape
+    state_shape: tuple[int, ...]
+    state_dtype: torch.dtype  #: dtype the local op takes its incoming state in
+    fold_dtype: torch.dtype  #: dtype of the transfers, the folds and the communication
+    final_dtype: torch.dtype  #: dtype of the returned final state
+    device: torch.device
+    length: int  #: local slice length (reported, not checked)
+    run: RunSlice
+    multiplier: Callable[[Sequence[Optional[Tensor]]], Tensor]  #: P, shaped like the state
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A process group seen from this rank, with the scan order of its ranks."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+    reverse: bool
+
+    @property
+    def order(self) -> list[int]:
+        """Group ranks in scan order (the rank holding the first step scanned first)."""
+        return list(range(self.world - 1, -1, -1)) if self.reverse else list(range(self.world))
+
+    @property
+    def pos(self) -> int:
+        """This rank's position in scan order."""
+        return self.world - 1 - self.rank if self.reverse else self.rank
+
+
+def _resolve_group(group: Optional[dist.ProcessGroup], reverse: object, name: str) -> _Group:
+    if not isinstance(reverse, bool):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    if not dist.is_available():
+        raise RuntimeError(f"{name} needs torch.distributed, which this PyTorch build does not include")
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"{name} needs torch.distributed to be initialized: call torch.distributed.init_process_group(...) "
+            "on every rank first (backend 'nccl' for CUDA tensors, 'gloo' for CPU tensors)"
+        )
+    if group is None:
+        group = dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the group passed")
+    return _Group(group, rank, dist.get_world_size(group), reverse)
+
+
+def _gather(grp: _Group, tensor: Tensor) -> list[Tensor]:
+    """``tensor`` of every rank, in scan order (one ``all_gather``)."""
+    tensor = tensor.contiguous()
+    out = [torch.empty_like(tensor) for _ in range(grp.world)]
+    dist.all_gather(out, tensor, group=grp.group)
+    return [out[r] for r in grp.order]
+
+
+def _affine(mul: Tensor, carry: Tensor, add: Tensor) -> Tensor:
+    """``mul * carry + add``, where ``carry == 0`` gives ``add`` exactly (as a scan from a zero
+    state does) even when ``mul`` is infinite."""
+    return torch.where(carry == 0, add, torch.addcmul(add, mul, carry))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and backward
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Graph:
+    """What the backward needs: the local autograd graph kept from the forward, its leaves, and
+    the multipliers of all ranks (scan order)."""
+
+    out: Tensor
+    end: Tensor
+    leaves: list[Optional[Tensor]]
+    initial_leaf: Optional[Tensor]
+    state_leaf: Optional[Tensor]
+    multipliers: list[Tensor]
+
+
+def _leaf(t: Optional[Tensor], build: bool) -> Optional[Tensor]:
+    return None if t is None else t.detach().requires_grad_(build and t.requires_grad)
+
+
+def _forward(
+    rec: _Recurrence, grp: _Group, initial: Optional[Tensor], inputs: Sequence[Optional[Tensor]], build: bool
+) -> tuple[Tensor, Tensor, Optional[_Graph]]:
+    """Steps 1-3 of the method; with ``build`` the local graph for the backward is kept."""
+    start = grp.pos == 0
+    leaves = [_leaf(t, build) for t in inputs]
+    grad_mode = torch.enable_grad() if build else torch.no_grad()
+    initial_leaf = _leaf(initial, build) if start else None
+    if start:
+        multiplier = torch.zeros(rec.state_shape, dtype=rec.fold_dtype, device=rec.device)  # never used
+        with grad_mode:
+            out, end = rec.run(leaves, initial_leaf)
+        end_from_zero = end.detach()
+    else:
+        with torch.no_grad():
+            detached = [None if t is None else t.detach() for t in inputs]
+            multiplier = rec.multiplier(detached).to(rec.fold_dtype)
+            _, end_from_zero = rec.run(detached, None)
+    transfers = _gather(grp, torch.stack([multiplier, end_from_zero.to(rec.fold_dtype)]))
+    carry = torch.zeros(rec.state_shape, dtype=rec.fold_dtype, device=rec.device)
+    incoming = carry
+    for k, transfer in enumerate(transfers):
+        if k == grp.pos:
+            incoming = carry
+        carry = _affine(transfer[0], carry, transfer[1])
+    state_leaf = None
+    if not start:
+        state_leaf = incoming.detach().to(rec.state_dtype).requires_grad_(build)
+        with grad_mode:
+            out, end = rec.run(leaves, state_leaf)
+    final = carry.to(rec.final_dtype)
+    if not build:
+        return out, final, None
+    graph = _Graph(out, end, leaves, initial_leaf, state_leaf, [t[0] for t in transfers])
+    return out.detach(), final, graph
+
+
+def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grads: Sequence[Tensor],
+          retain_graph: bool = False) -> list[Optional[Tensor]]:  # fmt: skip
+    """``torch.autograd.grad`` over the outputs that are part of the graph (an output that does not
+    require grad, e.g. an empty slice's, contributes nothing); None for unreached inputs."""
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+    if not pairs:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad([o for o, _ in pairs], list(inputs), [g for _, g in pairs],
+                                    retain_graph=retain_graph, allow_unused=True))  # fmt: skip
+
+
+def _backward(rec: _Recurrence, grp: _Group, graph: _Graph, grad_out: Tensor, grad_final: Tensor) -> list:
+    """The mirrored backward: gradients for ``initial`` and each input (None where not needed)."""
+    start = grp.pos == 0
+    zeros = torch.zeros(rec.state_shape, dtype=rec.fold_dtype, device=rec.device)
+    if start:
+        local = zeros
+    else:
+        (local,) = _grad([graph.out], [graph.state_leaf], [grad_out], retain_graph=True)
+        local = zeros if local is None else local.to(rec.fold_dtype)
+    gathered = _gather(grp, torch.stack([local, grad_final.to(rec.fold_dtype)]))
+    into_end = zeros
+    for pair in gathered:
+        into_end = into_end + pair[1]
+    for k in range(grp.world - 1, grp.pos, -1):
+        into_end = _affine(graph.multipliers[k], into_end, gathered[k][0])
+    targets = [graph.initial_leaf, *graph.leaves]
+    wanted = [i for i, t in enumerate(targets) if t is not None and t.requires_grad]
+    grads: list = [None] * len(targets)
+    if wanted:
+        found = _grad([graph.out, graph.end], [targets[i] for i in wanted], [grad_out, into_end.to(graph.end.dtype)])
+        for i, g in zip(wanted, found):
+            grads[i] = torch.zeros_like(targets[i]) if g is None else g
+    return grads
+
+
+class _ContextParallel(torch.autograd.Function):
+    """The distributed recurrence as one autograd node per rank (forward and backward each do
+    one ``all_gather``). ``anchor`` is an empty tensor requiring grad, passed on a rank whose own
+    inputs do not require grad while another rank's do, so that its outputs require grad and
+    its backward (a collective) runs."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, rec: _Recurrence, grp: _Group,  # type: ignore[override]
+                anchor: Optional[Tensor], initial: Optional[Tensor],
+                *inputs: Optional[Tensor]) -> tuple[Tensor, Tensor]:  # fmt: skip
+        out, final, graph = _forward(rec, grp, initial, inputs, build=True)
+        ctx.rec, ctx.grp, ctx.graph = rec, grp, graph
+        ctx.initial_requires_grad = initial is not None and initial.requires_grad
+        ctx.initial_like = initial
+        return out, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor,  # type: ignore[override]
+                 grad_final: Tensor) -> tuple:  # fmt: skip
+        graph = ctx.graph
+        if graph is None:
+            raise RuntimeError(
+                f"{ctx.rec.name}: trying to backward through it a second time; its local graph was freed "
+                "by the first backward (retain_graph is not supported here)"
+            )
+        ctx.graph = None
+        grad_initial, *grad_inputs = _backward(ctx.rec, ctx.grp, graph, grad_out, grad_final)
+        if grad_initial is None and ctx.initial_requires_grad:
+            grad_initial = torch.zeros_like(ctx.initial_like)  # not the starting rank: zero by convention
+        ctx.initial_like = None
+        return (None, None, None, grad_initial, *grad_inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-rank validation
+# ---------------------------------------------------------------------------------------------
+
+_MAX_DIMS = 8
+#: int64 entries every rank contributes to the validation ``all_gather``.
+DESCRIPTOR_LEN = 9 + _MAX_DIMS
+_DTYPES = list(DTYPE_NAMES)
+_OPS = {1: "scan", 2: "gated_scan", 3: "selective_scan"}
+#: What the flags of each op cover (they must agree across ranks).
+_FLAG_NAMES = {
+    1: "options",
+    2: "options",
+    3: "delta_softplus, B/C kinds (time-invariant or per step) or D/z/delta_bias presence",
+}
+_ERROR, _NO_GRAD, _GRAD_OFF_INPUTS, _GRAD = 1, 0, 1, 2
+
+
+def _descriptor(rec: Optional[_Recurrence], reverse: bool, grad_mode: int) -> list[int]:
+    """``[status, op, flags, dtype, device type, reverse, grad mode, length, ndim, dims...]`` (a
+    state of more than ``_MAX_DIMS`` axes has its trailing ones multiplied into the last slot)."""
+    if rec is None:
+        return [_ERROR] + [0] * (DESCRIPTOR_LEN - 1)
+    shape = list(rec.state_shape)
+    dims = shape[: _MAX_DIMS - 1] + ([math.prod(shape[_MAX_DIMS - 1 :])] if len(shape) >= _MAX_DIMS else [])
+    dims += [-1] * (_MAX_DIMS - len(dims))
+    device = 1 if rec.device.type == "cuda" else 0
+    fields = [0, rec.code, rec.flags, _DTYPES.index(rec.fold_dtype), device, int(reverse), grad_mode, rec.length]
+    return fields + [len(shape)] + dims
+
+
+def _state_repr(row: list[int]) -> str:
+    ndim, dims = row[8], row[9:]
+    shown = [d for d in dims if d >= 0]
+    if ndim > _MAX_DIMS:
+        return f"({', '.join(map(str, shown[:-1]))}, ...) [{ndim} axes]"
+    return "(" + ", ".join(map(str, shown)) + ("," if len(shown) == 1 else "") + ")"
+
+
+def _agree(grp: _Group, rec: Optional[_Recurrence], error: Optional[BaseException], grad_mode: int,
+           name: str, device: torch.device) -> bool:  # fmt: skip
+    """One ``all_gather`` of every rank's descriptor; raises on every rank if any rank's arguments
+    are bad or the ranks disagree. Returns whether any rank differentiates."""
+    desc = torch.tensor(_descriptor(None if error else rec, grp.reverse, grad_mode), dtype=torch.int64, device=device)
+    rows = [t.tolist() for t in _gather(grp, desc)]
+    by_rank = {r: rows[k] for k, r in enumerate(grp.order)}
+    failed = [r for r, row in sorted(by_rank.items()) if row[0] == _ERROR]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(
+            f"{name}: rank(s) {failed} of the group rejected their arguments (their own exceptions say why); "
+            "every rank stops before exchanging data"
+        )
+    assert rec is not None
+    mine = by_rank[grp.rank]
+    for r, row in sorted(by_rank.items()):
+        if row[1] != mine[1]:
+            raise ValueError(
+                f"{name}: rank {r} called ferroscan.distributed.{_OPS.get(row[1], '?')} while rank {grp.rank} "
+                f"called {_OPS[mine[1]]}; every rank of the group must call the same operation"
+            )
+        if row[3] != mine[3]:
+            raise TypeError(
+                f"{name}: the inputs of rank {r} are {_DTYPES[row[3]]} (or a dtype carried as it) but those of "
+                f"rank {grp.rank} are {_DTYPES[mine[3]]}; every rank must pass the same dtypes"
+            )
+        if row[4] != mine[4]:
+            kinds = ("CPU", "CUDA")
+            raise ValueError(
+                f"{name}: rank {r} has {kinds[row[4]]} tensors but rank {grp.rank} has {kinds[mine[4]]} tensors; "
+                "every rank must use the same kind of device"
+            )
+        if row[5] != mine[5]:
+            raise ValueError(
+                f"{name}: reverse={bool(row[5])} on rank {r} but reverse={bool(mine[5])} on rank {grp.rank}; "
+                "every rank must pass the same reverse"
+            )
+        if row[8:] != mine[8:]:
+            raise ValueError(
+                f"{name}: {rec.state_arg} is {_state_repr(row)} on rank {r} but {_state_repr(mine)} on rank "
+                f"{grp.rank}; every rank must have the same sizes on all axes except the time axis "
+                "(only the slice lengths may differ)"
+            )
+        if row[2] != mine[2]:
+            raise ValueError(f"{name}: rank {r} and rank {grp.rank} pass different {_FLAG_NAMES[mine[1]]}")
+    modes = {row[6] for row in rows}
+    if _GRAD in modes and _NO_GRAD in modes:
+        no_grad = [r for r, row in sorted(by_rank.items()) if row[6] == _NO_GRAD]
+        raise RuntimeError(
+            f"{name}: rank(s) {no_grad} run with gradients disabled while another rank differentiates; the "
+            "backward pass is collective, so every rank must enable gradients (or none)"
+        )
+    return _GRAD in modes
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver shared by the public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def _grad_mode(tensors: Sequence[Optional[Tensor]]) -> int:
+    if not torch.is_grad_enabled():
+        return _NO_GRAD
+    return _GRAD if any(t is not None and t.requires_grad for t in tensors) else _GRAD_OFF_INPUTS
+
+
+def _descriptor_device(grp: _Group, rec: Optional[_Recurrence]) -> torch.device:
+    """Where the descriptor travels, the same backend on every rank whatever its arguments: the
+    CPU when the group has gloo (alone or beside NCCL), else this rank's CUDA device."""
+    backend = str(dist.get_backend(grp.group))
+    if "gloo" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if rec is not None and rec.device.type == "cuda":
+        return rec.device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _run(
+    name: str,
+    group: Optional[dist.ProcessGroup],
+    reverse: object,
+    validate: object,
+    make: Callable[[], tuple[_Recurrence, Optional[Tensor], list[Optional[Tensor]]]],
+) -> tuple[Tensor, Tensor]:
+    """Checks locally (``make`` builds the recurrence or raises), agrees across ranks, runs."""
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
+    grp = _resolve_group(group, reverse, name)
+    rec, error, initial, inputs = None, None, None, []
+    try:
+        rec, initial, inputs = make()
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        if not validate or grp.world == 1:
+            raise
+        error = exc
+    if grp.world == 1:
+        out, end = rec.run(inputs, initial)
+        return out, end.to(rec.final_dtype)
+    mode = _grad_mode([*inputs, initial if grp.pos == 0 else None])
+    differentiates = mode == _GRAD
+    if validate:
+        differentiates = _agree(grp, rec, error, mode, name, _descriptor_device(grp, rec))
+    assert rec is not None
+    if not differentiates:
+        out, final, _ = _forward(rec, grp, initial, inputs, build=False)
+        return out, final
+    anchor = None
+    if mode != _GRAD:
+        anchor = torch.empty(0, device=rec.device, requires_grad=True)
+    return _ContextParallel.apply(rec, grp, anchor, initial, *inputs)
+
+
+def _require_tensor(value: object, arg: str) -> Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(value).__name__}")
+    return check_tensor(value, arg)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types (which are storage only), else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Public operations
+# ---------------------------------------------------------------------------------------------
+
+
+def scan(
+    gates: Tensor,
+    tokens: Tensor,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    dim: int = -1,
+    reverse: bool = False,
+    initial: Optional[Tensor] = None,
+    return_final: bool = False,
+    validate: bool = True,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    r""":func:`ferroscan.scan` with the time axis sharded over the ranks of ``group``.
+
+    .. math::
+
+        h_t = a_t h_{t-1} + x_t \quad (\text{reversed: } h_t = a_t h_{t+1} + x_t)
+
+    over the concatenation of every rank's slice (rank 0 first); returns this rank's slice of
+    ``h``. Transfer of a slice: :math:`P = \prod_t a_t`, :math:`E` its end state from zero (see the
+    module docstring for the method, the costs and the conventions).
+
+    Args:
+        gates: :math:`a`, this rank's slice, the shape of ``tokens`` or broadcastable to it (a gate
+            broadcast along the time axis is a replicated input: its gradient here is this
+            slice's contribution; sum it over ranks).
+        tokens: :math:`x`, this rank's slice; any rank >= 1, float16 / bfloat16 / float32 /
+            float64, on CPU (gloo) or CUDA (NCCL). Only the length along ``dim`` may differ
+            between ranks.
+        group: the process group (default: the world group).
+        dim: the time axis.
+        reverse: scan from the last step of the last rank to the first step of rank 0.
+        initial: :math:`h_0`, shaped like ``tokens`` without ``dim``; read only on the rank where
+            the scan starts (rank 0, or the last rank when reversed), ignored elsewhere (may be
+            None there); its gradient arrives on that rank.
+        return_final: also return the state after the last step of the whole sequence, identical
+            on every rank.
+        validate: check arguments across ranks first (one extra small collective; see the module
+            docstring). ``False``: exactly one collective forward and one backward.
+
+    Returns:
+        ``h`` (this rank's slice), or ``(h, h_final)`` with ``return_final``.
+    """
+    name = "ferroscan.distributed.scan"
+
+    def make() -> tuple[_Recurrence, Optional[Tensor], list[Optional[Tensor]]]:
+        x = _require_tensor(tokens, "tokens")
+        a = _require_tensor(gates, "gates")
+        check_same_kind(x, "tokens", a, "gates")
+        check_has_time_axis(x, "tokens")
+        broadcast_to_like(a, "gates", x, "tokens")
+        axis = normalize_dim(dim, x.dim())
+        if not isinstance(return_final, bool):
+            raise TypeError(f"return_final must be a bool, got {type(return_final).__name__}")
+        state_shape = tuple(s for d, s in enumerate(x.shape) if d != axis)
+        h0 = None if initial is None else check_state(_require_tensor(initial, "initial"), "initial",
+                                                      state_shape, x, "tokens")  # fmt: skip
+        fold = _work_dtype(x.dtype)
+
+        def run(inp: Sequence[Optional[Tensor]], state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+            return _local_scan(inp[0], inp[1], dim=axis, reverse=reverse, initial=state, return_final=True)
+
+        def multiplier(inp: Sequence[Optional[Tensor]]) -> Tensor:
+            return torch.prod(inp[0].expand(inp[1].shape), dim=axis, dtype=fold)
+
+        rec = _Recurrence(name, 1, 0, "tokens without its time axis", state_shape, x.dtype, fold, x.dtype,
+                          x.device, int(x.shape[axis]), run, multiplier)  # fmt: skip
+        return rec, h0, [a, x]
+
+    out, final = _run(name, group, reverse, validate, make)
+    return (out, final) if return_final else out
+
+
+def gated_scan(
+    x: Tensor,
+    a: Tensor,
+    b: Optional[Tensor] = None,
+    c: Optional[Tensor] = None,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    dim: int = 1,
+    reverse: bool = False,
+    initial: Optional[Tensor] = None,
+    return_final: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+    validate: bool = True,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    r""":func:`ferroscan.gated_scan` with the time axis sharded over the ranks of ``group``.
+
+    .. math::
+
+        h_t = a_t h_{t-1} + b_t x_t, \qquad y_t = c_t h_t
+
+    over the concatenation of every rank's slice (rank 0 first; ``reverse=True``:
+    :math:`h_t = a_t h_{t+1} + b_t x_t`); returns this rank's slice of ``y``. Transfer of a
+    slice: :math:`P = \prod_t a_t`, :math:`E` its end state from zero, carried in float32 for half
+    inputs (see the module docstring for the method, the costs and the conventions).
+
+    Args:
+        x: inputs, this rank's slice (default layout ``(B, L, D)``, ``dim=1``); only the length
+            along ``dim`` may differ between ranks.
+        a: gates, the shape of ``x`` or broadcastable to it.
+        b: input gates, like ``a``; None means 1.
+        c: output gates, like ``a``; None means 1. Gates broadcast along the time axis are
+            replicated inputs: their gradient here is this slice's contribution (sum over ranks).
+        group: the process group (default: the world group).
+        dim: the time axis.
+        reverse: scan from the last step of the last rank to the first step of rank 0.
+        initial: :math:`h_0`, shaped like ``x`` without ``dim``; read only on the rank where the
+            scan starts (rank 0, or the last rank when reversed).
+        return_final: also return the final state of the whole sequence (not multiplied by
+            ``c``), identical on every rank, in ``x``'s dtype.
+        out_dtype: dtype of ``y`` (default: ``x``'s).
+        validate: check arguments across ranks first (see the module docstring).
+
+    Returns:
+        ``y`` (this rank's slice), or ``(y, h_final)`` with ``return_final``.
+    """
+    name = "ferroscan.distributed.gated_scan"
+
+    def make() -> tuple[_Recurrence, Optional[Tensor], list[Optional[Tensor]]]:
+        xs = _require_tensor(x, "x")
+        check_has_time_axis(xs, "x")
+        gates = []
+        for value, arg in ((a, "a"), (b, "b"), (c, "c")):
+            if value is None and arg != "a":
+                gates.append(None)
+                continue
+            if value is None:
+                raise TypeError("a must be a tensor, got None")
+            _require_tensor(value, arg)
+            check_same_kind(xs, "x", value, arg)
+            broadcast_to_like(value, arg, xs, "x")
+            gates.append(value)
+        if out_dtype is not None and out_dtype not in DTYPE_NAMES:
+            raise TypeError(f"out_dtype must be one of float16, bfloat16, float32, float64, got {out_dtype}")
+        if not isinstance(return_final, bool):
+            raise TypeError(f"return_final must be a bool, got {type(return_final).__name__}")
+        axis = normalize_dim(dim, xs.dim())
+        state_shape = tuple(s for d, s in enumerate(xs.shape) if d != axis)
+        h0 = None if initial is None else check_state(_require_tensor(initial, "initial"), "initial",
+                                                      state_shape, xs, "x")  # fmt: skip
+        work = _work_dtype(xs.dtype)
+        y_dtype = out_dtype or xs.dtype
+
+        def run(inp: Sequence[Optional[Tensor]], state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+            cast = [None if t is None else t.to(work) for t in inp]
+            return _local_gated_scan(*cast, dim=axis, reverse=reverse, return_final=True, out_dtype=y_dtype,
+                                    initial=None if state is None else state.to(work))  # fmt: skip
+
+        def multiplier(inp: Sequence[Optional[Tensor]]) -> Tensor:
+            return torch.prod(inp[1].expand(inp[0].shape), dim=axis, dtype=work)
+
+        rec = _Recurrence(name, 2, 0, "x without its time axis", state_shape, work, work, xs.dtype,
+                          xs.device, int(xs.shape[axis]), run, multiplier)  # fmt: skip
+        return rec, h0, [xs, *gates]
+
+    out, final = _run(name, group, reverse, validate, make)
+    return (out, final) if return_final else out
+
+
+def _local_selective_scan() -> Callable:
+    """``ferroscan.selective_scan`` (looked up at call time), or NotImplementedError."""
+    import ferroscan
+
+    fn = getattr(ferroscan, "selective_scan", None)
+    if fn is None:
+        raise NotImplementedError(
+            "ferroscan.distributed.selective_scan runs ferroscan.selective_scan on each rank's slice, and this "
+            "build of ferroscan does not have ferroscan.selective_scan yet"
+        )
+    return fn
+
+
+def _optional_vector(value: Optional[Tensor], arg: str, channels: int, u: Tensor) -> Optional[Tensor]:
+    if value is None:
+        return None
+    _require_tensor(value, arg)
+    if tuple(value.shape) != (channels,):
+        raise ValueError(f"{arg} has shape {tuple(value.shape)}; expected ({channels},) (one value per channel of u)")
+    if value.device != u.device:
+        raise ValueError(f"{arg} is on {value.device} but u is on {u.device}; move them to one device")
+    return value
+
+
+def _selective_kind(value: object, arg: str, u: Tensor, state_n: int) -> int:
+    """0: time-invariant ``(dim, N)``; 1: ``(batch, N, L)``; 2: grouped ``(batch, G, N, L)``."""
+    t = _require_tensor(value, arg)
+    if t.device != u.device:
+        raise ValueError(f"{arg} is on {t.device} but u is on {u.device}; move them to one device")
+    batch, channels, length = u.shape
+    if t.dim() == 2 and tuple(t.shape) == (channels, state_n):
+        return 0
+    if t.dim() == 3 and tuple(t.shape) == (batch, state_n, length):
+        return 1
+    if t.dim() == 4 and (t.shape[0], t.shape[2], t.shape[3]) == (batch, state_n, length) and t.shape[1] > 0 \
+            and channels % t.shape[1] == 0:  # fmt: skip
+        return 2
+    raise ValueError(
+        f"{arg} has shape {tuple(t.shape)}; expected ({channels}, {state_n}) (time-invariant, replicated on every "
+        f"rank), ({batch}, {state_n}, {length}) or ({batch}, G, {state_n}, {length}) with G dividing {channels} "
+        "(this rank's time slice)"
+    )
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,  # noqa: N803 (Mamba's names)
+    B: Tensor,  # noqa: N803
+    C: Tensor,  # noqa: N803
+    D: Optional[Tensor] = None,  # noqa: N803
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    initial_state: Optional[Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    validate: bool = True,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    r""":func:`ferroscan.selective_scan` (Mamba's S6) with the time axis sharded over ``group``.
+
+    .. math::
+
+        \Delta_t = \operatorname{softplus}(\delta_t + \text{bias}) \ (\text{or } \delta_t + \text{bias}),
+        \quad h_t = \exp(\Delta_t A) \odot h_{t-1} + \Delta_t B_t u_t, \quad
+        y_t = (C_t \cdot h_t + D u_t) \cdot \operatorname{silu}(z_t)
+
+    over the concatenation of every rank's slice (rank 0 first); returns this rank's slice of
+    ``y``. Transfer of a slice, per (batch, dim, N): :math:`P = \exp(A \sum_t \Delta_t)` and
+    :math:`E` its end state from zero (see the module docstring). Each rank runs
+    ``ferroscan.selective_scan(..., return_last_state=True, initial_state=...)`` on its slice, so
+    that operation must exist (NotImplementedError otherwise) and be differentiable in
+    ``initial_state``.
+
+    Args:
+        u, delta, z: ``(batch, dim, L)``, this rank's slice (``L`` may differ between ranks).
+        A: ``(dim, N)``, replicated. B, C: ``(dim, N)`` (replicated) or this rank's slice of
+            ``(batch, N, L)`` / ``(batch, G, N, L)``. D, delta_bias: ``(dim,)``, replicated. The
+            gradient of a replicated input is this slice's contribution: sum it over ranks.
+        delta_softplus: apply softplus to :math:`\delta + \text{bias}`; must agree across ranks.
+        return_last_state: also return the final state ``(batch, dim, N)`` of the whole sequence
+            (float32, float64 for float64 inputs), identical on every rank.
+        initial_state: ``(batch, dim, N)``, read only on rank 0 (ignored elsewhere).
+        group: the process group (default: the world group).
+        validate: check arguments across ranks first (see the module docstring).
+
+    Returns:
+        ``y`` (this rank's slice), or ``(y, last_state)`` with ``return_last_state``.
+    """
+    name = "ferroscan.distributed.selective_scan"
+
+    def make() -> tuple[_Recurrence, Optional[Tensor], list[Optional[Tensor]]]:
+        impl = _local_selective_scan()
+        us = _require_tensor(u, "u")
+        if us.dim() != 3:
+            raise ValueError(f"u has shape {tuple(us.shape)}; expected (batch, dim, L), this rank's slice of L")
+        batch, channels, length = (int(s) for s in us.shape)
+        ds = _require_tensor(delta, "delta")
+        if ds.shape != us.shape or ds.device != us.device:
+            raise ValueError(f"delta has shape {tuple(ds.shape)} on {ds.device}; expected u's, {tuple(us.shape)} "
+                             f"on {us.device}")  # fmt: skip
+        a_mat = _require_tensor(A, "A")
+        if a_mat.dim() != 2 or a_mat.shape[0] != channels or a_mat.device != us.device:
+            raise ValueError(f"A has shape {tuple(a_mat.shape)} on {a_mat.device}; expected ({channels}, N) on "
+                             f"{us.device}")  # fmt: skip
+        state_n = int(a_mat.shape[1])
+        kind_b = _selective_kind(B, "B", us, state_n)
+        kind_c = _selective_kind(C, "C", us, state_n)
+        d_vec = _optional_vector(D, "D", channels, us)
+        bias = _optional_vector(delta_bias, "delta_bias", channels, us)
+        if z is not None:
+            _require_tensor(z, "z")
+            if z.shape != us.shape or z.device != us.device:
+                raise ValueError(f"z has shape {tuple(z.shape)} on {z.device}; expected u's, {tuple(us.shape)} "
+                                 f"on {us.device}")  # fmt: skip
+        for value, arg in ((delta_softplus, "delta_softplus"), (return_last_state, "return_last_state")):
+            if not isinstance(value, bool):
+                raise TypeError(f"{arg} must be a bool, got {type(value).__name__}")
+        state_shape = (batch, channels, state_n)
+        fold = torch.float64 if us.dtype == torch.float64 else torch.float32
+        h0 = None
+        if initial_state is not None:
+            h0 = _require_tensor(initial_state, "initial_state")
+            if tuple(h0.shape) != state_shape or h0.device != us.device:
+                raise ValueError(f"initial_state has shape {tuple(h0.shape)} on {h0.device}; expected "
+                                 f"{state_shape} (batch, dim, N) on {us.device}")  # fmt: skip
+        flags = int(delta_softplus) | kind_b << 1 | kind_c << 3
+        flags |= (d_vec is not None) << 5 | (z is not None) << 6 | (bias is not None) << 7
+
+        def run(inp: Sequence[Optional[Tensor]], state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+            uu, dd, aa, bb, cc, dv, zz, db = inp
+            return impl(uu, dd, aa, bb, cc, D=dv, z=zz, delta_bias=db, delta_softplus=delta_softplus,
+                        return_last_state=True, initial_state=state)  # fmt: skip
+
+        def multiplier(inp: Sequence[Optional[Tensor]]) -> Tensor:
+            step = inp[1].to(fold)
+            if inp[7] is not None:
+                step = step + inp[7].to(fold)[:, None]
+            if delta_softplus:
+                step = torch.nn.functional.softplus(step)
+            return torch.exp(inp[2].to(fold)[None] * step.sum(-1)[..., None])
+
+        rec = _Recurrence(name, 3, flags, "(batch, dim, N) of u and A", state_shape, fold, fold, fold,
+                          us.device, length, run, multiplier)  # fmt: skip
+        return rec, h0, [us, ds, a_mat, B, C, d_vec, z, bias]
+
+    out, final = _run(name, group, False, validate, make)
+    return (out, final) if return_last_state else out
