@@ -78,6 +78,8 @@ def _resolve_group(group: Optional[dist.ProcessGroup], reverse: object, name: st
         )
     if group is None:
         group = dist.group.WORLD
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns to non-members
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the group passed")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     rank = dist.get_rank(group)
