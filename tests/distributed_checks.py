@@ -537,6 +537,11 @@ def _problem_check(make: Callable[[Ctx], Problem], dtype: torch.dtype, *, standi
     return check
 
 
+def _frozen(p: Problem, names: set[str]) -> Problem:
+    p.frozen = names
+    return p
+
+
 def _checks() -> dict[str, Callable[[Ctx], None]]:
     checks: dict[str, Callable[[Ctx], None]] = {}
     for dtype, dname in ((F64, "f64"), (F32, "f32")):
@@ -553,6 +558,9 @@ def _checks() -> dict[str, Callable[[Ctx], None]]:
     checks["scan-f64-empty-slice"] = _problem_check(lambda c: scan_problem(c, F64, False, lengths=EMPTY[c.world]), F64)
     checks["scan-f64-rev-empty-slice"] = _problem_check(
         lambda c: scan_problem(c, F64, True, lengths=EMPTY[c.world]), F64)
+    checks["scan-f64-initial-only-grad-novalidate"] = _problem_check(
+        lambda c: _frozen(scan_problem(c, F64, True, validate=False), {"gates", "tokens"}), F64)
+    checks["scan-bf16-fwd"] = _problem_check(lambda c: scan_problem(c, BF16, False), BF16)
     checks["scan-f64-shared-gates"] = _problem_check(lambda c: scan_problem(c, F64, True, shared_gates=True), F64)
     checks["gated-f64-shared-c"] = _problem_check(lambda c: gated_problem(c, F64, False, shared_c=True), F64)
     checks["gated-f64-empty-slice"] = _problem_check(

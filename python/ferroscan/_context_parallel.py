@@ -373,7 +373,9 @@ def run(
     if grp.world == 1:
         out, end = rec.run(inputs, initial)
         return out, end.to(rec.final_dtype)
-    mode = _grad_mode([*inputs, initial if grp.pos == 0 else None])
+    # initial counts on every rank (not only where it is read): a replicated initial that requires
+    # grad makes every rank differentiate, so all of them take part in the backward's collective.
+    mode = _grad_mode([*inputs, initial])
     differentiates = mode == _GRAD
     if validate:
         differentiates = _agree(grp, rec, error, mode, name, _descriptor_device(grp, rec))
