@@ -60,7 +60,7 @@ bytes of the transfer dtype (float32 for float16/bfloat16/float32 inputs, float6
 * communication: one ``all_gather`` forward and one backward, each rank contributing
   :math:`2|S|s` bytes and receiving :math:`2(R-1)|S|s`; with ``validate=True`` (the default)
   the forward adds one ``all_gather`` of a descriptor of :data:`DESCRIPTOR_LEN` int64 per rank;
-* computation: two local passes forward (one on the first rank) and two backward, plus
+* computation: two local passes forward and two backward (one each on the first rank), plus
   :math:`O(R|S|)` for the folds.
 
 Conventions
@@ -103,8 +103,11 @@ Conventions
 * Double backward is not supported.
 
 Status: values and gradients are tested against the single-process result with the gloo backend
-on 2 and 3 CPU processes; the NCCL path is the same code (tests marked ``cuda``, run with 2+
-GPUs) and has not yet been run on a multi-GPU machine.
+on 2 and 3 CPU processes (``tests/test_distributed.py``). The NCCL path is the same code (its tests
+are marked ``cuda`` and need 2+ GPUs) and has not yet been run on a multi-GPU machine.
+:func:`selective_scan` needs ``ferroscan.selective_scan``; until it exists, its tests are skipped and
+its distributed wiring is tested with a plain float64 stand-in for the local op. Eager mode only
+(``torch.compile`` does not trace the collectives).
 """
 
 from __future__ import annotations
