@@ -186,7 +186,8 @@ def scan_problem(ctx: Ctx, dtype: torch.dtype, reverse: bool, *, layout: str = "
 
 
 def gated_problem(ctx: Ctx, dtype: torch.dtype, reverse: bool, *, layout: str = "BLD", shared_c: bool = False,
-                  no_b: bool = False, lengths: Optional[list[int]] = None) -> Problem:  # fmt: skip
+                  no_b: bool = False, lengths: Optional[list[int]] = None,
+                  out_dtype: Optional[torch.dtype] = None) -> Problem:  # fmt: skip
     lengths = lengths or LENGTHS[ctx.world]
     n = sum(lengths)
     shape, dim = ((2, n, 3), 1) if layout == "BLD" else ((2, 3, n), -1)
@@ -201,7 +202,7 @@ def gated_problem(ctx: Ctx, dtype: torch.dtype, reverse: bool, *, layout: str = 
 
     def call(inp: dict, group: Optional[dist.ProcessGroup]) -> tuple:
         args = (inp["x"], inp["a"], inp.get("b"), inp["c"])
-        kw = dict(dim=dim, reverse=reverse, initial=inp["initial"], return_final=True)
+        kw = dict(dim=dim, reverse=reverse, initial=inp["initial"], return_final=True, out_dtype=out_dtype)
         if group is None:
             return ferroscan.gated_scan(*args, **kw)
         return fd.gated_scan(*args, group=group, **kw)
@@ -565,6 +566,7 @@ def _checks() -> dict[str, Callable[[Ctx], None]]:
     checks["gated-f64-shared-c"] = _problem_check(lambda c: gated_problem(c, F64, False, shared_c=True), F64)
     checks["gated-f64-empty-slice"] = _problem_check(
         lambda c: gated_problem(c, F64, True, lengths=EMPTY[c.world]), F64)
+    checks["gated-f32-rev-out-f64"] = _problem_check(lambda c: gated_problem(c, F32, True, out_dtype=F64), F32)
     checks["gated-bf16-fwd"] = _problem_check(lambda c: gated_problem(c, BF16, False), BF16)
     for variable in ("BL", "BGL", "const"):
         for dtype, dname in ((F64, "f64"), (F32, "f32")):
