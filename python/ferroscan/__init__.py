@@ -6,13 +6,16 @@ Operations:
     gated_scan(x, a, b=None, c=None, *, dim=1, reverse=False, initial=None, return_final=False, out_dtype=None)
         h[t] = a[t] * h[t-1] + b[t] * x[t],  y[t] = c[t] * h[t]   (unfused for now)
 
+Context parallelism (the time axis sharded over the ranks of a torch.distributed group):
+    ferroscan.distributed.scan / gated_scan / selective_scan
+
 CUDA tensors run on ferroscan's CUDA kernels (compiled at first use by NVRTC, then cached);
 CPU tensors and NumPy arrays on its multithreaded CPU backend.
 """
 
-from . import _native, nn
+from . import _native, distributed, nn
 from .ops.gated_scan import gated_scan
 from .ops.scan import scan
 
 __version__ = _native.__version__
-__all__ = ["scan", "gated_scan", "nn", "__version__"]
+__all__ = ["scan", "gated_scan", "distributed", "nn", "__version__"]

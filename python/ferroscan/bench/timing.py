@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -38,5 +38,34 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float =
     while len(samples) < 3 or (len(samples) < 20 and time.perf_counter() < deadline):
         t0 = time.perf_counter()
         fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def fixed_reps_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int,
+    reps: int,
+    before: Optional[Callable[[], object]] = None,
+) -> float:
+    """Median time of ``fn`` in ms over exactly ``reps`` runs after ``warmup`` runs.
+
+    For code that communicates: every rank must run the same number of calls (the adaptive
+    :func:`median_ms` may not). ``before`` runs untimed before each timed call (e.g. a barrier,
+    so that the ranks start together). Wall clock around the call, with the device synchronized
+    before and after."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
