@@ -192,14 +192,9 @@ def _backward_impl(
         None if t is None else t.contiguous() for t in (A, D, delta_bias, initial, grad_last, checkpoints)
     )
     B, C = (t.contiguous() if t.dim() == 2 else t for t in (B, C))
-    empty = u.new_empty((0,))
-    grad_u, grad_delta = u.new_empty((batch, dim, length)), u.new_empty((batch, dim, length))
-    grad_A = torch.empty_like(A)
-    grad_B, grad_C = (t.new_empty(t.shape) for t in (B, C))
-    grad_D = empty if D is None else torch.empty_like(D)
-    grad_z = empty if z is None else u.new_empty((batch, dim, length))
-    grad_bias = empty if delta_bias is None else torch.empty_like(delta_bias)
-    grad_initial = empty if initial is None else torch.empty_like(initial)
+    grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias, grad_initial = _gradient_buffers(
+        u, A, B, C, D, z, delta_bias, initial
+    )
     a = _backend.address
 
     def opt(t: Tensor, present: Optional[Tensor]) -> int:
@@ -235,6 +230,20 @@ def _selective_bwd(
     )
 
 
+def _gradient_buffers(u: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                      delta_bias: Optional[Tensor], initial: Optional[Tensor]) -> tuple[Tensor, ...]:  # fmt: skip
+    """Uninitialized gradients of every input, C-contiguous; a distinct empty tensor for each
+    absent one (the outputs of a custom op must not alias each other)."""
+
+    def like(t: Optional[Tensor]) -> Tensor:
+        return u.new_empty((0,)) if t is None else t.new_empty(t.shape)
+
+    return (
+        u.new_empty(u.shape), u.new_empty(u.shape), like(A), like(B), like(C), like(D),
+        u.new_empty((0,)) if z is None else u.new_empty(u.shape), like(delta_bias), like(initial),
+    )  # fmt: skip
+
+
 @_selective_bwd.register_fake
 def _selective_bwd_fake(
     u: Tensor,
@@ -251,19 +260,7 @@ def _selective_bwd_fake(
     checkpoints: Tensor,
     delta_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    empty = u.new_empty((0,))
-    seq = u.new_empty(u.shape)
-
-    def like(t: Optional[Tensor]) -> Tensor:
-        return empty if t is None else t.new_empty(t.shape)
-
-    return (
-        seq, u.new_empty(u.shape), like(A), like(B), like(C), like(D),
-        empty if z is None else u.new_empty(u.shape), like(delta_bias), like(initial),
-    )  # fmt: skip
-
-
-_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial")
+    return _gradient_buffers(u, A, B, C, D, z, delta_bias, initial)
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
