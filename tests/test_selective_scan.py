@@ -440,3 +440,78 @@ def test_opcheck(device: str) -> None:
         for grad_last in (None, torch.randn_like(last)):
             bwd_args = (*args[:9], grad_out, grad_last, checkpoints, case.softplus)
             torch.library.opcheck(torch.ops.ferroscan.selective_scan_bwd.default, bwd_args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: a clear exception naming the argument
+# ---------------------------------------------------------------------------------------------
+
+
+def _good() -> dict:
+    return make_inputs(Case(b="var2", c="const", has_d=True, has_z=True, has_bias=True, initial=True), torch.float32,
+                       "cpu", seed=0)  # fmt: skip
+
+
+def _run(inputs: dict, **kwargs: object) -> object:
+    return ferroscan.selective_scan(
+        inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["z"],
+        inputs["delta_bias"], initial_state=inputs["initial_state"], **kwargs,
+    )  # fmt: skip
+
+
+BAD = [
+    # (argument, replacement as a function of the good inputs, exception)
+    ("u", lambda x: x["u"][0], ValueError),
+    ("u", lambda x: x["u"].to(torch.int32), TypeError),
+    ("u", lambda x: x["u"].tolist(), TypeError),
+    ("delta", lambda x: x["delta"][:, :, :-1], ValueError),
+    ("delta", lambda x: x["delta"].double(), TypeError),
+    ("A", lambda x: x["A"][:-1], ValueError),
+    ("A", lambda x: x["A"].double(), TypeError),
+    ("A", lambda x: x["A"].bfloat16(), TypeError),
+    ("A", lambda x: x["A"][:, :0], ValueError),
+    ("B", lambda x: x["B"][..., :-1], ValueError),
+    ("B", lambda x: x["B"].double(), TypeError),
+    ("B", lambda x: x["B"][None], ValueError),
+    ("B", lambda x: torch.randn(2, 3, 3, 7), ValueError),  # 3 groups do not divide dim = 4
+    ("B", lambda x: torch.randn(4, 3, dtype=torch.complex64), TypeError),
+    ("C", lambda x: x["C"].T, ValueError),
+    ("C", lambda x: x["C"].half(), TypeError),
+    ("C", lambda x: torch.randn(2, 3, 7, dtype=torch.complex64), TypeError),  # complex C, real A
+    ("D", lambda x: x["D"][:-1], ValueError),
+    ("D", lambda x: x["D"].double(), TypeError),
+    ("z", lambda x: x["z"][:1], ValueError),
+    ("z", lambda x: x["z"].half(), TypeError),
+    ("delta_bias", lambda x: x["delta_bias"][None], ValueError),
+    ("initial_state", lambda x: x["initial_state"][:, :, :-1], ValueError),
+    ("initial_state", lambda x: x["initial_state"].to(torch.complex64), TypeError),
+]
+
+
+@pytest.mark.parametrize(("arg", "bad", "exc"), BAD, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(BAD)])
+def test_bad_argument(arg: str, bad, exc: type) -> None:  # noqa: ANN001
+    inputs = _good()
+    inputs[arg] = bad(inputs)
+    with pytest.raises(exc, match=rf"\b{arg}\b"):
+        _run(inputs)
+
+
+@pytest.mark.parametrize("flag", ["delta_softplus", "return_last_state"])
+def test_flags_must_be_bools(flag: str) -> None:
+    with pytest.raises(TypeError, match=flag):
+        _run(_good(), **{flag: 1})
+
+
+@pytest.mark.cuda
+def test_inputs_on_two_devices() -> None:
+    inputs = _good()
+    inputs["B"] = inputs["B"].cuda()
+    with pytest.raises(ValueError, match=r"\bB\b"):
+        _run(inputs)
+
+
+def test_nan_is_a_value_not_an_error() -> None:
+    inputs = _good()
+    inputs["u"][0, 1, 3] = float("nan")
+    out = _run(inputs)
+    assert out[0, 1, 3:].isnan().all() and out[0, 0].isfinite().all() and out[1].isfinite().all()
