@@ -8,7 +8,6 @@ Operations:
     selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, initial_state=None)
         Mamba's S6: h[t] = exp(delta[t] A) h[t-1] + delta[t] B[t] u[t],  y[t] = C[t] h[t] + D u[t]
-        (CPU only for now)
 
 CUDA tensors run on ferroscan's CUDA kernels (compiled at first use by NVRTC, then cached);
 CPU tensors and NumPy arrays on its multithreaded CPU backend.

@@ -680,6 +680,130 @@ fn cpu_selective_scan_backward(
     })
 }
 
+/// Scratch bytes the CUDA backward of this selective scan needs (`groups` 0 = constant B / C).
+#[pyfunction]
+fn cuda_selective_scratch_bytes(
+    dtype: &str,
+    problem: ProblemArg,
+    b_groups: usize,
+    c_groups: usize,
+) -> PyResult<usize> {
+    let (dtype, p) = selective_problem(dtype, problem)?;
+    let groups = [opt(b_groups), opt(c_groups)];
+    cuda::selective_scan::selective_backward_scratch_bytes(dtype, &p, groups).map_err(to_py)
+}
+
+/// Selective scan forward of device buffers on PyTorch's stream; arguments as for
+/// `cpu_selective_scan_forward`.
+#[pyfunction]
+#[pyo3(signature = (device, stream, dtype, problem, u, delta, a, b, c, d, z, delta_bias, initial, out, last_state, checkpoints))]
+#[allow(clippy::too_many_arguments)] // mirrors the operation's tensors one to one
+fn cuda_selective_scan_forward(
+    py: Python<'_>,
+    device: usize,
+    stream: u64,
+    dtype: &str,
+    problem: ProblemArg,
+    u: SeqArg,
+    delta: SeqArg,
+    a: u64,
+    b: BcArg,
+    c: BcArg,
+    d: u64,
+    z: SeqArg,
+    delta_bias: u64,
+    initial: u64,
+    out: u64,
+    last_state: u64,
+    checkpoints: u64,
+) -> PyResult<()> {
+    let (dtype, p) = selective_problem(dtype, problem)?;
+    let x = selective_inputs(u, delta, a, b, c, d, z, delta_bias, initial);
+    let o = SelectiveOutputs {
+        out,
+        last_state: opt(last_state),
+        checkpoints: opt(checkpoints),
+    };
+    // SAFETY: the Python package passes PyTorch's live stream of this device and tensors of the
+    // validated shapes and strides on it, kept alive by the caching allocator's stream semantics.
+    unsafe {
+        on_cuda(py, device, stream, move |dev, stream| {
+            cuda::selective_scan::selective_scan_forward_raw(dev, stream, dtype, &p, x, o)
+        })
+    }
+}
+
+/// Selective scan backward of device buffers; arguments as for `cpu_selective_scan_backward`,
+/// plus a scratch buffer of `cuda_selective_scratch_bytes` bytes.
+#[pyfunction]
+#[pyo3(signature = (device, stream, dtype, problem, u, delta, a, b, c, d, z, delta_bias, initial, grad_out, grad_last, checkpoints, grad_u, grad_delta, grad_a, grad_b, grad_c, grad_d, grad_z, grad_delta_bias, grad_initial, scratch, scratch_bytes))]
+#[allow(clippy::too_many_arguments)] // mirrors the operation's tensors one to one
+fn cuda_selective_scan_backward(
+    py: Python<'_>,
+    device: usize,
+    stream: u64,
+    dtype: &str,
+    problem: ProblemArg,
+    u: SeqArg,
+    delta: SeqArg,
+    a: u64,
+    b: BcArg,
+    c: BcArg,
+    d: u64,
+    z: SeqArg,
+    delta_bias: u64,
+    initial: u64,
+    grad_out: SeqArg,
+    grad_last: u64,
+    checkpoints: u64,
+    grad_u: u64,
+    grad_delta: u64,
+    grad_a: u64,
+    grad_b: u64,
+    grad_c: u64,
+    grad_d: u64,
+    grad_z: u64,
+    grad_delta_bias: u64,
+    grad_initial: u64,
+    scratch: u64,
+    scratch_bytes: usize,
+) -> PyResult<()> {
+    let (dtype, p) = selective_problem(dtype, problem)?;
+    let x = selective_inputs(u, delta, a, b, c, d, z, delta_bias, initial);
+    let g = SelectiveGradInputs {
+        grad_out: seq_arg(grad_out),
+        grad_last: opt(grad_last),
+        checkpoints,
+    };
+    let o = selective_grad_outputs(
+        &x,
+        grad_u,
+        grad_delta,
+        grad_a,
+        grad_b,
+        grad_c,
+        grad_d,
+        grad_z,
+        grad_delta_bias,
+        grad_initial,
+    );
+    // SAFETY: as in `cuda_selective_scan_forward`.
+    unsafe {
+        on_cuda(py, device, stream, move |dev, stream| {
+            cuda::selective_scan::selective_scan_backward_raw(
+                dev,
+                stream,
+                dtype,
+                &p,
+                x,
+                g,
+                o,
+                (scratch, scratch_bytes),
+            )
+        })
+    }
+}
+
 /// The compiled extension module `ferroscan._native`.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -690,6 +814,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_scan_backward, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_selective_scan_forward, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_selective_scan_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_selective_scratch_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_selective_scan_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_selective_scan_backward, m)?)?;
     m.add("SELECTIVE_CHECKPOINT_STEPS", CHECKPOINT_STEPS)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -29,8 +29,10 @@ use crate::error::{Error, Result};
 
 /// Time steps between the states a forward pass saves for the backward pass: the forward writes
 /// the state entering steps `0, CHECKPOINT_STEPS, 2·CHECKPOINT_STEPS, …`, and the backward
-/// rebuilds the states in between, one stretch at a time.
-pub const CHECKPOINT_STEPS: usize = 64;
+/// rebuilds the states in between, one stretch at a time. (Sixteen steps: the CUDA backward
+/// rebuilds a stretch in registers; the checkpoints take `N / 16` times the memory of `u` in the
+/// weight type.) Mirrored by `FS_SEL_CK` in `kernels/selective_scan.cu`.
+pub const CHECKPOINT_STEPS: usize = 16;
 
 /// The shape and options of a selective scan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -240,7 +242,7 @@ pub struct SelectiveOutputs<X, W> {
     pub out: X,
     /// `h[L-1]` (the initial state when `L = 0`), `(batch, dim, N)`.
     pub last_state: Option<W>,
-    /// The states entering every [`CHECKPOINT_STEPS`]-th step, `(batch, dim, ceil(L/64), N)`:
+    /// The states entering every [`CHECKPOINT_STEPS`]-th step, `(batch, dim, ceil(L/16), N)`:
     /// what the backward pass needs besides the inputs.
     pub checkpoints: Option<W>,
 }

@@ -7,6 +7,7 @@
 
 use ferroscan::cuda::compile::{compile_cubin, nvrtc_version, ALL_SOURCES, SCAN_SOURCE};
 use ferroscan::cuda::scan::all_kernel_names;
+use ferroscan::cuda::selective_scan::all_kernel_names as selective_kernel_names;
 use ferroscan::DType;
 
 const ARCHES: [(i32, i32); 2] = [(8, 0), (9, 0)];
@@ -30,15 +31,23 @@ fn every_kernel_variant_compiles_to_cubin() {
                     panic!("{} {dtype:?} sm_{}{}: {e}", source.file, arch.0, arch.1)
                 });
                 assert_eq!(&cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
-                if source == SCAN_SOURCE {
-                    for name in all_kernel_names() {
-                        assert!(
-                            contains(&cubin, name.as_bytes()),
-                            "kernel {name} missing from the {dtype:?} sm_{}{} CUBIN",
-                            arch.0,
-                            arch.1
-                        );
-                    }
+                let names = if source == SCAN_SOURCE {
+                    all_kernel_names()
+                } else {
+                    selective_kernel_names()
+                        .into_iter()
+                        .find(|(s, _)| *s == source)
+                        .map(|(_, names)| names)
+                        .unwrap_or_else(|| panic!("{}: no kernel list", source.file))
+                };
+                for name in names {
+                    assert!(
+                        contains(&cubin, name.as_bytes()),
+                        "kernel {name} missing from the {} {dtype:?} sm_{}{} CUBIN",
+                        source.file,
+                        arch.0,
+                        arch.1
+                    );
                 }
             }
         }

@@ -30,7 +30,7 @@ convention :math:`\partial L/\partial\mathrm{re} + i\,\partial L/\partial\mathrm
     \partial u_t &= D \bar g^y_t + \Delta_t \operatorname{Re}(\overline{B_t} g_t), \qquad
     \partial h_0 = \overline{a_0}\, g_0.
 
-The forward saves the state every ``SELECTIVE_CHECKPOINT_STEPS`` (64) steps when a gradient
+The forward saves the state every ``SELECTIVE_CHECKPOINT_STEPS`` (16) steps when a gradient
 will be needed; the backward rebuilds the states in between instead of storing them all.
 Gradients that sum over rows (``A``, ``D``, ``delta_bias``, constant ``B``/``C``, and
 variable ``B``/``C`` over a group's channels) are summed in a fixed order: bit-identical
@@ -93,13 +93,6 @@ def _bc(t: Tensor) -> tuple[int, int, tuple[int, int, int, int]]:
     return t.data_ptr(), int(t.shape[1]), (s[0], s[1], s[2], s[3])
 
 
-def _no_cuda_yet(t: Tensor) -> None:
-    if t.is_cuda:
-        raise NotImplementedError(
-            "ferroscan.selective_scan has no CUDA kernels yet: run it on CPU tensors for now"
-        )
-
-
 def _forward_impl(
     u: Tensor,
     delta: Tensor,
@@ -113,8 +106,7 @@ def _forward_impl(
     delta_softplus: bool,
     save_checkpoints: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Runs the forward on the Rust core: ``(out, last_state, checkpoints)``."""
-    _no_cuda_yet(u)
+    """Runs the forward on the Rust core (CPU or CUDA): ``(out, last_state, checkpoints)``."""
     problem = _problem(u, A, delta_softplus)
     batch, dim, length, dstate = problem[:4]
     A, D, delta_bias, initial = (None if t is None else t.contiguous() for t in (A, D, delta_bias, initial))
@@ -123,10 +115,14 @@ def _forward_impl(
     last = A.new_empty((batch, dim, dstate))
     checkpoints = A.new_empty((batch, dim, _checkpoint_count(length), dstate) if save_checkpoints else (0,))
     a = _backend.address
-    _native.cpu_selective_scan_forward(
+    args = (
         _backend.dtype_name(u), problem, _seq(u), _seq(delta), a(A), _bc(B), _bc(C), a(D), _seq(z),
         a(delta_bias), a(initial), a(out), a(last), a(checkpoints) if save_checkpoints else 0,
     )  # fmt: skip
+    if u.is_cuda:
+        _native.cuda_selective_scan_forward(u.device.index, _backend.cuda_stream(u), *args)
+    else:
+        _native.cpu_selective_scan_forward(*args)
     return out, last, checkpoints
 
 
@@ -182,8 +178,8 @@ def _backward_impl(
     checkpoints: Tensor,
     delta_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Runs the backward on the Rust core: the gradients of every input (empty when absent)."""
-    _no_cuda_yet(u)
+    """Runs the backward on the Rust core (CPU or CUDA): the gradients of every input (empty
+    when absent)."""
     problem = _problem(u, A, delta_softplus)
     batch, dim, length, dstate = problem[:4]
     if checkpoints.numel() != batch * dim * _checkpoint_count(length) * dstate:
@@ -200,12 +196,20 @@ def _backward_impl(
     def opt(t: Tensor, present: Optional[Tensor]) -> int:
         return 0 if present is None else a(t)
 
-    _native.cpu_selective_scan_backward(
-        _backend.dtype_name(u), problem, _seq(u), _seq(delta), a(A), _bc(B), _bc(C), a(D), _seq(z),
+    dtype = _backend.dtype_name(u)
+    args = (
+        dtype, problem, _seq(u), _seq(delta), a(A), _bc(B), _bc(C), a(D), _seq(z),
         a(delta_bias), a(initial), _seq(grad_out), a(grad_last), a(checkpoints),
         a(grad_u), a(grad_delta), a(grad_A), a(grad_B), a(grad_C), opt(grad_D, D), opt(grad_z, z),
         opt(grad_bias, delta_bias), opt(grad_initial, initial),
     )  # fmt: skip
+    if u.is_cuda:
+        groups = [0 if t.dim() == 2 else int(t.shape[1]) for t in (B, C)]
+        nbytes = _native.cuda_selective_scratch_bytes(dtype, problem, *groups)
+        scratch, nbytes = _backend.scratch_buffer(u, nbytes)
+        _native.cuda_selective_scan_backward(u.device.index, _backend.cuda_stream(u), *args, a(scratch), nbytes)
+    else:
+        _native.cpu_selective_scan_backward(*args)
     return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias, grad_initial
 
 
@@ -430,8 +434,8 @@ def selective_scan(
     gradient is exact for constant ``B`` too). Backward gradients are deterministic. Half types
     are storage only: everything accumulates in float32. Any ``L >= 0`` and ``N >= 1`` work.
 
-    Status: CPU tensors only for now (multithreaded Rust); CUDA tensors raise
-    ``NotImplementedError`` until the CUDA kernels land.
+    CPU tensors run on the multithreaded Rust backend; CUDA tensors on ferroscan's CUDA kernels
+    (``N <= 256`` real / ``128`` complex; half that for float64), compiled on first use.
     """
     check_tensor(u, "u")
     check_tensor(delta, "delta")

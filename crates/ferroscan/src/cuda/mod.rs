@@ -5,6 +5,8 @@
 
 pub mod compile;
 mod device;
+mod launch;
 pub mod scan;
+pub mod selective_scan;
 
 pub use device::{device, Device};

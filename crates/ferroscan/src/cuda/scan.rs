@@ -34,6 +34,7 @@ use cudarc::driver::{
 
 use super::compile::SCAN_SOURCE;
 use super::device::{driver_error, Device};
+use super::launch::{check_required, grid_blocks};
 use crate::args::{ScanGradInputs, ScanGradOutputs, ScanInputs, ScanOutputs};
 use crate::cpu::Element;
 use crate::error::{Error, Result};
@@ -205,14 +206,6 @@ fn check_scratch(
     Ok(())
 }
 
-fn check_required(arg: &'static str, ptr: u64) -> Result<()> {
-    if ptr == 0 {
-        Err(Error::invalid(arg, "a device address, got null"))
-    } else {
-        Ok(())
-    }
-}
-
 /// Copies (or zeroes, when `src` is absent) one state buffer on the stream: the whole scan
 /// when the time axis is empty.
 ///
@@ -267,17 +260,9 @@ unsafe fn launch(
         ),
     };
     let blocks = work.div_ceil(per_block);
-    let grid = u32::try_from(blocks)
-        .ok()
-        .filter(|&b| b < i32::MAX as u32)
-        .ok_or_else(|| {
-            Error::invalid(
-                "shape",
-                format!("fewer than 2^31 thread blocks of work, got {blocks}"),
-            )
-        })?;
+    let grid = grid_blocks(blocks)?;
     let cfg = LaunchConfig {
-        grid_dim: (grid.max(1), 1, 1),
+        grid_dim: (grid, 1, 1),
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };
