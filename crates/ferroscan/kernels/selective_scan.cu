@@ -44,7 +44,9 @@
 #define FS_SEL_THREADS 128
 #define FS_SEL_WARPS (FS_SEL_THREADS / FS_WARP)
 #define FS_SEL_CK 16                  // CHECKPOINT_STEPS in src/selective.rs
-#define FS_SEL_SMEM (48 * 1024)       // static shared memory per block
+#ifndef FS_SEL_SMEM
+#define FS_SEL_SMEM (48 * 1024)  // static shared memory per block (host emulation may raise it)
+#endif
 #define FS_SEL_HREGS 64               // registers per thread for a backward window's states
 #define FS_SEL_PARTS (FS_SEL_COMPLEX ? 2 : 1)
 #define FS_SEL_LOG2E 1.4426950408889634
