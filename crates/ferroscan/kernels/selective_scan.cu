@@ -90,6 +90,7 @@ struct SelParams {
     i64 ct, tiles;                // channels per tile, tiles per batch element (dim = tiles·ct, rounded up)
     int softplus, pad_;
 };
+static_assert(sizeof(SelParams) == 424, "SelParams must match SelectiveParams in src/cuda/selective_scan.rs");
 
 // Mirrored by `SelectiveReduceParams` in src/cuda/selective_scan.rs.
 struct SelReduceParams {
@@ -102,6 +103,7 @@ struct SelReduceParams {
     storage_t* dvar;              // variable B/C's gradient (batch, G, N, L·parts)
     i64 batch, dim, len, dstate, groups, tiles, ct;
 };
+static_assert(sizeof(SelReduceParams) == 112, "SelReduceParams must match SelectiveReduceParams");
 
 // ---------------------------------------------------------------------------------------------
 // Real or complex numbers

@@ -649,6 +649,16 @@ mod tests {
     }
 
     #[test]
+    fn parameter_blocks_have_the_kernel_layout() {
+        // `static_assert`s in kernels/selective_scan.cu pin the same sizes.
+        assert_eq!(std::mem::size_of::<SelectiveParams>(), 424);
+        assert_eq!(std::mem::size_of::<SelectiveReduceParams>(), 112);
+        assert_eq!(std::mem::offset_of!(SelectiveParams, batch), 23 * 8);
+        assert_eq!(std::mem::offset_of!(SelectiveParams, b_groups), 23 * 8 + 5 * 8 + 20 * 8);
+        assert_eq!(std::mem::offset_of!(SelectiveParams, softplus), 416);
+    }
+
+    #[test]
     fn configurations_cover_the_states() {
         for n in 1..=256 {
             let c = SelectiveConfig::new(DType::F32, &problem(8, n, false)).unwrap();
