@@ -37,9 +37,14 @@ def _scratch_bytes(device_index: int, dtype: str, shape: tuple[int, int, int]) -
     return _native.cuda_scan_scratch_bytes(device_index, dtype, shape)
 
 
-def cuda_scratch(t: torch.Tensor, shape: tuple[int, int, int]) -> tuple[Optional[torch.Tensor], int]:
-    """A scratch buffer from PyTorch's caching allocator for a scan of ``shape`` (None if unneeded)."""
-    nbytes = _scratch_bytes(t.device.index, dtype_name(t), shape)
+def scratch_buffer(t: torch.Tensor, nbytes: int) -> tuple[Optional[torch.Tensor], int]:
+    """``nbytes`` of scratch on ``t``'s device from PyTorch's caching allocator (whose blocks are
+    512-byte aligned), or None when nothing is needed."""
     if nbytes == 0:
         return None, 0
     return torch.empty(nbytes, dtype=torch.uint8, device=t.device), nbytes
+
+
+def cuda_scratch(t: torch.Tensor, shape: tuple[int, int, int]) -> tuple[Optional[torch.Tensor], int]:
+    """A scratch buffer from PyTorch's caching allocator for a scan of ``shape`` (None if unneeded)."""
+    return scratch_buffer(t, _scratch_bytes(t.device.index, dtype_name(t), shape))

@@ -28,14 +28,25 @@ def check_tensor(value: object, arg: str) -> torch.Tensor:
     return value
 
 
-def check_same_kind(ref: torch.Tensor, ref_arg: str, other: torch.Tensor, arg: str) -> None:
-    """Raises TypeError/ValueError unless ``other`` shares ``ref``'s dtype and device."""
-    if other.dtype != ref.dtype:
-        raise TypeError(f"{arg} has dtype {other.dtype} but {ref_arg} has {ref.dtype}; they must match")
+def check_same_device(ref: torch.Tensor, ref_arg: str, other: torch.Tensor, arg: str) -> None:
+    """Raises ValueError unless ``other`` is on ``ref``'s device."""
     if other.device != ref.device:
         raise ValueError(
             f"{arg} is on {other.device} but {ref_arg} is on {ref.device}; move them to one device"
         )
+
+
+def check_same_kind(ref: torch.Tensor, ref_arg: str, other: torch.Tensor, arg: str) -> None:
+    """Raises TypeError/ValueError unless ``other`` shares ``ref``'s dtype and device."""
+    if other.dtype != ref.dtype:
+        raise TypeError(f"{arg} has dtype {other.dtype} but {ref_arg} has {ref.dtype}; they must match")
+    check_same_device(ref, ref_arg, other, arg)
+
+
+def check_shape(value: torch.Tensor, arg: str, expected: Sequence[int]) -> None:
+    """Raises ValueError unless ``value`` has exactly the shape ``expected``."""
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{arg} has shape {tuple(value.shape)}; expected {tuple(expected)}")
 
 
 def normalize_dim(dim: int, ndim: int, arg: str = "dim") -> int:

@@ -37,6 +37,8 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod layout;
+pub mod selective;
 
 pub use error::{Error, Result};
 pub use layout::{DType, ScanProblem, ScanShape};
+pub use selective::SelectiveProblem;

@@ -8,7 +8,7 @@
 use ferroscan::cuda::compile::{
     compile_cubin, nvrtc_version, KernelSource, ALL_SOURCES, GATED_SCAN_SOURCE, SCAN_SOURCE,
 };
-use ferroscan::cuda::{gated_scan, scan};
+use ferroscan::cuda::{gated_scan, scan, selective_scan};
 use ferroscan::DType;
 
 const ARCHES: [(i32, i32); 2] = [(8, 0), (9, 0)];
@@ -20,7 +20,11 @@ fn launched_names(source: &KernelSource) -> Vec<String> {
     } else if *source == GATED_SCAN_SOURCE {
         gated_scan::all_kernel_names()
     } else {
-        panic!("no kernel-name list for {}", source.file)
+        selective_scan::all_kernel_names()
+            .into_iter()
+            .find(|(s, _)| s == source)
+            .map(|(_, names)| names)
+            .unwrap_or_else(|| panic!("no kernel-name list for {}", source.file))
     }
 }
 

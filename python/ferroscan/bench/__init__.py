@@ -2,7 +2,10 @@
 
     python -m ferroscan.bench scan [--quick] [--dtypes float32 bfloat16] [--out DIR] [--no-peers]
     python -m ferroscan.bench scan --device cpu
+    python -m ferroscan.bench gated [--dtypes float32 bfloat16] [--out DIR]             (CUDA)
     python -m ferroscan.bench distributed --ranks 1 2 4 8 [--op gated_scan] [--device cpu]
+    python -m ferroscan.bench selective [--quick] [--dtypes float32 bfloat16] [--out DIR] [--no-peers]
+    python -m ferroscan.bench selective --device cpu
 
 Each case is timed in one process: ferroscan forward and forward+backward (through autograd),
 the roofline (a plain PyTorch elementwise kernel moving the same bytes, measured right after),

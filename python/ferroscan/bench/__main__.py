@@ -6,7 +6,7 @@ import importlib
 import sys
 
 #: Benchmark name -> module of this package with a ``main(argv) -> int``.
-BENCHMARKS = {"scan": "scan", "gated": "gated", "distributed": "distributed"}
+BENCHMARKS = {"scan": "scan", "gated": "gated", "selective": "selective", "distributed": "distributed"}
 
 
 def main(argv: list[str]) -> int:

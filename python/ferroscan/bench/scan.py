@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 import ferroscan
 
+from . import common
+from .common import Result, peer_available
 from .timing import median_ms
 
 PEERS = ("accelerated_scan.warp", "accelerated_scan.scalar")
@@ -55,16 +54,6 @@ class Case:
     def name(self) -> str:
         b, d, n = self.shape
         return f"{self.dtype} ({b},{d},{n}){' dim=1' if self.channels_last else ''}"
-
-
-@dataclass
-class Result:
-    case: Case
-    fwd_ms: float
-    fwd_bwd_ms: float
-    roof_fwd_ms: float
-    roof_fwd_bwd_ms: float
-    peers: dict[str, dict] = field(default_factory=dict)
 
 
 def gpu_cases(quick: bool, dtypes: list[str]) -> list[Case]:
@@ -142,65 +131,15 @@ for line in sys.stdin:
 """
 
 
-def run_peer(peer: str, cases: list[Case]) -> dict[str, dict]:
-    """Times ``peer`` on ``cases`` in child processes; a crash is recorded and the rest resumed."""
-    results: dict[str, dict] = {}
-    pending = list(cases)
-    while pending:
-        proc = subprocess.run(
-            [sys.executable, "-c", PEER_SCRIPT, peer],
-            input="\n".join(json.dumps(asdict(c)) for c in pending) + "\n",
-            capture_output=True,
-            text=True,
-            env=os.environ,
-        )
-        done = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-        for row in done:
-            results[row["case"]] = row
-        pending = pending[len(done) :]
-        if proc.returncode != 0 and pending:
-            if not done and "ModuleNotFoundError" in proc.stderr:
-                return {}
-            crashed = pending.pop(0)
-            last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or ["no message"]
-            results[crashed.name] = {"case": crashed.name, "status": "crashed: " + last[0][:100]}
-        elif proc.returncode == 0:
-            break
-    return results
-
-
-def peer_available(peer: str) -> bool:
-    probe = subprocess.run([sys.executable, "-c", f"import {peer}"], capture_output=True)
-    return probe.returncode == 0
-
-
 # --- reporting -----------------------------------------------------------------------------------
 
 
 def table(results: list[Result]) -> str:
-    head = (
-        "| case | fwd ms | fwd GB/s | fwd % roof | fwd+bwd ms | fwd+bwd % roof | best peer fwd ms | "
-        "best peer fwd+bwd ms | speed-up fwd / fwd+bwd | peer notes |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in results:
+    def fwd_bytes(r: Result) -> int:
         numel = r.case.batch * r.case.channels * r.case.length
-        b = scan_bytes(numel, torch.empty((), dtype=getattr(torch, r.case.dtype)).element_size())
-        ok = {p: v for p, v in r.peers.items() if v.get("status") == "ok"}
-        best_f = min((v["fwd_ms"] for v in ok.values()), default=None)
-        best_b = min((v["fwd_bwd_ms"] for v in ok.values()), default=None)
-        speed = (
-            f"{best_f / r.fwd_ms:.2f}x / {best_b / r.fwd_bwd_ms:.2f}x" if best_f and best_b else "n/a"
-        )
-        notes = "; ".join(f"{p.split('.')[-1]}: {v['status']}" for p, v in r.peers.items() if v.get("status") != "ok")
-        lines.append(
-            f"| {r.case.name} | {r.fwd_ms:.4f} | {b['fwd'] / r.fwd_ms / 1e6:.0f} | "
-            f"{100 * r.roof_fwd_ms / r.fwd_ms:.0f}% | {r.fwd_bwd_ms:.4f} | "
-            f"{100 * r.roof_fwd_bwd_ms / r.fwd_bwd_ms:.0f}% | "
-            f"{best_f if best_f is None else f'{best_f:.4f}'} | {best_b if best_b is None else f'{best_b:.4f}'} | "
-            f"{speed} | {notes} |"
-        )
-    return "\n".join(lines)
+        return scan_bytes(numel, torch.empty((), dtype=getattr(torch, r.case.dtype)).element_size())["fwd"]
+
+    return common.table(results, fwd_bytes)
 
 
 def plot(results: list[Result], out_dir: Path) -> list[Path]:
@@ -291,7 +230,7 @@ def main(argv: list[str]) -> int:
     peers: list[str] = [] if args.no_peers else [p for p in PEERS if peer_available(p)]
     for peer in peers:
         print(f"peer {peer}: {len(cases)} cases in child processes", flush=True)
-        by_case = run_peer(peer, cases)
+        by_case = common.run_peer(PEER_SCRIPT, peer, cases)
         for r in results:
             if r.case.name in by_case:
                 r.peers[peer] = by_case[r.case.name]

@@ -1,6 +1,6 @@
 //! Element and accumulator types of the CPU backend.
 
-use std::ops::{Add, Mul};
+use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use crate::layout::DType;
 
@@ -51,10 +51,51 @@ macro_rules! float_accumulator {
 float_accumulator!(f32);
 float_accumulator!(f64);
 
+/// An accumulator with the transcendental functions the selective scan needs (`f32`, `f64`).
+pub trait Real:
+    Accumulator + Sub<Output = Self> + Div<Output = Self> + Neg<Output = Self> + PartialOrd
+{
+    /// `e^self`.
+    fn exp(self) -> Self;
+    /// `ln(1 + self)`, accurate near zero.
+    fn ln_1p(self) -> Self;
+    /// `(sin self, cos self)`.
+    fn sin_cos(self) -> (Self, Self);
+    /// The nearest value to `v`.
+    fn from_f32(v: f32) -> Self;
+}
+
+/// `Real` for a primitive float type: the standard library's functions.
+macro_rules! float_real {
+    ($t:ty) => {
+        impl Real for $t {
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn ln_1p(self) -> Self {
+                <$t>::ln_1p(self)
+            }
+            #[inline(always)]
+            fn sin_cos(self) -> (Self, Self) {
+                <$t>::sin_cos(self)
+            }
+            #[inline(always)]
+            fn from_f32(v: f32) -> Self {
+                v as $t
+            }
+        }
+    };
+}
+
+float_real!(f32);
+float_real!(f64);
+
 /// A storage element type: converts to and from its accumulator type.
 pub trait Element: Copy + Send + Sync + 'static {
     /// What this element accumulates in.
-    type Acc: Accumulator;
+    type Acc: Real;
     /// The matching [`DType`].
     const DTYPE: DType;
     /// Widens to the accumulator type.

@@ -41,8 +41,46 @@ pub const GATED_SCAN_SOURCE: KernelSource = KernelSource {
     text: include_str!("../../kernels/gated_scan.cu"),
 };
 
+/// `kernels/selective_scan.cu` compiled for one pass and one number kind: `FS_SEL_COMPLEX`,
+/// `FS_SEL_PASS` and the file name (the module's identity in the caches) per variant.
+macro_rules! selective_source {
+    ($file:literal, $complex:literal, $pass:literal) => {
+        KernelSource {
+            file: $file,
+            text: concat!(
+                "#define FS_SEL_COMPLEX ",
+                $complex,
+                "\n#define FS_SEL_PASS ",
+                $pass,
+                "\n",
+                include_str!("../../kernels/selective_scan.cu")
+            ),
+        }
+    };
+}
+
+/// The selective scan's forward kernels, real `A`.
+pub const SELECTIVE_FWD_REAL_SOURCE: KernelSource =
+    selective_source!("selective_scan_fwd_real.cu", "0", "0");
+/// The selective scan's forward kernels, complex `A`.
+pub const SELECTIVE_FWD_COMPLEX_SOURCE: KernelSource =
+    selective_source!("selective_scan_fwd_complex.cu", "1", "0");
+/// The selective scan's backward kernels and reductions, real `A`.
+pub const SELECTIVE_BWD_REAL_SOURCE: KernelSource =
+    selective_source!("selective_scan_bwd_real.cu", "0", "1");
+/// The selective scan's backward kernels and reductions, complex `A`.
+pub const SELECTIVE_BWD_COMPLEX_SOURCE: KernelSource =
+    selective_source!("selective_scan_bwd_complex.cu", "1", "1");
+
 /// Every kernel source of the crate.
-pub const ALL_SOURCES: [KernelSource; 2] = [SCAN_SOURCE, GATED_SCAN_SOURCE];
+pub const ALL_SOURCES: [KernelSource; 6] = [
+    SCAN_SOURCE,
+    GATED_SCAN_SOURCE,
+    SELECTIVE_FWD_REAL_SOURCE,
+    SELECTIVE_FWD_COMPLEX_SOURCE,
+    SELECTIVE_BWD_REAL_SOURCE,
+    SELECTIVE_BWD_COMPLEX_SOURCE,
+];
 
 impl PartialEq for KernelSource {
     fn eq(&self, other: &Self) -> bool {

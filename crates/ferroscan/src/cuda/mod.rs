@@ -8,5 +8,6 @@ mod device;
 pub mod gated_scan;
 mod launch;
 pub mod scan;
+pub mod selective_scan;
 
 pub use device::{device, Device};

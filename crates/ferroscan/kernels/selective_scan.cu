@@ -1,0 +1,802 @@
+// Selective scan (Mamba's S6), forward and backward. The maths and the buffer layouts are those of
+// src/selective.rs; the launch plan (grid, channel tiles, configurations, scratch) is in
+// src/cuda/selective_scan.rs.
+//
+// Compiled four times, by the prefix the launcher's sources add:
+//   FS_SEL_COMPLEX 0|1   real or complex A, B, C and states (complex as interleaved (re, im))
+//   FS_SEL_PASS    0|1   forward kernels, or backward kernels with their two reductions
+//
+// Thread mapping (both passes). A block of 128 threads owns one batch element b and a tile of
+// `ct` consecutive channels, all in one group of every variable B/C (so B/C are staged once per
+// block in shared memory for all its channels). Thread `tid` serves channel c = tid / P of the tile
+// and states n = (tid % P)·S + s, s < S, of it (P lanes per channel, P·S >= N; states past N are
+// zero and stay zero). Threads with c >= ct (or past dim) are idle: they read zeros, take part in
+// every shuffle and barrier, and write nothing. Each block walks the whole time axis, carrying
+// its states in registers.
+//
+// Forward, per chunk of T steps: stage Δ = softplus(delta + bias), u, z and variable B/C in shared
+// memory (loads coalesced along whichever axis has unit stride), run the steps (one exp2 per state
+// and step), reduce y over the P lanes of a channel (a reduce-scatter over groups of steps, so
+// every lane gets one finished y), write `out` coalesced. The state entering every 16th step is
+// saved (the checkpoints) when the backward will run.
+//
+// Backward, per 16-step segment from the last: stage the segment's Δ, u, dout·silu(z) and
+// dout·silu'(z); from the segment's checkpoint rebuild the states of a window of TS steps in
+// registers (TS = 64 / (S·parts): windows are walked last first, their starting states found by a
+// forward sweep through the earlier windows), then run the adjoint recurrence backwards through the
+// window. Per-(channel, step) sums over states (∂u, ∂Δ, y for ∂z) are reduce-scattered over the P
+// lanes; per-(step, state) sums over channels (∂B, ∂C when variable) are reduce-scattered over the
+// channels of a warp, summed over the warps in shared memory in warp order, and written per tile
+// to scratch, which `selective_reduce_bc` sums over the tiles of a group in tile order. Per-channel
+// parameter gradients (∂A, ∂D, ∂delta_bias, constant ∂B/∂C) accumulate in registers, go to scratch
+// per (batch, channel), and `selective_reduce_params` sums them over the batch in order. No
+// atomics anywhere: the gradients are bit-identical from run to run.
+
+#include "common.cuh"
+
+#ifndef FS_SEL_COMPLEX
+#error "FS_SEL_COMPLEX must be defined (0 real, 1 complex)"
+#endif
+#ifndef FS_SEL_PASS
+#error "FS_SEL_PASS must be defined (0 forward, 1 backward)"
+#endif
+
+#define FS_SEL_THREADS 128
+#define FS_SEL_WARPS (FS_SEL_THREADS / FS_WARP)
+#define FS_SEL_CK 16                  // CHECKPOINT_STEPS in src/selective.rs
+#ifndef FS_SEL_SMEM
+#define FS_SEL_SMEM (48 * 1024)  // static shared memory per block (host emulation may raise it)
+#endif
+#define FS_SEL_HREGS 64               // registers per thread for a backward window's states
+#define FS_SEL_PARTS (FS_SEL_COMPLEX ? 2 : 1)
+#define FS_SEL_LOG2E 1.4426950408889634
+#define FS_SEL_SOFTPLUS_THRESHOLD 20.0f
+
+// Element strides of a tensor, outermost axis first (passed by value: no local-memory copies).
+template <int R>
+struct Strides {
+    i64 s[R];
+};
+
+// Mirrored by `SelectiveParams` in src/cuda/selective_scan.rs; keep the two in the same order.
+struct SelParams {
+    const storage_t* u;
+    const storage_t* delta;
+    const storage_t* z;           // may be null
+    const storage_t* dout;        // backward
+    const acc_t* A;               // (dim, N)
+    const acc_t* D;               // (dim,), may be null
+    const acc_t* bias;            // (dim,), may be null
+    const acc_t* initial;         // (batch, dim, N), may be null
+    const acc_t* grad_last;       // backward, may be null
+    const acc_t* b_const;         // (dim, N) when B is constant, else null
+    const storage_t* b_var;       // (batch, G, N, L·parts) when B is variable, else null
+    const acc_t* c_const;
+    const storage_t* c_var;
+    storage_t* out;               // forward (batch, dim, L)
+    acc_t* last;                  // forward, may be null
+    acc_t* ckpt;                  // forward: written when non-null; backward: read
+    storage_t* du;                // backward outputs (batch, dim, L)
+    storage_t* ddelta;
+    storage_t* dz;                // may be null
+    acc_t* dinitial;              // may be null
+    acc_t* part_params;           // (batch, dim, 3·N·parts + 2)
+    acc_t* part_b;                // (batch, tiles, N, L·parts) when B is variable
+    acc_t* part_c;
+    i64 batch, dim, len, dstate, n_ck;
+    Strides<3> u_s, delta_s, z_s, dout_s;
+    Strides<4> b_s, c_s;
+    i64 b_groups, c_groups;       // 0 when constant
+    i64 ct, tiles;                // channels per tile, tiles per batch element (dim = tiles·ct, rounded up)
+    int softplus, pad_;
+};
+static_assert(sizeof(SelParams) == 424, "SelParams must match SelectiveParams in src/cuda/selective_scan.rs");
+
+// Mirrored by `SelectiveReduceParams` in src/cuda/selective_scan.rs.
+struct SelReduceParams {
+    const acc_t* src;             // part_params, or part_b / part_c
+    acc_t* da;
+    acc_t* db;                    // constant B's gradient, may be null
+    acc_t* dc;
+    acc_t* dd;                    // may be null
+    acc_t* dbias;                 // may be null
+    storage_t* dvar;              // variable B/C's gradient (batch, G, N, L·parts)
+    i64 batch, dim, len, dstate, groups, tiles, ct;
+};
+static_assert(sizeof(SelReduceParams) == 112, "SelReduceParams must match SelectiveReduceParams");
+
+// ---------------------------------------------------------------------------------------------
+// Real or complex numbers
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ acc_t fexp2(acc_t x) {
+#if FS_DTYPE == 3
+    return exp2(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
+__device__ __forceinline__ acc_t sigmoid_(acc_t x) { return acc_t(1) / (acc_t(1) + exp(-x)); }
+
+#if FS_SEL_COMPLEX
+struct num_t {
+    acc_t re, im;
+};
+__device__ __forceinline__ num_t nmake(acc_t re, acc_t im) { return num_t{re, im}; }
+__device__ __forceinline__ num_t nzero() { return num_t{0, 0}; }
+__device__ __forceinline__ num_t nadd(num_t a, num_t b) { return num_t{a.re + b.re, a.im + b.im}; }
+__device__ __forceinline__ num_t nmul(num_t a, num_t b) {
+    return num_t{a.re * b.re - a.im * b.im, a.re * b.im + a.im * b.re};
+}
+__device__ __forceinline__ num_t nscale(num_t a, acc_t w) { return num_t{a.re * w, a.im * w}; }
+__device__ __forceinline__ num_t nconj(num_t a) { return num_t{a.re, -a.im}; }
+__device__ __forceinline__ acc_t nre(num_t a) { return a.re; }
+__device__ __forceinline__ acc_t npart(num_t a, int part) { return part ? a.im : a.re; }
+// `a2` holds A with its real part times log2(e): exp(Δ·A) = 2^(Δ·re) · (cos(Δ·im) + i sin(Δ·im)).
+__device__ __forceinline__ num_t ndecay(acc_t dt, num_t a2) {
+    const acc_t m = fexp2(dt * a2.re);
+    acc_t s, c;
+#if FS_DTYPE == 3
+    sincos(dt * a2.im, &s, &c);
+#else
+    sincosf(dt * a2.im, &s, &c);
+#endif
+    return num_t{m * c, m * s};
+}
+__device__ __forceinline__ num_t nlog2_scaled(num_t a) { return num_t{a.re * acc_t(FS_SEL_LOG2E), a.im}; }
+#define FS_SEL_OUT_FACTOR acc_t(2)
+#else
+typedef acc_t num_t;
+__device__ __forceinline__ num_t nmake(acc_t re, acc_t) { return re; }
+__device__ __forceinline__ num_t nzero() { return 0; }
+__device__ __forceinline__ num_t nadd(num_t a, num_t b) { return a + b; }
+__device__ __forceinline__ num_t nmul(num_t a, num_t b) { return a * b; }
+__device__ __forceinline__ num_t nscale(num_t a, acc_t w) { return a * w; }
+__device__ __forceinline__ num_t nconj(num_t a) { return a; }
+__device__ __forceinline__ acc_t nre(num_t a) { return a; }
+__device__ __forceinline__ acc_t npart(num_t a, int) { return a; }
+__device__ __forceinline__ num_t ndecay(acc_t dt, num_t a2) { return fexp2(dt * a2); }
+__device__ __forceinline__ num_t nlog2_scaled(num_t a) { return a * acc_t(FS_SEL_LOG2E); }
+#define FS_SEL_OUT_FACTOR acc_t(1)
+#endif
+
+// Number k of an interleaved buffer of acc_t.
+__device__ __forceinline__ num_t nload(const acc_t* p, i64 k) {
+#if FS_SEL_COMPLEX
+    return num_t{p[2 * k], p[2 * k + 1]};
+#else
+    return p[k];
+#endif
+}
+__device__ __forceinline__ void nstore(acc_t* p, i64 k, num_t v) {
+#if FS_SEL_COMPLEX
+    p[2 * k] = v.re;
+    p[2 * k + 1] = v.im;
+#else
+    p[k] = v;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp reduce-scatter
+// ---------------------------------------------------------------------------------------------
+
+// One level per lane bit D = LO, 2·LO, ..., HI/2. While the vector is longer than one value, a
+// lane keeps the half its bit selects and adds its partner's copy of that half; after that the
+// single value is summed with the partner's. Returns the offset of the kept values.
+template <int LEN, int D, int HI, int M>
+__device__ __forceinline__ int rs_levels(acc_t (&v)[M], int lane) {
+    if constexpr (D >= HI) {
+        return 0;
+    } else if constexpr (LEN > 1) {
+        constexpr int H = LEN / 2;
+        const bool upper = (lane & D) != 0;
+#pragma unroll
+        for (int i = 0; i < H; ++i) {
+            const acc_t send = upper ? v[i] : v[i + H];
+            const acc_t keep = upper ? v[i + H] : v[i];
+            v[i] = keep + __shfl_xor_sync(FS_FULL_MASK, send, D);
+        }
+        return (upper ? H : 0) + rs_levels<H, 2 * D, HI, M>(v, lane);
+    } else {
+        v[0] += __shfl_xor_sync(FS_FULL_MASK, v[0], D);
+        return rs_levels<1, 2 * D, HI, M>(v, lane);
+    }
+}
+
+// Reduce-scatter of the M values of each lane over the HI/LO lanes whose indices differ only in
+// bits LO..HI/2 (powers of two, HI <= 32): afterwards v[0..RsCount) of a lane are the sums over
+// those lanes of the original entries [off, off + RsCount), off being returned. When M is smaller
+// than the lane count, the lanes whose bits above LO·M are not all zero hold duplicates.
+template <int LO, int HI, int M>
+__device__ __forceinline__ int reduce_scatter(acc_t (&v)[M], int lane) {
+    return rs_levels<M, LO, HI, M>(v, lane);
+}
+
+template <int M, int LANES>
+struct RsCount {
+    static constexpr int value = M >= LANES ? M / LANES : 1;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Staging into shared memory
+// ---------------------------------------------------------------------------------------------
+
+// Calls f(c, t, value, inside) for every (c, t) of a ROWS x T tile of the (batch, dim, time) tensor
+// `src` (strides st) starting at channel c0 and step t0; consecutive threads walk the axis of unit
+// stride. value is 0 outside the tensor (channel c >= ct or past dim, step past len).
+template <class F>
+__device__ __forceinline__ void for_tile(const storage_t* src, Strides<3> st, i64 b, i64 c0, i64 ct, i64 dim,
+                                         i64 t0, i64 len, int rows, int T, F f) {
+    const bool time_fast = st.s[2] == 1 || st.s[1] != 1;
+    for (int e = threadIdx.x; e < rows * T; e += FS_SEL_THREADS) {
+        const int c = time_fast ? e / T : e % rows;
+        const int t = time_fast ? e % T : e / rows;
+        const i64 d = c0 + c, tg = t0 + t;
+        const bool inside = c < ct && d < dim && tg < len;
+        const acc_t v = inside ? to_acc(src[b * st.s[0] + d * st.s[1] + tg * st.s[2]]) : acc_t(0);
+        f(c, t, v, inside);
+    }
+}
+
+// Stages steps t0..t0+T of a variable B/C (group g of batch b) as dst[(t·NP + n)·parts + part],
+// zeros past N or past len.
+template <int NP>
+__device__ __forceinline__ void stage_bc(const storage_t* src, Strides<4> st, i64 b, i64 g, i64 n_states,
+                                         i64 t0, i64 len, int T, acc_t* dst) {
+    constexpr int PT = FS_SEL_PARTS;
+    const bool time_fast = st.s[3] == 1 || st.s[2] != 1;
+    for (int e = threadIdx.x; e < NP * T * PT; e += FS_SEL_THREADS) {
+        int n, tp;
+        if (time_fast) {
+            n = e / (T * PT);
+            tp = e % (T * PT);
+        } else {
+            n = e % NP;
+            tp = e / NP;
+        }
+        const int t = tp / PT, part = tp % PT;
+        const i64 tg = t0 + t;
+        acc_t v = 0;
+        if (n < n_states && tg < len)
+            v = to_acc(src[b * st.s[0] + g * st.s[1] + n * st.s[2] + (tg * PT + part) * st.s[3]]);
+        dst[(t * NP + n) * PT + part] = v;
+    }
+}
+
+// Number n of step t of a staged B/C tile.
+template <int NP>
+__device__ __forceinline__ num_t bc_at(const acc_t* s, int t, int n) {
+    return nload(s, (i64)t * NP + n);
+}
+
+__device__ __forceinline__ acc_t softplus_(acc_t r) {
+    return r <= acc_t(FS_SEL_SOFTPLUS_THRESHOLD) ? log1p(exp(r)) : r;
+}
+
+// The per-thread constants of a channel's states: A (and A with log2(e) folded in), constant
+// B and C (zeros when variable or past N).
+template <int S>
+struct Weights {
+    num_t a[S], a2[S], b[S], c[S];
+    __device__ __forceinline__ void load(const SelParams& Q, i64 d, int lane_in_channel, bool active) {
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            const i64 n = (i64)lane_in_channel * S + s;
+            const bool ok = active && n < Q.dstate;
+            a[s] = ok ? nload(Q.A, d * Q.dstate + n) : nzero();
+            a2[s] = nlog2_scaled(a[s]);
+            b[s] = (ok && Q.b_const) ? nload(Q.b_const, d * Q.dstate + n) : nzero();
+            c[s] = (ok && Q.c_const) ? nload(Q.c_const, d * Q.dstate + n) : nzero();
+        }
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory plans (bytes must stay within FS_SEL_SMEM; the launcher only picks configurations
+// that fit: see `max_dstate` in src/cuda/selective_scan.rs)
+// ---------------------------------------------------------------------------------------------
+
+#define FS_SEL_FWD_BYTES(P, S, T) \
+    ((3 * (FS_SEL_THREADS / (P)) * ((T) + 1) + 2 * (T) * (P) * (S) * FS_SEL_PARTS) * (int)sizeof(acc_t))
+
+template <int P, int S>
+struct FwdPlan {
+    static constexpr int T = FS_SEL_FWD_BYTES(P, S, 64) <= FS_SEL_SMEM   ? 64
+                             : FS_SEL_FWD_BYTES(P, S, 32) <= FS_SEL_SMEM ? 32
+                             : FS_SEL_FWD_BYTES(P, S, 16) <= FS_SEL_SMEM ? 16
+                                                                         : 8;
+    static constexpr bool fits = FS_SEL_FWD_BYTES(P, S, T) <= FS_SEL_SMEM;
+};
+
+#define FS_SEL_TS(S) (FS_SEL_HREGS / ((S) * FS_SEL_PARTS) < FS_SEL_CK ? FS_SEL_HREGS / ((S) * FS_SEL_PARTS) : FS_SEL_CK)
+#define FS_SEL_BWD_BYTES(P, S, TR)                                                                        \
+    ((4 * (FS_SEL_THREADS / (P)) * (FS_SEL_CK + 1) + 2 * FS_SEL_TS(S) * (P) * (S) * FS_SEL_PARTS +         \
+      (FS_SEL_CK / FS_SEL_TS(S) > 1 ? FS_SEL_CK / FS_SEL_TS(S) - 1 : 1) * FS_SEL_THREADS * (S) * FS_SEL_PARTS + \
+      FS_SEL_WARPS * (TR) * 2 * (P) * (S) * FS_SEL_PARTS) *                                                \
+     (int)sizeof(acc_t))
+
+template <int P, int S>
+struct BwdPlan {
+    static constexpr int TS = FS_SEL_TS(S);              // steps per window
+    static constexpr int R = FS_SEL_CK / TS;             // windows per segment
+    static constexpr int G = P < TS ? (P < 8 ? P : 8) : (TS < 8 ? TS : 8);  // steps per ∂u/∂Δ reduction
+    static constexpr int TR = FS_SEL_BWD_BYTES(P, S, 16) <= FS_SEL_SMEM && TS >= 16  ? 16
+                              : FS_SEL_BWD_BYTES(P, S, 8) <= FS_SEL_SMEM && TS >= 8 ? 8
+                              : FS_SEL_BWD_BYTES(P, S, 4) <= FS_SEL_SMEM && TS >= 4 ? 4
+                              : FS_SEL_BWD_BYTES(P, S, 2) <= FS_SEL_SMEM && TS >= 2 ? 2
+                                                                                   : 1;
+    static constexpr bool fits = FS_SEL_BWD_BYTES(P, S, TR) <= FS_SEL_SMEM;
+};
+
+#if FS_SEL_PASS == 0
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+template <int P, int S>
+__device__ __forceinline__ void selective_fwd(const SelParams& Q) {
+    using Plan = FwdPlan<P, S>;
+    static_assert(Plan::fits, "forward shared memory over budget");
+    constexpr int T = Plan::T;
+    constexpr int ROWS = FS_SEL_THREADS / P;
+    constexpr int NP = P * S;
+    constexpr int ROW = T + 1;  // odd row length: the channels of a warp hit distinct banks
+    constexpr int G = P < 8 ? P : 8;
+    static_assert(T % G == 0, "chunk of whole reduction groups");
+    __shared__ acc_t s_dt[ROWS * ROW];  // Δ, then y before the gate
+    __shared__ acc_t s_u[ROWS * ROW];
+    __shared__ acc_t s_z[ROWS * ROW];
+    __shared__ acc_t s_b[T * NP * FS_SEL_PARTS];
+    __shared__ acc_t s_c[T * NP * FS_SEL_PARTS];
+
+    const int tid = threadIdx.x, lane = tid % FS_WARP;
+    const int c = tid / P, l = tid % P;
+    const i64 b = blockIdx.x / Q.tiles, c0 = (blockIdx.x % Q.tiles) * Q.ct;
+    const i64 d = c0 + c;
+    const bool active = c < Q.ct && d < Q.dim;
+    const i64 N = Q.dstate, L = Q.len, row = b * Q.dim + d;
+    const i64 gb = Q.b_groups ? c0 / (Q.dim / Q.b_groups) : 0;
+    const i64 gc = Q.c_groups ? c0 / (Q.dim / Q.c_groups) : 0;
+
+    Weights<S> w;
+    w.load(Q, d, l, active);
+    num_t h[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        const i64 n = (i64)l * S + s;
+        h[s] = (active && n < N && Q.initial) ? nload(Q.initial, row * N + n) : nzero();
+    }
+    const acc_t d_skip = (active && Q.D) ? Q.D[d] : acc_t(0);
+
+    for (i64 t0 = 0; t0 < L; t0 += T) {
+        for_tile(Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, t0, L, ROWS, T, [&](int cc, int t, acc_t v, bool in) {
+            const acc_t r = v + (Q.bias && in ? Q.bias[c0 + cc] : acc_t(0));
+            s_dt[cc * ROW + t] = !in ? acc_t(0) : Q.softplus ? softplus_(r) : r;
+        });
+        for_tile(Q.u, Q.u_s, b, c0, Q.ct, Q.dim, t0, L, ROWS, T,
+                 [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
+        if (Q.z)
+            for_tile(Q.z, Q.z_s, b, c0, Q.ct, Q.dim, t0, L, ROWS, T,
+                     [&](int cc, int t, acc_t v, bool) { s_z[cc * ROW + t] = v; });
+        if (Q.b_var) stage_bc<NP>(Q.b_var, Q.b_s, b, gb, N, t0, L, T, s_b);
+        if (Q.c_var) stage_bc<NP>(Q.c_var, Q.c_s, b, gc, N, t0, L, T, s_c);
+        __syncthreads();
+
+#pragma unroll 1
+        for (int k = 0; k < T; k += G) {
+            acc_t yv[G];
+#pragma unroll
+            for (int j = 0; j < G; ++j) {
+                const int t = k + j;
+                if (Q.ckpt && active && (t0 + t) % FS_SEL_CK == 0 && t0 + t < L) {
+                    const i64 base = (row * Q.n_ck + (t0 + t) / FS_SEL_CK) * N;
+#pragma unroll
+                    for (int s = 0; s < S; ++s)
+                        if ((i64)l * S + s < N) nstore(Q.ckpt, base + l * S + s, h[s]);
+                }
+                const acc_t dt = s_dt[c * ROW + t];
+                const acc_t du = dt * s_u[c * ROW + t];
+                acc_t y = 0;
+#pragma unroll
+                for (int s = 0; s < S; ++s) {
+                    const int n = l * S + s;
+                    const num_t bv = Q.b_var ? bc_at<NP>(s_b, t, n) : w.b[s];
+                    h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv, du));
+                    const num_t cv = Q.c_var ? bc_at<NP>(s_c, t, n) : w.c[s];
+                    y += nre(nmul(cv, h[s]));
+                }
+                yv[j] = y;
+            }
+            // Every lane of the channel has read Δ of these steps (their y depend on it): the
+            // lane that finishes step t may overwrite Δ[t] with y[t].
+            const int off = reduce_scatter<1, P, G>(yv, lane);
+            if (l < G) {
+                const int t = k + off;
+                s_dt[c * ROW + t] = yv[0] * FS_SEL_OUT_FACTOR + d_skip * s_u[c * ROW + t];
+            }
+        }
+        __syncthreads();
+
+        for (int e = tid; e < ROWS * T; e += FS_SEL_THREADS) {
+            const int cc = e / T, t = e % T;
+            const i64 dd = c0 + cc, tg = t0 + t;
+            if (cc < Q.ct && dd < Q.dim && tg < L) {
+                acc_t y = s_dt[cc * ROW + t];
+                if (Q.z) {
+                    const acc_t zz = s_z[cc * ROW + t];
+                    y *= zz * sigmoid_(zz);
+                }
+                Q.out[(b * Q.dim + dd) * L + tg] = from_acc(y);
+            }
+        }
+        __syncthreads();
+    }
+    if (Q.last && active) {
+#pragma unroll
+        for (int s = 0; s < S; ++s)
+            if ((i64)l * S + s < N) nstore(Q.last, row * N + l * S + s, h[s]);
+    }
+}
+
+#define FS_SEL_FWD_KERNEL(P, S)                                                                     \
+    extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS) selective_fwd_p##P##_s##S(const SelParams Q) { \
+        selective_fwd<P, S>(Q);                                                                      \
+    }
+#endif  // FS_SEL_PASS == 0
+
+#if FS_SEL_PASS == 1
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+template <int P, int S>
+__device__ __forceinline__ void selective_bwd(const SelParams& Q) {
+    using Plan = BwdPlan<P, S>;
+    static_assert(Plan::fits, "backward shared memory over budget");
+    constexpr int TS = Plan::TS, R = Plan::R, G = Plan::G, TR = Plan::TR;
+    constexpr int ROWS = FS_SEL_THREADS / P;
+    constexpr int NP = P * S;
+    constexpr int PT = FS_SEL_PARTS;
+    constexpr int ROW = FS_SEL_CK + 1;
+    constexpr int MV = 2 * S * PT;  // ∂B and ∂C values of a thread for one step
+    static_assert(TS % G == 0 && TS % TR == 0 && FS_SEL_CK % TS == 0, "window of whole groups");
+    __shared__ acc_t s_dt[ROW * ROWS];  // Δ, then ∂(delta + bias)
+    __shared__ acc_t s_u[ROW * ROWS];   // u, then ∂u
+    __shared__ acc_t s_g[ROW * ROWS];   // ∂y = dout·silu(z)
+    __shared__ acc_t s_q[ROW * ROWS];   // dout·silu'(z), then ∂z
+    __shared__ acc_t s_b[TS * NP * PT];
+    __shared__ acc_t s_c[TS * NP * PT];
+    __shared__ acc_t s_slot[(R > 1 ? R - 1 : 1) * FS_SEL_THREADS * S * PT];
+    __shared__ acc_t s_red[FS_SEL_WARPS * TR * 2 * NP * PT];
+
+    const int tid = threadIdx.x, lane = tid % FS_WARP, warp = tid / FS_WARP;
+    const int c = tid / P, l = tid % P;
+    const i64 b = blockIdx.x / Q.tiles, tile = blockIdx.x % Q.tiles, c0 = tile * Q.ct;
+    const i64 d = c0 + c;
+    const bool active = c < Q.ct && d < Q.dim;
+    const i64 N = Q.dstate, L = Q.len, row = b * Q.dim + d;
+    const i64 gb = Q.b_groups ? c0 / (Q.dim / Q.b_groups) : 0;
+    const i64 gc = Q.c_groups ? c0 / (Q.dim / Q.c_groups) : 0;
+    const bool var_bc = Q.b_var || Q.c_var;
+
+    Weights<S> w;
+    w.load(Q, d, l, active);
+    const acc_t d_skip = (active && Q.D) ? Q.D[d] : acc_t(0);
+    num_t carry[S], grad_a[S], grad_b[S], grad_c[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        const i64 n = (i64)l * S + s;
+        carry[s] = (active && n < N && Q.grad_last) ? nload(Q.grad_last, row * N + n) : nzero();
+        grad_a[s] = grad_b[s] = grad_c[s] = nzero();
+    }
+    acc_t grad_d = 0, grad_bias = 0;  // this lane's share of the channel's sums
+
+#pragma unroll 1
+    for (i64 seg = Q.n_ck - 1; seg >= 0; --seg) {
+        const i64 ts0 = seg * FS_SEL_CK;
+        __syncthreads();  // the previous segment's results are written out
+        // Stage the segment: Δ, u, dout (then ∂y and silu'(z)·dout with z).
+        for_tile(Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, ts0, L, ROWS, FS_SEL_CK, [&](int cc, int t, acc_t v, bool in) {
+            const acc_t r = v + (Q.bias && in ? Q.bias[c0 + cc] : acc_t(0));
+            s_dt[cc * ROW + t] = !in ? acc_t(0) : Q.softplus ? softplus_(r) : r;
+        });
+        for_tile(Q.u, Q.u_s, b, c0, Q.ct, Q.dim, ts0, L, ROWS, FS_SEL_CK,
+                 [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
+        for_tile(Q.dout, Q.dout_s, b, c0, Q.ct, Q.dim, ts0, L, ROWS, FS_SEL_CK,
+                 [&](int cc, int t, acc_t v, bool) { s_g[cc * ROW + t] = v; });
+        if (Q.z) {
+            __syncthreads();  // the z tile may map its elements to other threads than dout's
+            for_tile(Q.z, Q.z_s, b, c0, Q.ct, Q.dim, ts0, L, ROWS, FS_SEL_CK, [&](int cc, int t, acc_t zz, bool) {
+                const acc_t sg = sigmoid_(zz), g = s_g[cc * ROW + t];
+                s_q[cc * ROW + t] = g * sg * (acc_t(1) + zz * (acc_t(1) - sg));
+                s_g[cc * ROW + t] = g * zz * sg;
+            });
+        }
+
+        num_t h_seg[S];
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            const i64 n = (i64)l * S + s;
+            h_seg[s] = (active && n < N) ? nload(Q.ckpt, (row * Q.n_ck + seg) * N + n) : nzero();
+        }
+
+        // Forward sweep through the first R-1 windows: the states entering windows 1..R-1.
+        if constexpr (R > 1) {
+            num_t h[S];
+#pragma unroll
+            for (int s = 0; s < S; ++s) h[s] = h_seg[s];
+#pragma unroll 1
+            for (int win = 0; win < R - 1; ++win) {
+                __syncthreads();  // staged tiles complete; s_b free
+                if (Q.b_var) stage_bc<NP>(Q.b_var, Q.b_s, b, gb, N, ts0 + win * TS, L, TS, s_b);
+                __syncthreads();
+#pragma unroll
+                for (int j = 0; j < TS; ++j) {
+                    const int t = win * TS + j;
+                    const acc_t dt = s_dt[c * ROW + t];
+                    const acc_t du = dt * s_u[c * ROW + t];
+#pragma unroll
+                    for (int s = 0; s < S; ++s) {
+                        const num_t bv = Q.b_var ? bc_at<NP>(s_b, j, l * S + s) : w.b[s];
+                        h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv, du));
+                    }
+                }
+#pragma unroll
+                for (int s = 0; s < S; ++s) nstore(s_slot, ((i64)win * FS_SEL_THREADS + tid) * S + s, h[s]);
+            }
+        }
+
+#pragma unroll 1
+        for (int win = R - 1; win >= 0; --win) {
+            const int tw = win * TS;  // the window's first step in the segment
+            __syncthreads();          // staged tiles complete; s_b, s_c free
+            if (Q.b_var) stage_bc<NP>(Q.b_var, Q.b_s, b, gb, N, ts0 + tw, L, TS, s_b);
+            if (Q.c_var) stage_bc<NP>(Q.c_var, Q.c_s, b, gc, N, ts0 + tw, L, TS, s_c);
+            __syncthreads();
+
+            num_t h_start[S];
+#pragma unroll
+            for (int s = 0; s < S; ++s)
+                h_start[s] = win == 0 ? h_seg[s] : nload(s_slot, ((i64)(win - 1) * FS_SEL_THREADS + tid) * S + s);
+
+            // Rebuild the window's states (and y, for ∂z).
+            num_t hr[TS][S];
+            {
+                num_t h[S];
+#pragma unroll
+                for (int s = 0; s < S; ++s) h[s] = h_start[s];
+#pragma unroll
+                for (int k = 0; k < TS; k += G) {
+                    acc_t yv[G];
+#pragma unroll
+                    for (int j = 0; j < G; ++j) {
+                        const int t = tw + k + j;
+                        const acc_t dt = s_dt[c * ROW + t];
+                        const acc_t du = dt * s_u[c * ROW + t];
+                        acc_t y = 0;
+#pragma unroll
+                        for (int s = 0; s < S; ++s) {
+                            const int n = l * S + s;
+                            const num_t bv = Q.b_var ? bc_at<NP>(s_b, k + j, n) : w.b[s];
+                            h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv, du));
+                            hr[k + j][s] = h[s];
+                            const num_t cv = Q.c_var ? bc_at<NP>(s_c, k + j, n) : w.c[s];
+                            y += nre(nmul(cv, h[s]));
+                        }
+                        yv[j] = y;
+                    }
+                    if (Q.z) {
+                        const int off = reduce_scatter<1, P, G>(yv, lane);
+                        if (l < G) {
+                            const int t = tw + k + off;
+                            const acc_t y = yv[0] * FS_SEL_OUT_FACTOR + d_skip * s_u[c * ROW + t];
+                            s_q[c * ROW + t] *= y;  // ∂z = dout·silu'(z)·y
+                        }
+                    }
+                }
+            }
+
+            // The adjoint recurrence backwards through the window.
+#pragma unroll
+            for (int k = TS - G; k >= 0; k -= G) {
+                acc_t dv[2 * G];  // per step of the group: this lane's ∂u, ∂Δ shares
+#pragma unroll
+                for (int j = G - 1; j >= 0; --j) {
+                    const int jj = k + j, t = tw + jj;
+                    const acc_t dt = s_dt[c * ROW + t];
+                    const acc_t uu = s_u[c * ROW + t];
+                    const acc_t gy = s_g[c * ROW + t] * FS_SEL_OUT_FACTOR;
+                    acc_t du_acc = 0, dd_acc = 0;
+                    acc_t mv[MV];  // this thread's ∂B (first S·parts) and ∂C contributions
+#pragma unroll
+                    for (int s = 0; s < S; ++s) {
+                        const int n = l * S + s;
+                        const num_t cv = Q.c_var ? bc_at<NP>(s_c, jj, n) : w.c[s];
+                        const num_t bv = Q.b_var ? bc_at<NP>(s_b, jj, n) : w.b[s];
+                        const num_t g = nadd(nscale(nconj(cv), gy), carry[s]);
+                        const num_t hp = jj > 0 ? hr[jj > 0 ? jj - 1 : 0][s] : h_start[s];
+                        const num_t dec = ndecay(dt, w.a2[s]);
+                        const num_t gcv = nscale(nconj(hr[jj][s]), gy);
+                        const num_t gbv = nscale(g, dt * uu);
+                        const acc_t through_b = nre(nmul(nconj(bv), g));
+                        du_acc += dt * through_b;
+                        dd_acc += uu * through_b;
+                        const num_t wv = nmul(nmul(nconj(dec), g), nconj(hp));
+                        grad_a[s] = nadd(grad_a[s], nscale(wv, dt));
+                        dd_acc += nre(nmul(nconj(w.a[s]), wv));
+                        carry[s] = nmul(nconj(dec), g);
+                        if (!Q.b_var) grad_b[s] = nadd(grad_b[s], gbv);
+                        if (!Q.c_var) grad_c[s] = nadd(grad_c[s], gcv);
+#pragma unroll
+                        for (int p = 0; p < PT; ++p) {
+                            mv[s * PT + p] = npart(gbv, p);
+                            mv[S * PT + s * PT + p] = npart(gcv, p);
+                        }
+                    }
+                    dv[2 * j] = du_acc;
+                    dv[2 * j + 1] = dd_acc;
+                    if (var_bc) {
+                        // Sum over the channels of the warp, then park the warp's sums.
+                        const int off = reduce_scatter<P, FS_WARP, MV>(mv, lane);
+                        constexpr int CNT = RsCount<MV, FS_WARP / P>::value;
+                        if (lane / P < MV) {
+#pragma unroll
+                            for (int i = 0; i < CNT; ++i) {
+                                const int o = off + i;
+                                const int which = o / (S * PT), s = (o / PT) % S, part = o % PT;
+                                s_red[((warp * TR + jj % TR) * 2 + which) * NP * PT + (l * S + s) * PT + part] = mv[i];
+                            }
+                        }
+                        if (jj % TR == 0) {
+                            // Steps jj..jj+TR are parked by every warp: sum them over warps, in order.
+                            __syncthreads();
+                            constexpr int E = TR * 2 * NP * PT;
+                            for (int e = tid; e < E; e += FS_SEL_THREADS) {
+                                const int tr = e / (2 * NP * PT), which = (e / (NP * PT)) % 2;
+                                const int n = (e / PT) % NP, part = e % PT;
+                                const i64 tg = ts0 + tw + jj + tr;
+                                acc_t* dst = which ? Q.part_c : Q.part_b;
+                                if (dst && n < N && tg < L) {
+                                    acc_t sum = 0;
+#pragma unroll
+                                    for (int wp = 0; wp < FS_SEL_WARPS; ++wp) sum += s_red[wp * E + e];
+                                    dst[((b * Q.tiles + tile) * N + n) * (L * PT) + tg * PT + part] = sum;
+                                }
+                            }
+                            __syncthreads();
+                        }
+                    }
+                }
+                // Sum ∂u, ∂Δ over the lanes of the channel; the lane holding a step's value
+                // finishes it in shared memory (every lane has read that step already).
+                const int off = reduce_scatter<1, P, 2 * G>(dv, lane);
+                constexpr int CNT = RsCount<2 * G, P>::value;
+                if (l < 2 * G) {
+#pragma unroll
+                    for (int i = 0; i < CNT; ++i) {
+                        const int o = off + i;
+                        const int t = tw + k + o / 2;
+                        const bool inside = active && ts0 + t < L;
+                        if (o % 2 == 0) {
+                            const acc_t uu = s_u[c * ROW + t], gy = s_g[c * ROW + t];
+                            if (inside) grad_d += gy * uu;
+                            s_u[c * ROW + t] = dv[i] + d_skip * gy;
+                        } else {
+                            const acc_t dt = s_dt[c * ROW + t];
+                            // softplus'(r) = sigmoid(r) = 1 - exp(-softplus(r)) (1 past the threshold).
+                            const acc_t dr = Q.softplus ? -dv[i] * expm1(-dt) : dv[i];
+                            if (inside) grad_bias += dr;
+                            s_dt[c * ROW + t] = dr;
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        // The segment's ∂u, ∂delta, ∂z.
+        const i64 steps = min((i64)FS_SEL_CK, L - ts0);
+        for (int e = tid; e < ROWS * FS_SEL_CK; e += FS_SEL_THREADS) {
+            const int cc = e / FS_SEL_CK, t = e % FS_SEL_CK;
+            const i64 dd = c0 + cc;
+            if (cc < Q.ct && dd < Q.dim && t < steps) {
+                const i64 at = (b * Q.dim + dd) * L + ts0 + t;
+                Q.du[at] = from_acc(s_u[cc * ROW + t]);
+                Q.ddelta[at] = from_acc(s_dt[cc * ROW + t]);
+                if (Q.dz) Q.dz[at] = from_acc(s_q[cc * ROW + t]);
+            }
+        }
+    }
+
+    // Per-channel results: ∂h0, and the partial parameter gradients of this (batch, channel).
+#pragma unroll
+    for (int d2 = 1; d2 < P; d2 <<= 1) {
+        grad_d += __shfl_xor_sync(FS_FULL_MASK, grad_d, d2);
+        grad_bias += __shfl_xor_sync(FS_FULL_MASK, grad_bias, d2);
+    }
+    if (active) {
+        const i64 slots = 3 * N * PT + 2;
+        acc_t* part = Q.part_params + row * slots;
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            const i64 n = (i64)l * S + s;
+            if (n >= N) continue;
+            if (Q.dinitial) nstore(Q.dinitial, row * N + n, carry[s]);
+            nstore(part, n, grad_a[s]);
+            nstore(part, N + n, grad_b[s]);
+            nstore(part, 2 * N + n, grad_c[s]);
+        }
+        if (l == 0) {
+            part[3 * N * PT] = grad_d;
+            part[3 * N * PT + 1] = grad_bias;
+        }
+    }
+}
+
+#define FS_SEL_BWD_KERNEL(P, S)                                                                     \
+    extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS) selective_bwd_p##P##_s##S(const SelParams Q) { \
+        if constexpr (BwdPlan<P, S>::fits) {                                                         \
+            selective_bwd<P, S>(Q);                                                                  \
+        } else {                                                                                     \
+            __trap(); /* not offered by the launcher for this element type */                       \
+        }                                                                                            \
+    }
+
+// ∂A, ∂D, ∂delta_bias and constant ∂B/∂C: one thread per (channel, slot), summing the batch in order.
+extern "C" __global__ void __launch_bounds__(256) selective_reduce_params(const SelReduceParams R) {
+    constexpr int PT = FS_SEL_PARTS;
+    const i64 N = R.dstate, slots = 3 * N * PT + 2;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= R.dim * slots) return;
+    const i64 d = i / slots, k = i % slots;
+    acc_t* dst;
+    i64 at;
+    if (k < N * PT) {
+        dst = R.da;
+        at = d * N * PT + k;
+    } else if (k < 2 * N * PT) {
+        dst = R.db;
+        at = d * N * PT + k - N * PT;
+    } else if (k < 3 * N * PT) {
+        dst = R.dc;
+        at = d * N * PT + k - 2 * N * PT;
+    } else {
+        dst = k == 3 * N * PT ? R.dd : R.dbias;
+        at = d;
+    }
+    if (!dst) return;
+    acc_t sum = 0;
+    for (i64 b = 0; b < R.batch; ++b) sum += R.src[(b * R.dim + d) * slots + k];
+    dst[at] = sum;
+}
+
+// Variable ∂B or ∂C: one thread per output element, summing the tiles of its group in order.
+extern "C" __global__ void __launch_bounds__(256) selective_reduce_bc(const SelReduceParams R) {
+    constexpr int PT = FS_SEL_PARTS;
+    const i64 span = R.len * PT, N = R.dstate;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= R.batch * R.groups * N * span) return;
+    const i64 tau = i % span, n = (i / span) % N, g = (i / span / N) % R.groups, b = i / span / N / R.groups;
+    const i64 per_group = R.dim / R.groups / R.ct;
+    acc_t sum = 0;
+    for (i64 k = 0; k < per_group; ++k) sum += R.src[((b * R.tiles + g * per_group + k) * N + n) * span + tau];
+    R.dvar[i] = from_acc(sum);
+}
+#endif  // FS_SEL_PASS == 1
+
+// The configurations (P lanes x S states per channel) the launcher chooses from.
+#if FS_SEL_PASS == 0
+#define FS_SEL_KERNEL FS_SEL_FWD_KERNEL
+#else
+#define FS_SEL_KERNEL FS_SEL_BWD_KERNEL
+#endif
+FS_SEL_KERNEL(4, 4)
+FS_SEL_KERNEL(8, 4)
+FS_SEL_KERNEL(16, 4)
+FS_SEL_KERNEL(32, 4)
+#if !FS_SEL_COMPLEX
+FS_SEL_KERNEL(32, 8)
+#endif

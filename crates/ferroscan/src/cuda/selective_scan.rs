@@ -1,0 +1,726 @@
+//! Launcher of the selective scan kernels (`kernels/selective_scan.cu`), on raw device addresses
+//! and a borrowed stream (what the Python package uses; it allocates outputs and scratch).
+//!
+//! A problem runs with a *configuration* of `P` lanes per channel and `S` states per lane
+//! (`P·S >= N`), and a *tile* of `ct` channels per block of 128 threads, all in one group of every
+//! variable `B`/`C`. The forward is one kernel; the backward is one kernel, then
+//! `selective_reduce_params` (∂A, ∂D, ∂delta_bias, constant ∂B/∂C summed over the batch) and one
+//! `selective_reduce_bc` per variable `B`/`C` (summed over the tiles of each group), all in fixed
+//! orders: the gradients are deterministic.
+//!
+//! Status: compiled by NVRTC in the test suite for sm_80 and sm_90; not yet run on a GPU by the
+//! author of this file (see the project's report for the GPU test command).
+
+use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::compile::{
+    KernelSource, SELECTIVE_BWD_COMPLEX_SOURCE, SELECTIVE_BWD_REAL_SOURCE,
+    SELECTIVE_FWD_COMPLEX_SOURCE, SELECTIVE_FWD_REAL_SOURCE,
+};
+use super::device::{driver_error, Device};
+use super::launch::{check_required, grid_blocks};
+use crate::error::{Error, Result};
+use crate::layout::DType;
+use crate::selective::{
+    Bc, BcGrad, SelectiveGradInputs, SelectiveGradOutputs, SelectiveInputs, SelectiveOutputs,
+    SelectiveProblem, Seq,
+};
+
+/// Threads per block of the forward and backward kernels (`FS_SEL_THREADS`).
+const THREADS: usize = 128;
+/// Threads per block of the reduction kernels.
+const REDUCE_THREADS: usize = 256;
+/// Byte alignment of the scratch regions.
+const SCRATCH_ALIGN: usize = 256;
+
+/// Kernel parameters, passed by value; mirrors `struct SelParams` in the kernel source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SelectiveParams {
+    u: u64,
+    delta: u64,
+    z: u64,
+    dout: u64,
+    a: u64,
+    d: u64,
+    bias: u64,
+    initial: u64,
+    grad_last: u64,
+    b_const: u64,
+    b_var: u64,
+    c_const: u64,
+    c_var: u64,
+    out: u64,
+    last: u64,
+    ckpt: u64,
+    du: u64,
+    ddelta: u64,
+    dz: u64,
+    dinitial: u64,
+    part_params: u64,
+    part_b: u64,
+    part_c: u64,
+    batch: i64,
+    dim: i64,
+    len: i64,
+    dstate: i64,
+    n_ck: i64,
+    u_s: [i64; 3],
+    delta_s: [i64; 3],
+    z_s: [i64; 3],
+    dout_s: [i64; 3],
+    b_s: [i64; 4],
+    c_s: [i64; 4],
+    b_groups: i64,
+    c_groups: i64,
+    ct: i64,
+    tiles: i64,
+    softplus: i32,
+    pad: i32,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's `SelParams` (u64 addresses, i64 sizes
+// and strides, two i32).
+unsafe impl DeviceRepr for SelectiveParams {}
+
+/// Parameters of the reduction kernels; mirrors `struct SelReduceParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SelectiveReduceParams {
+    src: u64,
+    da: u64,
+    db: u64,
+    dc: u64,
+    dd: u64,
+    dbias: u64,
+    dvar: u64,
+    batch: i64,
+    dim: i64,
+    len: i64,
+    dstate: i64,
+    groups: i64,
+    tiles: i64,
+    ct: i64,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's `SelReduceParams`.
+unsafe impl DeviceRepr for SelectiveReduceParams {}
+
+/// The largest `N` the CUDA kernels take: 256 real / 128 complex states (128 / 64 in float64,
+/// whose shared memory is twice as large). Mirrors which configurations of the kernel source fit
+/// their shared memory (`BwdPlan<P, S>::fits`).
+pub fn max_dstate(dtype: DType, complex: bool) -> usize {
+    match (dtype == DType::F64, complex) {
+        (false, false) => 256,
+        (false, true) | (true, false) => 128,
+        (true, true) => 64,
+    }
+}
+
+/// Lanes per channel `P` and states per lane `S` for a problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SelectiveConfig {
+    /// Lanes per channel (4, 8, 16 or 32).
+    pub lanes: usize,
+    /// States per lane (4, or 8 for `N > 128`).
+    pub states: usize,
+}
+
+impl SelectiveConfig {
+    /// The configuration for `problem`, or an error naming `dstate` when `N` is beyond
+    /// [`max_dstate`].
+    pub fn new(dtype: DType, problem: &SelectiveProblem) -> Result<Self> {
+        let n = problem.dstate;
+        let most = max_dstate(dtype, problem.complex);
+        if n > most {
+            return Err(Error::invalid(
+                "dstate",
+                format!(
+                    "at most {most} states per channel for {} {} on CUDA (the CPU takes any), got {n}",
+                    if problem.complex { "complex" } else { "real" },
+                    dtype.name()
+                ),
+            ));
+        }
+        Ok(if n <= 128 {
+            SelectiveConfig {
+                lanes: n.div_ceil(4).next_power_of_two().max(4),
+                states: 4,
+            }
+        } else {
+            SelectiveConfig {
+                lanes: 32,
+                states: 8,
+            }
+        })
+    }
+
+    /// The forward kernel's name.
+    pub fn forward_kernel(&self) -> String {
+        format!("selective_fwd_p{}_s{}", self.lanes, self.states)
+    }
+
+    /// The backward kernel's name.
+    pub fn backward_kernel(&self) -> String {
+        format!("selective_bwd_p{}_s{}", self.lanes, self.states)
+    }
+}
+
+/// The configurations the kernel source instantiates (`FS_SEL_KERNEL(P, S)`).
+fn configs(complex: bool) -> Vec<SelectiveConfig> {
+    let mut all: Vec<SelectiveConfig> = [4, 8, 16, 32]
+        .into_iter()
+        .map(|lanes| SelectiveConfig { lanes, states: 4 })
+        .collect();
+    if !complex {
+        all.push(SelectiveConfig {
+            lanes: 32,
+            states: 8,
+        });
+    }
+    all
+}
+
+/// Every selective scan source with the kernel names it must contain (for compile checks).
+pub fn all_kernel_names() -> Vec<(KernelSource, Vec<String>)> {
+    let mut out = Vec::new();
+    for complex in [false, true] {
+        let (fwd, bwd) = sources(complex);
+        out.push((
+            fwd,
+            configs(complex)
+                .iter()
+                .map(|c| c.forward_kernel())
+                .collect(),
+        ));
+        let mut names: Vec<String> = configs(complex)
+            .iter()
+            .map(|c| c.backward_kernel())
+            .collect();
+        names.extend([
+            "selective_reduce_params".into(),
+            "selective_reduce_bc".into(),
+        ]);
+        out.push((bwd, names));
+    }
+    out
+}
+
+fn sources(complex: bool) -> (KernelSource, KernelSource) {
+    if complex {
+        (SELECTIVE_FWD_COMPLEX_SOURCE, SELECTIVE_BWD_COMPLEX_SOURCE)
+    } else {
+        (SELECTIVE_FWD_REAL_SOURCE, SELECTIVE_BWD_REAL_SOURCE)
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// How the channels are cut into tiles of one block each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TilePlan {
+    /// Channels per tile (at most `128 / P`; dividing the channels of every variable group).
+    pub ct: usize,
+    /// Tiles per batch element.
+    pub tiles: usize,
+}
+
+impl TilePlan {
+    /// The plan for `problem` with configuration `config` and the group counts of a variable
+    /// `B` and `C` (`None` when constant).
+    pub fn new(
+        problem: &SelectiveProblem,
+        config: &SelectiveConfig,
+        groups: [Option<usize>; 2],
+    ) -> Self {
+        let most = THREADS / config.lanes;
+        let span = groups
+            .iter()
+            .flatten()
+            .fold(0, |acc, &g| gcd(acc, problem.dim / g.max(1)));
+        let ct = if span == 0 {
+            most
+        } else {
+            (1..=most.min(span))
+                .rev()
+                .find(|r| span % r == 0)
+                .unwrap_or(1)
+        };
+        TilePlan {
+            ct,
+            tiles: problem.dim.div_ceil(ct),
+        }
+    }
+}
+
+/// Byte offsets of the backward's scratch regions: per-(batch, channel) parameter partials,
+/// then per-tile partials of a variable `B` and `C`.
+#[derive(Clone, Copy, Debug)]
+struct ScratchLayout {
+    params: usize,
+    part_b: Option<usize>,
+    part_c: Option<usize>,
+    total: usize,
+}
+
+impl ScratchLayout {
+    fn new(
+        dtype: DType,
+        problem: &SelectiveProblem,
+        tiles: &TilePlan,
+        groups: [Option<usize>; 2],
+    ) -> Self {
+        let acc = dtype.accumulator_bytes();
+        let round = |n: usize| n.div_ceil(SCRATCH_ALIGN) * SCRATCH_ALIGN;
+        let slots = 3 * problem.dstate * problem.parts() + 2;
+        let params = round(problem.batch * problem.dim * slots * acc);
+        let per_var = round(
+            problem.batch * tiles.tiles * problem.dstate * problem.len * problem.parts() * acc,
+        );
+        let mut total = params;
+        let mut next = |present: bool| {
+            present.then(|| {
+                let at = total;
+                total += per_var;
+                at
+            })
+        };
+        let part_b = next(groups[0].is_some());
+        let part_c = next(groups[1].is_some());
+        ScratchLayout {
+            params: 0,
+            part_b,
+            part_c,
+            total,
+        }
+    }
+}
+
+fn groups_of<X, W>(b: &Bc<X, W>, c: &Bc<X, W>) -> [Option<usize>; 2] {
+    [b.groups(), c.groups()]
+}
+
+/// Scratch bytes the backward of `problem` needs, with `groups` the group counts of a variable
+/// `B` and `C` (`None` when constant). Pass a 256-byte aligned buffer at least this large.
+pub fn selective_backward_scratch_bytes(
+    dtype: DType,
+    problem: &SelectiveProblem,
+    groups: [Option<usize>; 2],
+) -> Result<usize> {
+    let config = SelectiveConfig::new(dtype, problem)?;
+    let tiles = TilePlan::new(problem, &config, groups);
+    Ok(ScratchLayout::new(dtype, problem, &tiles, groups).total)
+}
+
+fn strides<const R: usize>(s: [usize; R]) -> Result<[i64; R]> {
+    let mut out = [0i64; R];
+    for (o, v) in out.iter_mut().zip(s) {
+        *o = i64::try_from(v).map_err(|_| Error::invalid("strides", "strides below 2^63"))?;
+    }
+    Ok(out)
+}
+
+fn seq_strides(seq: Option<&Seq<u64>>) -> Result<[i64; 3]> {
+    seq.map_or(Ok([0; 3]), |s| strides(s.strides))
+}
+
+/// The parameter block shared by both passes: inputs, shape, tiles.
+fn base_params(
+    problem: &SelectiveProblem,
+    x: &SelectiveInputs<u64, u64>,
+    tiles: &TilePlan,
+) -> Result<SelectiveParams> {
+    // Empty tensors may sit at address 0; only non-empty ones are required.
+    let required = |arg: &'static str, address: u64, numel: usize| {
+        if numel > 0 {
+            check_required(arg, address)
+        } else {
+            Ok(())
+        }
+    };
+    required("u", x.u.data, problem.seq_numel())?;
+    required("delta", x.delta.data, problem.seq_numel())?;
+    required("A", x.a, problem.param_numel())?;
+    let mut q = SelectiveParams {
+        u: x.u.data,
+        delta: x.delta.data,
+        z: x.z.map_or(0, |z| z.data),
+        a: x.a,
+        d: x.d.unwrap_or(0),
+        bias: x.delta_bias.unwrap_or(0),
+        initial: x.initial.unwrap_or(0),
+        batch: problem.batch as i64,
+        dim: problem.dim as i64,
+        len: problem.len as i64,
+        dstate: problem.dstate as i64,
+        n_ck: problem.checkpoint_count() as i64,
+        u_s: strides(x.u.strides)?,
+        delta_s: strides(x.delta.strides)?,
+        z_s: seq_strides(x.z.as_ref())?,
+        ct: tiles.ct as i64,
+        tiles: tiles.tiles as i64,
+        softplus: i32::from(problem.delta_softplus),
+        ..SelectiveParams::default()
+    };
+    for (arg, bc, konst, var, st, groups) in [
+        (
+            "B",
+            &x.b,
+            &mut q.b_const,
+            &mut q.b_var,
+            &mut q.b_s,
+            &mut q.b_groups,
+        ),
+        (
+            "C",
+            &x.c,
+            &mut q.c_const,
+            &mut q.c_var,
+            &mut q.c_s,
+            &mut q.c_groups,
+        ),
+    ] {
+        match bc {
+            Bc::Constant(address) => {
+                required(arg, *address, problem.param_numel())?;
+                *konst = *address;
+            }
+            Bc::Variable { tensor, groups: g } => {
+                problem.check_groups(arg, *g)?;
+                required(arg, tensor.data, problem.variable_numel(*g))?;
+                *var = tensor.data;
+                *st = strides(tensor.strides)?;
+                *groups = *g as i64;
+            }
+        }
+    }
+    Ok(q)
+}
+
+/// Launches `name` of `source` with `params` on `blocks` blocks of `threads`.
+///
+/// # Safety
+/// Every address in `params` must be valid for the shapes it describes, on `stream`.
+unsafe fn launch<P: DeviceRepr>(
+    device: &Device,
+    stream: &CudaStream,
+    (source, dtype, name): (KernelSource, DType, &str),
+    params: &P,
+    (blocks, threads): (usize, usize),
+) -> Result<()> {
+    if blocks == 0 {
+        return Ok(());
+    }
+    let function = device.function(source, dtype, name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_blocks(blocks)?, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut builder = stream.launch_builder(&function);
+    builder.arg(params);
+    // SAFETY: the kernel reads and writes only the buffers in `params`, which the caller
+    // guarantees are valid for the described shapes.
+    unsafe { builder.launch(cfg) }.map_err(driver_error("launching a selective scan kernel"))?;
+    Ok(())
+}
+
+/// Forward selective scan on raw device addresses (`0` = absent optional) with input element
+/// type `dtype` (weights in its accumulator type), queued on `stream`. Writes `out`, and the last
+/// state and the checkpoints when their addresses are given.
+///
+/// # Safety
+/// Every non-zero address must point to device memory of `device` holding the tensor the
+/// problem describes (inputs with their strides; outputs C-contiguous), alive until the stream has
+/// run the kernels; outputs must not overlap inputs; `stream` must belong to `device`'s primary
+/// context.
+pub unsafe fn selective_scan_forward_raw(
+    device: &Device,
+    stream: &CudaStream,
+    dtype: DType,
+    problem: &SelectiveProblem,
+    inputs: SelectiveInputs<u64, u64>,
+    outputs: SelectiveOutputs<u64, u64>,
+) -> Result<()> {
+    let config = SelectiveConfig::new(dtype, problem)?;
+    let groups = groups_of(&inputs.b, &inputs.c);
+    let tiles = TilePlan::new(problem, &config, groups);
+    let mut q = base_params(problem, &inputs, &tiles)?;
+    if problem.seq_numel() > 0 {
+        check_required("out", outputs.out)?;
+    }
+    q.out = outputs.out;
+    q.last = outputs.last_state.unwrap_or(0);
+    q.ckpt = outputs.checkpoints.unwrap_or(0);
+    let (source, _) = sources(problem.complex);
+    let name = config.forward_kernel();
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        launch(
+            device,
+            stream,
+            (source, dtype, &name),
+            &q,
+            (problem.batch * tiles.tiles, THREADS),
+        )
+    }
+}
+
+/// Backward selective scan on raw device addresses: every gradient from the forward's inputs,
+/// its checkpoints and the gradients of `out` and the last state. `scratch` must hold
+/// [`selective_backward_scratch_bytes`] bytes, 256-byte aligned.
+///
+/// # Safety
+/// As for [`selective_scan_forward_raw`]; gradient outputs are C-contiguous.
+#[allow(clippy::too_many_arguments)] // the pass's inputs, gradients, outputs and scratch
+pub unsafe fn selective_scan_backward_raw(
+    device: &Device,
+    stream: &CudaStream,
+    dtype: DType,
+    problem: &SelectiveProblem,
+    inputs: SelectiveInputs<u64, u64>,
+    grads: SelectiveGradInputs<u64, u64>,
+    outputs: SelectiveGradOutputs<u64, u64>,
+    (scratch, scratch_bytes): (u64, usize),
+) -> Result<()> {
+    let config = SelectiveConfig::new(dtype, problem)?;
+    let groups = groups_of(&inputs.b, &inputs.c);
+    let tiles = TilePlan::new(problem, &config, groups);
+    let layout = ScratchLayout::new(dtype, problem, &tiles, groups);
+    if layout.total > 0
+        && (scratch == 0 || scratch_bytes < layout.total || scratch % SCRATCH_ALIGN as u64 != 0)
+    {
+        return Err(Error::invalid(
+            "scratch",
+            format!(
+                "a {SCRATCH_ALIGN}-byte aligned device buffer of at least {} bytes \
+                 (selective_backward_scratch_bytes), got {scratch_bytes} bytes at {scratch:#x}",
+                layout.total
+            ),
+        ));
+    }
+    let mut q = base_params(problem, &inputs, &tiles)?;
+    let rows_present = problem.batch * problem.dim > 0;
+    if rows_present && problem.len > 0 {
+        for (arg, address) in [
+            ("grad_out", grads.grad_out.data),
+            ("checkpoints", grads.checkpoints),
+            ("grad_u", outputs.u),
+            ("grad_delta", outputs.delta),
+        ] {
+            check_required(arg, address)?;
+        }
+    }
+    if problem.param_numel() > 0 {
+        check_required("grad_A", outputs.a)?;
+    }
+    let optional = [
+        ("grad_D", inputs.d.is_some(), outputs.d),
+        ("grad_z", inputs.z.is_some(), outputs.z),
+        (
+            "grad_delta_bias",
+            inputs.delta_bias.is_some(),
+            outputs.delta_bias,
+        ),
+        ("grad_initial", inputs.initial.is_some(), outputs.initial),
+    ];
+    for (arg, present, grad) in optional {
+        if grad.is_some() && !present {
+            return Err(Error::invalid(
+                arg,
+                "no gradient buffer: the matching input is absent",
+            ));
+        }
+    }
+    let grad_bc =
+        |arg: &'static str, input: &Bc<u64, u64>, grad: &BcGrad<u64, u64>| match (input, grad) {
+            (Bc::Constant(_), BcGrad::Constant(a)) => {
+                let need = problem.param_numel() > 0;
+                (if need {
+                    check_required(arg, *a)
+                } else {
+                    Ok(())
+                })
+                .map(|_| (*a, 0))
+            }
+            (Bc::Variable { groups, .. }, BcGrad::Variable(a)) => {
+                let need = problem.variable_numel(*groups) > 0;
+                (if need {
+                    check_required(arg, *a)
+                } else {
+                    Ok(())
+                })
+                .map(|_| (0, *a))
+            }
+            _ => Err(Error::invalid(
+                arg,
+                "a gradient of the same kind (constant or variable) as the input",
+            )),
+        };
+    let (db_const, db_var) = grad_bc("grad_B", &inputs.b, &outputs.b)?;
+    let (dc_const, dc_var) = grad_bc("grad_C", &inputs.c, &outputs.c)?;
+
+    q.dout = grads.grad_out.data;
+    q.dout_s = strides(grads.grad_out.strides)?;
+    q.grad_last = grads.grad_last.unwrap_or(0);
+    q.ckpt = grads.checkpoints;
+    q.du = outputs.u;
+    q.ddelta = outputs.delta;
+    q.dz = outputs.z.unwrap_or(0);
+    q.dinitial = outputs.initial.unwrap_or(0);
+    q.part_params = scratch + layout.params as u64;
+    q.part_b = layout.part_b.map_or(0, |at| scratch + at as u64);
+    q.part_c = layout.part_c.map_or(0, |at| scratch + at as u64);
+
+    let (_, source) = sources(problem.complex);
+    let name = config.backward_kernel();
+    // SAFETY: forwarded from the caller; the scratch regions lie inside the checked buffer.
+    unsafe {
+        launch(
+            device,
+            stream,
+            (source, dtype, &name),
+            &q,
+            (problem.batch * tiles.tiles, THREADS),
+        )?;
+    }
+    let reduce = SelectiveReduceParams {
+        src: q.part_params,
+        da: outputs.a,
+        db: db_const,
+        dc: dc_const,
+        dd: outputs.d.unwrap_or(0),
+        dbias: outputs.delta_bias.unwrap_or(0),
+        batch: q.batch,
+        dim: q.dim,
+        len: q.len,
+        dstate: q.dstate,
+        tiles: q.tiles,
+        ct: q.ct,
+        ..SelectiveReduceParams::default()
+    };
+    let slots = 3 * problem.dstate * problem.parts() + 2;
+    let work = problem.dim * slots;
+    // SAFETY: as above.
+    unsafe {
+        launch(
+            device,
+            stream,
+            (source, dtype, "selective_reduce_params"),
+            &reduce,
+            (work.div_ceil(REDUCE_THREADS), REDUCE_THREADS),
+        )?;
+    }
+    for (src, dvar, g) in [(q.part_b, db_var, groups[0]), (q.part_c, dc_var, groups[1])] {
+        let Some(g) = g else { continue };
+        let params = SelectiveReduceParams {
+            src,
+            dvar,
+            groups: g as i64,
+            ..reduce
+        };
+        let work = problem.variable_numel(g);
+        // SAFETY: as above.
+        unsafe {
+            launch(
+                device,
+                stream,
+                (source, dtype, "selective_reduce_bc"),
+                &params,
+                (work.div_ceil(REDUCE_THREADS), REDUCE_THREADS),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(dim: usize, dstate: usize, complex: bool) -> SelectiveProblem {
+        SelectiveProblem::new((2, dim, 100, dstate), complex, true).unwrap()
+    }
+
+    #[test]
+    fn parameter_blocks_have_the_kernel_layout() {
+        // `static_assert`s in kernels/selective_scan.cu pin the same sizes.
+        assert_eq!(std::mem::size_of::<SelectiveParams>(), 424);
+        assert_eq!(std::mem::size_of::<SelectiveReduceParams>(), 112);
+        assert_eq!(std::mem::offset_of!(SelectiveParams, batch), 23 * 8);
+        assert_eq!(
+            std::mem::offset_of!(SelectiveParams, b_groups),
+            23 * 8 + 5 * 8 + 20 * 8
+        );
+        assert_eq!(std::mem::offset_of!(SelectiveParams, softplus), 416);
+    }
+
+    #[test]
+    fn configurations_cover_the_states() {
+        for n in 1..=256 {
+            let c = SelectiveConfig::new(DType::F32, &problem(8, n, false)).unwrap();
+            assert!(c.lanes * c.states >= n && c.lanes <= 32, "N = {n}: {c:?}");
+            assert!(configs(false).contains(&c));
+        }
+        for n in 1..=128 {
+            let c = SelectiveConfig::new(DType::BF16, &problem(8, n, true)).unwrap();
+            assert!(c.lanes * c.states >= n && configs(true).contains(&c));
+        }
+        let err = SelectiveConfig::new(DType::F32, &problem(8, 257, false)).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { arg: "dstate", .. }));
+        let err = SelectiveConfig::new(DType::F64, &problem(8, 65, true)).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { arg: "dstate", .. }));
+    }
+
+    #[test]
+    fn tiles_stay_inside_groups() {
+        let p = problem(1536, 16, false);
+        let c = SelectiveConfig::new(DType::F32, &p).unwrap();
+        assert_eq!(
+            c,
+            SelectiveConfig {
+                lanes: 4,
+                states: 4
+            }
+        );
+        assert_eq!(
+            TilePlan::new(&p, &c, [None, None]),
+            TilePlan { ct: 32, tiles: 48 }
+        );
+        assert_eq!(
+            TilePlan::new(&p, &c, [Some(1), Some(1)]),
+            TilePlan { ct: 32, tiles: 48 }
+        );
+        let t = TilePlan::new(&p, &c, [Some(3), Some(8)]); // groups of 512 and 192 channels
+        assert_eq!(t.ct, 32);
+        let p = problem(100, 16, false);
+        let t = TilePlan::new(&p, &c, [Some(4), None]); // groups of 25 channels
+        assert_eq!((t.ct, t.tiles), (25, 4));
+        let t = TilePlan::new(&p, &c, [None, None]);
+        assert_eq!((t.ct, t.tiles), (32, 4)); // the last tile is partial
+        let p = problem(7 * 33, 16, false);
+        let t = TilePlan::new(&p, &c, [Some(7), None]); // groups of 33: 11 channels a tile
+        assert_eq!((t.ct, 33 % t.ct), (11, 0));
+    }
+
+    #[test]
+    fn scratch_regions_do_not_overlap() {
+        let p = problem(64, 16, true);
+        let groups = [Some(2), Some(1)];
+        let bytes = selective_backward_scratch_bytes(DType::BF16, &p, groups).unwrap();
+        let c = SelectiveConfig::new(DType::BF16, &p).unwrap();
+        let t = TilePlan::new(&p, &c, groups);
+        let l = ScratchLayout::new(DType::BF16, &p, &t, groups);
+        let params = 2 * 64 * (3 * 16 * 2 + 2) * 4;
+        let per_var = 2 * t.tiles * 16 * 100 * 2 * 4;
+        assert!(l.part_b.unwrap() >= params && l.part_c.unwrap() >= l.part_b.unwrap() + per_var);
+        assert!(bytes >= l.part_c.unwrap() + per_var);
+        assert_eq!(l.part_b.unwrap() % SCRATCH_ALIGN, 0);
+    }
+}

@@ -1,0 +1,216 @@
+// Runs CUDA kernel sources on the CPU, for tests on machines without a GPU.
+//
+// Every CUDA thread of a block is a fiber (ucontext) of one OS thread; blocks run one after the
+// other. The scheduler runs the fibers round-robin, alternating ascending and descending thread
+// order between rounds, so that a read of shared memory not ordered by a barrier after the write
+// it needs returns stale data (and fails a test) whichever thread comes first. `__shared__` variables become `static` (one block at a time), `__syncthreads()` waits
+// until every thread of the block has arrived, and the `__shfl_*_sync` functions exchange values
+// through a per-warp buffer once all 32 lanes have arrived. A barrier or shuffle that not every
+// thread reaches (a divergence bug) is reported as a deadlock instead of hanging.
+//
+// Only what ferroscan's kernels use is provided, for FS_DTYPE = 3 (float64: no inline PTX).
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+using std::isinf;
+using std::max;
+using std::min;
+using std::signbit;
+
+struct dim3_ {
+    unsigned x = 0, y = 0, z = 0;
+};
+
+struct uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline double __hiloint2double(int hi, int lo) {
+    uint64_t bits = ((uint64_t)(uint32_t)hi << 32) | (uint32_t)lo;
+    double d;
+    std::memcpy(&d, &bits, 8);
+    return d;
+}
+inline int __double2loint(double d) {
+    uint64_t bits;
+    std::memcpy(&bits, &d, 8);
+    return (int)(uint32_t)bits;
+}
+inline int __double2hiint(double d) {
+    uint64_t bits;
+    std::memcpy(&bits, &d, 8);
+    return (int)(uint32_t)(bits >> 32);
+}
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+[[noreturn]] inline void __trap() {
+    std::fprintf(stderr, "emulator: __trap()\n");
+    std::abort();
+}
+
+namespace emu {
+
+constexpr int kMaxThreads = 1024;
+constexpr size_t kStack = 512 * 1024;
+
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    dim3_ idx;
+    bool done = false;
+    long sync_gen = 0;
+    long shfl_gen = 0;
+};
+
+inline ucontext_t g_scheduler;
+inline std::vector<Fiber>* g_fibers = nullptr;
+inline Fiber* g_current = nullptr;
+inline dim3_ g_block_idx, g_block_dim;
+inline long g_progress = 0;
+inline double g_shfl[kMaxThreads / 32][2][32];
+
+inline void yield() { swapcontext(&g_current->ctx, &g_scheduler); }
+
+inline void syncthreads() {
+    const long gen = ++g_current->sync_gen;
+    for (;;) {
+        bool all = true;
+        for (auto& f : *g_fibers) all = all && f.sync_gen >= gen;
+        if (all) break;
+        yield();
+    }
+    ++g_progress;
+}
+
+// Publishes `v` for this lane's next shuffle and returns the value of lane `src` (this lane's own
+// value when src is outside the warp).
+inline double exchange(double v, int src) {
+    Fiber* f = g_current;
+    const int tid = (int)f->idx.x, lane = tid % 32, warp = tid / 32;
+    const long gen = ++f->shfl_gen;
+    g_shfl[warp][gen & 1][lane] = v;
+    for (;;) {
+        bool all = true;
+        for (int l = 0; l < 32; ++l) {
+            const size_t i = (size_t)warp * 32 + l;
+            all = all && (i >= g_fibers->size() || (*g_fibers)[i].shfl_gen >= gen);
+        }
+        if (all) break;
+        yield();
+    }
+    ++g_progress;
+    return (src < 0 || src >= 32) ? v : g_shfl[warp][gen & 1][src];
+}
+
+struct Trampoline {
+    void (*body)(void*);
+    void* arg;
+};
+inline Trampoline g_trampoline;
+
+inline void fiber_main() {
+    g_trampoline.body(g_trampoline.arg);
+    g_current->done = true;
+    ++g_progress;
+    swapcontext(&g_current->ctx, &g_scheduler);
+}
+
+// Runs `kernel(params)` for every thread of every block of a 1-d grid.
+template <class P>
+void launch(void (*kernel)(P), P params, unsigned grid, unsigned block) {
+    struct Call {
+        void (*kernel)(P);
+        P* params;
+    } call{kernel, &params};
+    g_trampoline.body = [](void* c) {
+        auto* call = static_cast<Call*>(c);
+        call->kernel(*call->params);
+    };
+    g_trampoline.arg = &call;
+    std::vector<Fiber> fibers(block);
+    g_fibers = &fibers;
+    g_block_dim = dim3_{block, 1, 1};
+    for (unsigned b = 0; b < grid; ++b) {
+        g_block_idx = dim3_{b, 0, 0};
+        for (unsigned t = 0; t < block; ++t) {
+            Fiber& f = fibers[t];
+            f = Fiber{};
+            f.stack.resize(kStack);
+            f.idx = dim3_{t, 0, 0};
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = f.stack.data();
+            f.ctx.uc_stack.ss_size = f.stack.size();
+            f.ctx.uc_link = nullptr;
+            makecontext(&f.ctx, fiber_main, 0);
+        }
+        for (bool descending = false;; descending = !descending) {
+            const long before = g_progress;
+            bool all_done = true;
+            for (unsigned i = 0; i < block; ++i) {
+                Fiber& f = fibers[descending ? block - 1 - i : i];
+                if (f.done) continue;
+                all_done = false;
+                g_current = &f;
+                swapcontext(&g_scheduler, &f.ctx);
+            }
+            if (all_done) break;
+            if (g_progress == before) {
+                std::fprintf(stderr, "emulator: deadlock in block %u (a barrier or shuffle not reached by all)\n", b);
+                std::abort();
+            }
+        }
+    }
+    g_fibers = nullptr;
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::g_current->idx)
+#define blockIdx (emu::g_block_idx)
+#define blockDim (emu::g_block_dim)
+
+inline void __syncthreads() { emu::syncthreads(); }
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+    const int lane = (int)threadIdx.x % 32;
+    return (T)emu::exchange((double)v, lane ^ mask);
+}
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src) {
+    return (T)emu::exchange((double)v, src);
+}
+template <class T>
+inline T __shfl_up_sync(unsigned, T v, int d) {
+    const int lane = (int)threadIdx.x % 32;
+    return (T)emu::exchange((double)v, lane >= d ? lane - d : lane);
+}
+template <class T>
+inline T __shfl_down_sync(unsigned, T v, int d) {
+    const int lane = (int)threadIdx.x % 32;
+    return (T)emu::exchange((double)v, lane + d < 32 ? lane + d : lane);
+}
