@@ -654,7 +654,10 @@ mod tests {
         assert_eq!(std::mem::size_of::<SelectiveParams>(), 424);
         assert_eq!(std::mem::size_of::<SelectiveReduceParams>(), 112);
         assert_eq!(std::mem::offset_of!(SelectiveParams, batch), 23 * 8);
-        assert_eq!(std::mem::offset_of!(SelectiveParams, b_groups), 23 * 8 + 5 * 8 + 20 * 8);
+        assert_eq!(
+            std::mem::offset_of!(SelectiveParams, b_groups),
+            23 * 8 + 5 * 8 + 20 * 8
+        );
         assert_eq!(std::mem::offset_of!(SelectiveParams, softplus), 416);
     }
 
