@@ -43,6 +43,7 @@ from .._checks import (
     check_tensor,
     normalize_dim,
 )
+from ._dispatch import needs_custom_op
 from ._layout import ScanLayout
 from .scan import scan
 
@@ -196,7 +197,7 @@ def _run_fused(
     """``(y, h_final)`` by the fused kernels: the custom op when tracing, else the eager path."""
     tensors = [t for t in (x, a, b, c, initial) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
+    if needs_custom_op(tensors):
         y, final, _ = torch.ops.ferroscan.gated_scan_fwd(x, a, b, c, initial, reverse, needs_grad)
     elif needs_grad:
         y, final, _ = _EagerGated.apply(x, a, b, c, initial, reverse, True)

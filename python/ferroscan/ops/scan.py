@@ -34,6 +34,7 @@ from .._checks import (
     check_tensor,
     normalize_dim,
 )
+from ._dispatch import needs_custom_op
 from ._layout import ScanLayout
 
 Tensor = torch.Tensor
@@ -180,7 +181,7 @@ def _run_forward(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], rever
     """The custom op when tracing (torch.compile/export, fake or subclass tensors); in plain
     eager mode the same kernels without the dispatcher's overhead."""
     tensors = (gates, tokens) if initial is None else (gates, tokens, initial)
-    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
+    if needs_custom_op(tensors):
         return torch.ops.ferroscan.scan_fwd(gates, tokens, initial, reverse)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _EagerScan.apply(gates, tokens, initial, reverse)

@@ -46,6 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _backend, _native
 from .._checks import check_same_device, check_shape, check_tensor
+from ._dispatch import needs_custom_op
 
 Tensor = torch.Tensor
 
@@ -315,7 +316,7 @@ def _run_forward(*args: object) -> tuple[Tensor, Tensor, Tensor]:
     """The custom op when tracing (torch.compile/export, fake or subclass tensors); in plain
     eager mode the same implementation without the dispatcher's overhead."""
     tensors = [t for t in args if isinstance(t, Tensor)]
-    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
+    if needs_custom_op(tensors):
         return torch.ops.ferroscan.selective_scan_fwd(*args)
     if args[-1]:  # save_checkpoints: a gradient is wanted
         return _EagerSelectiveScan.apply(*args)
