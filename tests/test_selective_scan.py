@@ -515,3 +515,57 @@ def test_nan_is_a_value_not_an_error() -> None:
     inputs["u"][0, 1, 3] = float("nan")
     out = _run(inputs)
     assert out[0, 1, 3:].isnan().all() and out[0, 0].isfinite().all() and out[1].isfinite().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# More than 2^31 elements (CUDA, `large`)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.large
+def test_more_than_2_31_elements() -> None:
+    """(1, 2^15, 2^16 + 8) bfloat16 sequences (2.15e9 elements each): 64-bit indexing in the
+    forward and backward kernels. Rows are independent, so the first, a middle and the last three
+    channels (the last ones past flat index 2^31) are checked against the float64 reference run on
+    those channels alone: ``out`` and the per-row gradients of ``u``, ``delta`` and ``z``."""
+    batch, dim, length, n = 1, 2**15, 2**16 + 8, 4
+    numel = batch * dim * length
+    assert numel > 2**31
+    # u, delta, z, out, dout, du, ddelta, dz in bfloat16; checkpoints and per-tile dB/dC partials in
+    # float32; 2 GiB slack.
+    need = 8 * 2 * numel + 4 * numel * n // 16 + 2 * 4 * batch * (dim // 32) * n * length + 2 * 2**30
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bf16 = torch.bfloat16
+
+    def randn(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=dtype)
+
+    inputs = {
+        "u": randn(batch, dim, length),
+        "delta": randn(batch, dim, length) * 0.5 - 2,
+        "A": -0.5 * torch.rand(dim, n, generator=gen, device="cuda") - 0.05,
+        "B": randn(batch, 1, n, length),
+        "C": randn(batch, 1, n, length),
+        "D": randn(dim, dtype=torch.float32),
+        "z": randn(batch, dim, length),
+        "delta_bias": torch.rand(dim, generator=gen, device="cuda") * 0.5,
+    }
+    leaves = {k: inputs[k].requires_grad_() for k in ("u", "delta", "z")}
+    out = ferroscan.selective_scan(*(inputs[k] for k in NAMES[:8]), True)
+    w = randn(batch, dim, length)
+    grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), w)))
+    rows = [0, dim // 2, dim - 3, dim - 2, dim - 1]
+    sub = {k: v.detach()[:, rows].cpu().double() if v.dim() == 3 and k != "B" and k != "C" else v.detach().cpu()
+           for k, v in inputs.items()}  # fmt: skip
+    sub["A"], sub["D"], sub["delta_bias"] = (inputs[k].detach()[rows].cpu().double() for k in ("A", "D", "delta_bias"))
+    sub["B"], sub["C"] = inputs["B"].detach().cpu().double(), inputs["C"].detach().cpu().double()
+    ref_leaves = {k: sub[k].requires_grad_() for k in ("u", "delta", "z")}
+    ref_out, _ = reference(*(sub[k] for k in NAMES[:8]), True)
+    ref_grads = torch.autograd.grad(ref_out, list(ref_leaves.values()), w[:, rows].cpu().double())
+    ours = {"out": out.detach()[:, rows], **{k: g[:, rows] for k, g in grads.items()}}
+    ref = {"out": ref_out.detach(), **dict(zip(ref_leaves, ref_grads))}
+    assert_close(ours, ref, bf16, "2^31+ elements")
