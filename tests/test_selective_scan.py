@@ -442,6 +442,31 @@ def test_opcheck(device: str) -> None:
             torch.library.opcheck(torch.ops.ferroscan.selective_scan_bwd.default, bwd_args)
 
 
+class _MambaLikeBlock(torch.nn.Module):
+    """A projection, then the selective scan with Mamba-1's options, then a sum."""
+
+    def __init__(self, dim: int, dstate: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim)
+        self.A_log = torch.nn.Parameter(torch.log(torch.arange(1, dstate + 1, dtype=torch.float32)).repeat(dim, 1))
+        self.D = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        u = self.proj(x).transpose(1, 2)  # (batch, dim, L), channels-last in memory
+        return ferroscan.selective_scan(u, u.sigmoid(), -self.A_log.exp(), B, C, self.D, u, None, True)
+
+
+def test_export_keeps_the_op_as_one_node(device: str) -> None:
+    block = _MambaLikeBlock(6, 4).to(device)
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(2, 30, 6, generator=gen).to(device)
+    B, C = torch.randn(2, 4, 30, generator=gen).to(device), torch.randn(2, 4, 30, generator=gen).to(device)
+    exported = torch.export.export(block, (x, B, C))
+    nodes = [n.target for n in exported.graph.nodes if n.op == "call_function" and "ferroscan" in str(n.target)]
+    assert nodes == [torch.ops.ferroscan.selective_scan_fwd.default], exported.graph
+    torch.testing.assert_close(exported.module()(x, B, C), block(x, B, C), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs: a clear exception naming the argument
 # ---------------------------------------------------------------------------------------------
