@@ -299,17 +299,59 @@ struct Ctx<'a, T: Element, S> {
     _state: PhantomData<S>,
 }
 
+/// Where one row `(b, d)` finds its inputs: offsets computed once per row, so the per-step
+/// accessors do no division.
+#[derive(Clone, Copy, Debug)]
+struct Row<W> {
+    /// Flat row index `b·dim + d`.
+    index: usize,
+    d: usize,
+    /// Offsets of the row in `u`, `delta`, `z` (0 when absent).
+    u: usize,
+    delta: usize,
+    z: usize,
+    /// `B` and `C` of the row: the number index of `(d, 0)` (constant) or the element offset of
+    /// `(b, group, 0, 0)` (variable).
+    b: usize,
+    c: usize,
+    bias: W,
+    d_skip: W,
+}
+
 impl<T: Element, S: Num<T::Acc>> Ctx<'_, T, S> {
-    #[inline(always)]
-    fn seq(s: &Seq<&[T]>, b: usize, d: usize, t: usize) -> T::Acc {
-        s.data[b * s.strides[0] + d * s.strides[1] + t * s.strides[2]].to_acc()
+    fn row(&self, index: usize) -> Row<T::Acc> {
+        let (b, d) = (index / self.p.dim, index % self.p.dim);
+        let seq_base = |s: &Seq<&[T]>| b * s.strides[0] + d * s.strides[1];
+        let bc_base = |bc: &Bc<&[T], &[T::Acc]>| match bc {
+            Bc::Constant(_) => d * self.p.dstate,
+            Bc::Variable { tensor, groups } => {
+                let g = d / (self.p.dim / groups);
+                b * tensor.strides[0] + g * tensor.strides[1]
+            }
+        };
+        Row {
+            index,
+            d,
+            u: seq_base(&self.x.u),
+            delta: seq_base(&self.x.delta),
+            z: self.x.z.as_ref().map_or(0, seq_base),
+            b: bc_base(&self.x.b),
+            c: bc_base(&self.x.c),
+            bias: self.x.delta_bias.map_or(T::Acc::ZERO, |v| v[d]),
+            d_skip: self.x.d.map_or(T::Acc::ZERO, |v| v[d]),
+        }
     }
 
-    /// `(r, Δ)` at `(b, d, t)`: the biased delta and its (optionally softplus'd) value.
+    /// Element `t` of a sequence whose row starts at `base`.
     #[inline(always)]
-    fn delta(&self, b: usize, d: usize, t: usize) -> (T::Acc, T::Acc) {
-        let bias = self.x.delta_bias.map_or(T::Acc::ZERO, |v| v[d]);
-        let r = Self::seq(&self.x.delta, b, d, t) + bias;
+    fn seq(s: &Seq<&[T]>, base: usize, t: usize) -> T::Acc {
+        s.data[base + t * s.strides[2]].to_acc()
+    }
+
+    /// `(r, Δ)` at step `t` of `row`: the biased delta and its (optionally softplus'd) value.
+    #[inline(always)]
+    fn delta(&self, row: &Row<T::Acc>, t: usize) -> (T::Acc, T::Acc) {
+        let r = Self::seq(&self.x.delta, row.delta, t) + row.bias;
         if self.p.delta_softplus && r <= T::Acc::from_f32(SOFTPLUS_THRESHOLD) {
             (r, r.exp().ln_1p())
         } else {
@@ -317,49 +359,50 @@ impl<T: Element, S: Num<T::Acc>> Ctx<'_, T, S> {
         }
     }
 
-    /// `B[t, n]` or `C[t, n]` as seen by channel `d` of batch element `b`.
+    /// `B[t, n]` or `C[t, n]` of a row, `base` being the row's [`Row::b`] or [`Row::c`].
     #[inline(always)]
-    fn bc(&self, bc: &Bc<&[T], &[T::Acc]>, b: usize, d: usize, t: usize, n: usize) -> S {
+    fn bc(bc: &Bc<&[T], &[T::Acc]>, base: usize, t: usize, n: usize) -> S {
         match bc {
-            Bc::Constant(w) => S::read(w, d * self.p.dstate + n),
-            Bc::Variable { tensor, groups } => {
-                let [sb, sg, sn, st] = tensor.strides;
-                let g = d / (self.p.dim / groups);
-                let base = b * sb + g * sg + n * sn;
+            Bc::Constant(w) => S::read(w, base + n),
+            Bc::Variable { tensor, .. } => {
+                let [_, _, sn, st] = tensor.strides;
+                let at = base + n * sn;
                 if S::PARTS == 1 {
-                    S::from_parts(tensor.data[base + t * st].to_acc(), T::Acc::ZERO)
+                    S::from_parts(tensor.data[at + t * st].to_acc(), T::Acc::ZERO)
                 } else {
                     S::from_parts(
-                        tensor.data[base + 2 * t * st].to_acc(),
-                        tensor.data[base + (2 * t + 1) * st].to_acc(),
+                        tensor.data[at + 2 * t * st].to_acc(),
+                        tensor.data[at + (2 * t + 1) * st].to_acc(),
                     )
                 }
             }
         }
     }
 
-    /// Advances row `(b, d)` through step `t`: `h ← exp(Δ·A)·h + Δ·u·B[t]` with `a` = `A[d]`,
-    /// calling `seen(k, decay, h[k])` per state; returns `y[t]` before the gate `silu(z)`.
+    /// Advances `row` through step `t`: `h ← exp(Δ·A)·h + Δ·u·B[t]` with `a` = `A[d]`, calling
+    /// `seen(k, decay, h[k])` per state; returns `y[t]` before the gate `silu(z)`.
     #[inline(always)]
     fn step(
         &self,
-        (b, d, t): (usize, usize, usize),
+        row: &Row<T::Acc>,
+        t: usize,
         a: &[S],
         h: &mut [S],
         mut seen: impl FnMut(usize, S, S),
     ) -> T::Acc {
-        let (_, dt) = self.delta(b, d, t);
-        let u = Self::seq(&self.x.u, b, d, t);
+        let (_, dt) = self.delta(row, t);
+        let u = Self::seq(&self.x.u, row.u, t);
         let du = dt * u;
         let mut y = T::Acc::ZERO;
         for (k, (hk, &ak)) in h.iter_mut().zip(a).enumerate() {
             let decay = S::exp_scaled(dt, ak);
-            *hk = decay.mul(*hk).add(self.bc(&self.x.b, b, d, t, k).scale(du));
+            *hk = decay
+                .mul(*hk)
+                .add(Self::bc(&self.x.b, row.b, t, k).scale(du));
             seen(k, decay, *hk);
-            y = y + self.bc(&self.x.c, b, d, t, k).mul(*hk).re();
+            y = y + Self::bc(&self.x.c, row.c, t, k).mul(*hk).re();
         }
-        let d_skip = self.x.d.map_or(T::Acc::ZERO, |v| v[d]);
-        y * S::out_factor() + d_skip * u
+        y * S::out_factor() + row.d_skip * u
     }
 
     fn a_row(&self, d: usize) -> Vec<S> {
@@ -417,11 +460,10 @@ fn forward_row<T: Element, S: Num<T::Acc>>(
     row: usize,
     o: RowOut<'_, T, T::Acc>,
 ) {
-    let p = &ctx.p;
-    let (b, d) = (row / p.dim, row % p.dim);
-    let n = p.dstate;
-    let a = ctx.a_row(d);
-    let mut h = ctx.state_row(ctx.x.initial, row);
+    let n = ctx.p.dstate;
+    let row = ctx.row(row);
+    let a = ctx.a_row(row.d);
+    let mut h = ctx.state_row(ctx.x.initial, row.index);
     let mut checkpoints = o.checkpoints;
     for (t, out) in o.out.iter_mut().enumerate() {
         if t % CHECKPOINT_STEPS == 0 {
@@ -432,9 +474,9 @@ fn forward_row<T: Element, S: Num<T::Acc>>(
                 }
             }
         }
-        let mut y = ctx.step((b, d, t), &a, &mut h, |_, _, _| {});
+        let mut y = ctx.step(&row, t, &a, &mut h, |_, _, _| {});
         if let Some(z) = &ctx.x.z {
-            let zt = Ctx::<T, S>::seq(z, b, d, t);
+            let zt = Ctx::<T, S>::seq(z, row.z, t);
             y = y * zt * sigmoid(zt);
         }
         *out = T::from_acc(y);
@@ -638,14 +680,9 @@ struct Backward<'a, T: Element, S> {
 }
 
 impl<T: Element, S: Num<T::Acc>> Backward<'_, T, S> {
-    /// Rebuilds the states of steps `t0..t1` of row `(b, d)` from `work.start`: states, decays
+    /// Rebuilds the states of steps `t0..t1` of `row` from `work.start`: states, decays
     /// and `y` (before gating) per step.
-    fn rebuild(
-        &self,
-        (b, d): (usize, usize),
-        (t0, t1): (usize, usize),
-        work: &mut Work<S, T::Acc>,
-    ) {
+    fn rebuild(&self, row: &Row<T::Acc>, (t0, t1): (usize, usize), work: &mut Work<S, T::Acc>) {
         let n = self.ctx.p.dstate;
         let mut h = work.start.clone();
         for t in t0..t1 {
@@ -654,7 +691,7 @@ impl<T: Element, S: Num<T::Acc>> Backward<'_, T, S> {
                 &mut work.decays[j * n..(j + 1) * n],
                 &mut work.hs[j * n..(j + 1) * n],
             );
-            work.ys[j] = self.ctx.step((b, d, t), &work.a, &mut h, |k, decay, hk| {
+            work.ys[j] = self.ctx.step(row, t, &work.a, &mut h, |k, decay, hk| {
                 decays[k] = decay;
                 hs[k] = hk;
             });
@@ -670,16 +707,17 @@ impl<T: Element, S: Num<T::Acc>> Backward<'_, T, S> {
     ) {
         let ctx = &self.ctx;
         let p = &ctx.p;
-        let (b, d) = (row / p.dim, row % p.dim);
         let (n, len) = (p.dstate, p.len);
+        let view = ctx.row(row);
         let slots = &self.slots;
         let params = &mut o.params[r * slots.per_row()..(r + 1) * slots.per_row()];
         let du_row = &mut o.du[r * len..(r + 1) * len];
         let ddelta_row = &mut o.ddelta[r * len..(r + 1) * len];
         let mut dz_row = o.dz.as_deref_mut().map(|v| &mut v[r * len..(r + 1) * len]);
-        work.a = ctx.a_row(d);
+        work.a = ctx.a_row(view.d);
         work.carry = ctx.state_row(self.g.grad_last, row);
-        let d_skip = ctx.x.d.map_or(T::Acc::ZERO, |v| v[d]);
+        let grad_out_base =
+            (row / p.dim) * self.g.grad_out.strides[0] + (row % p.dim) * self.g.grad_out.strides[1];
         let factor = S::out_factor();
         let threshold = T::Acc::from_f32(SOFTPLUS_THRESHOLD);
         let n_ck = p.checkpoint_count();
@@ -691,14 +729,14 @@ impl<T: Element, S: Num<T::Acc>> Backward<'_, T, S> {
             for k in 0..n {
                 work.start[k] = S::read(self.g.checkpoints, (row * n_ck + kc) * n + k);
             }
-            self.rebuild((b, d), (t0, t1), work);
+            self.rebuild(&view, (t0, t1), work);
             for t in (t0..t1).rev() {
                 let j = t - t0;
-                let (r_t, dt) = ctx.delta(b, d, t);
-                let u = Ctx::<T, S>::seq(&ctx.x.u, b, d, t);
-                let mut gy = Ctx::<T, S>::seq(&self.g.grad_out, b, d, t);
+                let (r_t, dt) = ctx.delta(&view, t);
+                let u = Ctx::<T, S>::seq(&ctx.x.u, view.u, t);
+                let mut gy = Ctx::<T, S>::seq(&self.g.grad_out, grad_out_base, t);
                 if let Some(z) = &ctx.x.z {
-                    let zt = Ctx::<T, S>::seq(z, b, d, t);
+                    let zt = Ctx::<T, S>::seq(z, view.z, t);
                     let s = sigmoid(zt);
                     if let Some(dz) = dz_row.as_deref_mut() {
                         dz[t] = T::from_acc(
@@ -708,12 +746,12 @@ impl<T: Element, S: Num<T::Acc>> Backward<'_, T, S> {
                     gy = gy * zt * s;
                 }
                 params[slots.d()] = params[slots.d()] + gy * u;
-                let mut gu = gy * d_skip;
+                let mut gu = gy * view.d_skip;
                 let mut gdelta = T::Acc::ZERO;
                 let gyf = gy * factor;
                 for k in 0..n {
-                    let c = ctx.bc(&ctx.x.c, b, d, t, k);
-                    let bk = ctx.bc(&ctx.x.b, b, d, t, k);
+                    let c = Ctx::<T, S>::bc(&ctx.x.c, view.c, t, k);
+                    let bk = Ctx::<T, S>::bc(&ctx.x.b, view.b, t, k);
                     let g = c.conj().scale(gyf).add(work.carry[k]);
                     let h = work.hs[j * n + k];
                     let h_prev = if j > 0 {
