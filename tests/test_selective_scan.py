@@ -376,6 +376,23 @@ def test_last_state_gradient_with_constant_b(device: str) -> None:
         torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-10, msg=f"d last / d{name}")
 
 
+def test_expanded_upstream_gradient(device: str) -> None:
+    """``out.sum().backward()`` hands the backward a stride-0 (expanded) gradient: read in place."""
+    case = Case(b="var1", c="const", has_z=True, has_d=True, length=40)
+    inputs = make_inputs(case, torch.float32, device, seed=17)
+    grads = []
+    for expanded in (True, False):
+        leaves = [inputs[k].detach().clone().requires_grad_() for k in NAMES[:7]]
+        out = ferroscan.selective_scan(*leaves, None, True)
+        if expanded:
+            out.sum().backward()
+        else:
+            out.backward(torch.ones_like(out))
+        grads.append([t.grad for t in leaves])
+    for name, a, b in zip(NAMES, *grads):
+        assert torch.equal(a, b), f"d/d{name}"
+
+
 def test_no_grad_saves_nothing_and_matches(device: str) -> None:
     case = Case(b="var1", c="var2", has_z=True, length=80, last=True)
     inputs = make_inputs(case, torch.float32, device, seed=13)
