@@ -376,6 +376,23 @@ def test_last_state_gradient_with_constant_b(device: str) -> None:
         torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-10, msg=f"d last / d{name}")
 
 
+def test_expanded_upstream_gradient(device: str) -> None:
+    """``out.sum().backward()`` hands the backward a stride-0 (expanded) gradient: read in place."""
+    case = Case(b="var1", c="const", has_z=True, has_d=True, length=40)
+    inputs = make_inputs(case, torch.float32, device, seed=17)
+    grads = []
+    for expanded in (True, False):
+        leaves = [inputs[k].detach().clone().requires_grad_() for k in NAMES[:7]]
+        out = ferroscan.selective_scan(*leaves, None, True)
+        if expanded:
+            out.sum().backward()
+        else:
+            out.backward(torch.ones_like(out))
+        grads.append([t.grad for t in leaves])
+    for name, a, b in zip(NAMES, *grads):
+        assert torch.equal(a, b), f"d/d{name}"
+
+
 def test_no_grad_saves_nothing_and_matches(device: str) -> None:
     case = Case(b="var1", c="var2", has_z=True, length=80, last=True)
     inputs = make_inputs(case, torch.float32, device, seed=13)
@@ -440,6 +457,31 @@ def test_opcheck(device: str) -> None:
         for grad_last in (None, torch.randn_like(last)):
             bwd_args = (*args[:9], grad_out, grad_last, checkpoints, case.softplus)
             torch.library.opcheck(torch.ops.ferroscan.selective_scan_bwd.default, bwd_args)
+
+
+class _MambaLikeBlock(torch.nn.Module):
+    """A projection, then the selective scan with Mamba-1's options, then a sum."""
+
+    def __init__(self, dim: int, dstate: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim)
+        self.A_log = torch.nn.Parameter(torch.log(torch.arange(1, dstate + 1, dtype=torch.float32)).repeat(dim, 1))
+        self.D = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        u = self.proj(x).transpose(1, 2)  # (batch, dim, L), channels-last in memory
+        return ferroscan.selective_scan(u, u.sigmoid(), -self.A_log.exp(), B, C, self.D, u, None, True)
+
+
+def test_export_keeps_the_op_as_one_node(device: str) -> None:
+    block = _MambaLikeBlock(6, 4).to(device)
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(2, 30, 6, generator=gen).to(device)
+    B, C = torch.randn(2, 4, 30, generator=gen).to(device), torch.randn(2, 4, 30, generator=gen).to(device)
+    exported = torch.export.export(block, (x, B, C))
+    nodes = [n.target for n in exported.graph.nodes if n.op == "call_function" and "ferroscan" in str(n.target)]
+    assert nodes == [torch.ops.ferroscan.selective_scan_fwd.default], exported.graph
+    torch.testing.assert_close(exported.module()(x, B, C), block(x, B, C), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,3 +557,57 @@ def test_nan_is_a_value_not_an_error() -> None:
     inputs["u"][0, 1, 3] = float("nan")
     out = _run(inputs)
     assert out[0, 1, 3:].isnan().all() and out[0, 0].isfinite().all() and out[1].isfinite().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# More than 2^31 elements (CUDA, `large`)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.large
+def test_more_than_2_31_elements() -> None:
+    """(1, 2^15, 2^16 + 8) bfloat16 sequences (2.15e9 elements each): 64-bit indexing in the
+    forward and backward kernels. Rows are independent, so the first, a middle and the last three
+    channels (the last ones past flat index 2^31) are checked against the float64 reference run on
+    those channels alone: ``out`` and the per-row gradients of ``u``, ``delta`` and ``z``."""
+    batch, dim, length, n = 1, 2**15, 2**16 + 8, 4
+    numel = batch * dim * length
+    assert numel > 2**31
+    # u, delta, z, out, dout, du, ddelta, dz in bfloat16; checkpoints and per-tile dB/dC partials in
+    # float32; 2 GiB slack.
+    need = 8 * 2 * numel + 4 * numel * n // 16 + 2 * 4 * batch * (dim // 32) * n * length + 2 * 2**30
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bf16 = torch.bfloat16
+
+    def randn(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=dtype)
+
+    inputs = {
+        "u": randn(batch, dim, length),
+        "delta": randn(batch, dim, length) * 0.5 - 2,
+        "A": -0.5 * torch.rand(dim, n, generator=gen, device="cuda") - 0.05,
+        "B": randn(batch, 1, n, length),
+        "C": randn(batch, 1, n, length),
+        "D": randn(dim, dtype=torch.float32),
+        "z": randn(batch, dim, length),
+        "delta_bias": torch.rand(dim, generator=gen, device="cuda") * 0.5,
+    }
+    leaves = {k: inputs[k].requires_grad_() for k in ("u", "delta", "z")}
+    out = ferroscan.selective_scan(*(inputs[k] for k in NAMES[:8]), True)
+    w = randn(batch, dim, length)
+    grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), w)))
+    rows = [0, dim // 2, dim - 3, dim - 2, dim - 1]
+    sub = {k: v.detach()[:, rows].cpu().double() if v.dim() == 3 and k != "B" and k != "C" else v.detach().cpu()
+           for k, v in inputs.items()}  # fmt: skip
+    sub["A"], sub["D"], sub["delta_bias"] = (inputs[k].detach()[rows].cpu().double() for k in ("A", "D", "delta_bias"))
+    sub["B"], sub["C"] = inputs["B"].detach().cpu().double(), inputs["C"].detach().cpu().double()
+    ref_leaves = {k: sub[k].requires_grad_() for k in ("u", "delta", "z")}
+    ref_out, _ = reference(*(sub[k] for k in NAMES[:8]), True)
+    ref_grads = torch.autograd.grad(ref_out, list(ref_leaves.values()), w[:, rows].cpu().double())
+    ours = {"out": out.detach()[:, rows], **{k: g[:, rows] for k, g in grads.items()}}
+    ref = {"out": ref_out.detach(), **dict(zip(ref_leaves, ref_grads))}
+    assert_close(ours, ref, bf16, "2^31+ elements")

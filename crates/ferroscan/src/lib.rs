@@ -29,6 +29,9 @@
 //! # Ok::<(), ferroscan::Error>(())
 //! ```
 //!
+//! The second is Mamba's selective scan (S6): see [`selective`] for the recurrence and the
+//! buffer layouts, [`cpu::selective_scan`] and [`cuda::selective_scan`] for the backends.
+//!
 //! The CUDA backend ([`cuda`]) runs the same operations on device memory: kernels
 //! are compiled at run time by NVRTC for the device's exact architecture and cached.
 

@@ -131,6 +131,23 @@ impl SelectiveProblem {
         self.batch * groups * self.dstate * self.len * self.parts()
     }
 
+    /// The channel spans that never straddle a group boundary of any variable `B`/`C`: the gcd of
+    /// their group sizes `dim / G` (`groups`: the group counts of `B` and `C`, `None` when
+    /// constant), or 0 when neither varies. Backends cut channels into pieces whose size divides it.
+    pub fn group_span(&self, groups: [Option<usize>; 2]) -> usize {
+        fn gcd(a: usize, b: usize) -> usize {
+            if b == 0 {
+                a
+            } else {
+                gcd(b, a % b)
+            }
+        }
+        groups
+            .iter()
+            .flatten()
+            .fold(0, |acc, &g| gcd(acc, self.dim / g.max(1)))
+    }
+
     /// Checks that `groups` groups split the channels evenly.
     pub fn check_groups(&self, arg: &'static str, groups: usize) -> Result<()> {
         if groups == 0 || self.dim % groups != 0 {

@@ -32,6 +32,22 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Compiles one variant and checks that every kernel the launchers ask for is in it.
+fn check_variant(source: KernelSource, dtype: DType, arch: (i32, i32)) {
+    let cubin = compile_cubin(&source, dtype, arch)
+        .unwrap_or_else(|e| panic!("{} {dtype:?} sm_{}{}: {e}", source.file, arch.0, arch.1));
+    assert_eq!(&cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
+    for name in launched_names(&source) {
+        assert!(
+            contains(&cubin, name.as_bytes()),
+            "kernel {name} missing from the {} {dtype:?} sm_{}{} CUBIN",
+            source.file,
+            arch.0,
+            arch.1
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs NVRTC; run with --ignored"]
 fn every_kernel_variant_compiles_to_cubin() {
@@ -40,25 +56,30 @@ fn every_kernel_variant_compiles_to_cubin() {
     let cache = std::env::temp_dir().join(format!("ferroscan-compile-test-{}", std::process::id()));
     // A fresh cache directory so the compiler really runs.
     std::env::set_var("FERROSCAN_CACHE_DIR", &cache);
+    let mut jobs = Vec::new();
     for source in ALL_SOURCES {
         for dtype in DType::ALL {
             for arch in ARCHES {
-                let cubin = compile_cubin(&source, dtype, arch).unwrap_or_else(|e| {
-                    panic!("{} {dtype:?} sm_{}{}: {e}", source.file, arch.0, arch.1)
-                });
-                assert_eq!(&cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
-                for name in launched_names(&source) {
-                    assert!(
-                        contains(&cubin, name.as_bytes()),
-                        "kernel {name} missing from the {dtype:?} sm_{}{} CUBIN of {}",
-                        arch.0,
-                        arch.1,
-                        source.file
-                    );
-                }
+                jobs.push((source, dtype, arch));
             }
         }
     }
+    // One compilation per job, on as many threads as the machine has (NVRTC compiles independent
+    // programs concurrently); the slowest sources first.
+    jobs.sort_by_key(|(source, _, _)| std::cmp::Reverse(source.text.len()));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(jobs.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(source, dtype, arch)) = jobs.get(i) else {
+                    break;
+                };
+                check_variant(source, dtype, arch);
+            });
+        }
+    });
     let cached = std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
     assert_eq!(
         cached,

@@ -214,14 +214,6 @@ fn sources(complex: bool) -> (KernelSource, KernelSource) {
     }
 }
 
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
-}
-
 /// How the channels are cut into tiles of one block each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TilePlan {
@@ -240,10 +232,7 @@ impl TilePlan {
         groups: [Option<usize>; 2],
     ) -> Self {
         let most = THREADS / config.lanes;
-        let span = groups
-            .iter()
-            .flatten()
-            .fold(0, |acc, &g| gcd(acc, problem.dim / g.max(1)));
+        let span = problem.group_span(groups);
         let ct = if span == 0 {
             most
         } else {
