@@ -224,33 +224,61 @@ struct RsCount {
 // ---------------------------------------------------------------------------------------------
 // Staging into shared memory
 // ---------------------------------------------------------------------------------------------
+//
+// Every tile goes through registers: a thread first issues all of its loads of a tile (slots
+// independent of each other, so they are in flight together), and stores them to shared memory
+// later. Loading element by element into shared memory would serialize one global-memory latency
+// per element; loading one chunk ahead hides the latency behind the previous chunk's arithmetic.
 
-// Calls f(c, t, value, inside) for every (c, t) of a ROWS x T tile of the (batch, dim, time) tensor
-// `src` (strides st) starting at channel c0 and step t0; consecutive threads walk the axis of unit
-// stride. value is 0 outside the tensor (channel c >= ct or past dim, step past len).
-template <class F>
-__device__ __forceinline__ void for_tile(const storage_t* src, Strides<3> st, i64 b, i64 c0, i64 ct, i64 dim,
-                                         i64 t0, i64 len, int rows, int T, F f) {
-    const bool time_fast = st.s[2] == 1 || st.s[1] != 1;
-    for (int e = threadIdx.x; e < rows * T; e += FS_SEL_THREADS) {
-        const int c = time_fast ? e / T : e % rows;
-        const int t = time_fast ? e % T : e / rows;
-        const i64 d = c0 + c, tg = t0 + t;
-        const bool inside = c < ct && d < dim && tg < len;
-        const acc_t v = inside ? to_acc(src[b * st.s[0] + d * st.s[1] + tg * st.s[2]]) : acc_t(0);
-        f(c, t, v, inside);
+// A ROWS x T tile of a (batch, dim, time) tensor held in registers: slot i of a thread is element
+// e = tid + i·THREADS of the tile, with consecutive threads on the axis of unit stride. Values are
+// zero outside the tensor (channel c >= ct or past dim, step past len).
+template <int ROWS, int T>
+struct TileRegs {
+    static constexpr int K = (ROWS * T + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
+    storage_t v[K];
+    bool time_fast;
+
+    __device__ __forceinline__ bool slot(int i, int& c, int& t) const {
+        const int e = threadIdx.x + i * FS_SEL_THREADS;
+        c = time_fast ? e / T : e % ROWS;
+        t = time_fast ? e % T : e / ROWS;
+        return e < ROWS * T;
     }
-}
+    __device__ __forceinline__ void load(const storage_t* src, Strides<3> st, i64 b, i64 c0, i64 ct, i64 dim,
+                                         i64 t0, i64 len) {
+        time_fast = st.s[2] == 1 || st.s[1] != 1;
+#pragma unroll
+        for (int i = 0; i < K; ++i) {
+            int c, t;
+            const bool in = slot(i, c, t) && c < ct && c0 + c < dim && t0 + t < len;
+            v[i] = in ? src[b * st.s[0] + (c0 + c) * st.s[1] + (t0 + t) * st.s[2]] : storage_t(0);
+        }
+    }
+    // Calls f(c, t, value, inside) for every element of the tile.
+    template <class F>
+    __device__ __forceinline__ void each(i64 c0, i64 ct, i64 dim, i64 t0, i64 len, F f) const {
+#pragma unroll
+        for (int i = 0; i < K; ++i) {
+            int c, t;
+            if (slot(i, c, t)) f(c, t, to_acc(v[i]), c < ct && c0 + c < dim && t0 + t < len);
+        }
+    }
+};
 
-// Stages steps t0..t0+T of a variable B/C (group g of batch b) as dst[(t·NP + n)·parts + part],
-// zeros past N or past len.
-template <int NP>
-__device__ __forceinline__ void stage_bc(const storage_t* src, Strides<4> st, i64 b, i64 g, i64 n_states,
-                                         i64 t0, i64 len, int T, acc_t* dst) {
-    constexpr int PT = FS_SEL_PARTS;
-    const bool time_fast = st.s[3] == 1 || st.s[2] != 1;
-    for (int e = threadIdx.x; e < NP * T * PT; e += FS_SEL_THREADS) {
-        int n, tp;
+// Steps t0..t0+T of a variable B/C (group g of batch b) in registers, stored to shared memory as
+// dst[(t·NP + n)·parts + part]; zeros past N or past len.
+template <int NP, int T>
+struct BcRegs {
+    static constexpr int PT = FS_SEL_PARTS;
+    static constexpr int E = NP * T * PT;
+    static constexpr int K = (E + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
+    storage_t v[K];
+    bool time_fast;
+
+    __device__ __forceinline__ bool slot(int i, int& n, int& t, int& part) const {
+        const int e = threadIdx.x + i * FS_SEL_THREADS;
+        int tp;
         if (time_fast) {
             n = e / (T * PT);
             tp = e % (T * PT);
@@ -258,13 +286,37 @@ __device__ __forceinline__ void stage_bc(const storage_t* src, Strides<4> st, i6
             n = e % NP;
             tp = e / NP;
         }
-        const int t = tp / PT, part = tp % PT;
-        const i64 tg = t0 + t;
-        acc_t v = 0;
-        if (n < n_states && tg < len)
-            v = to_acc(src[b * st.s[0] + g * st.s[1] + n * st.s[2] + (tg * PT + part) * st.s[3]]);
-        dst[(t * NP + n) * PT + part] = v;
+        t = tp / PT;
+        part = tp % PT;
+        return e < E;
     }
+    __device__ __forceinline__ void load(const storage_t* src, Strides<4> st, i64 b, i64 g, i64 n_states, i64 t0,
+                                         i64 len) {
+        time_fast = st.s[3] == 1 || st.s[2] != 1;
+#pragma unroll
+        for (int i = 0; i < K; ++i) {
+            int n, t, part;
+            const bool in = slot(i, n, t, part) && n < n_states && t0 + t < len;
+            v[i] = in ? src[b * st.s[0] + g * st.s[1] + n * st.s[2] + ((t0 + t) * PT + part) * st.s[3]]
+                      : storage_t(0);
+        }
+    }
+    __device__ __forceinline__ void store(acc_t* dst) const {
+#pragma unroll
+        for (int i = 0; i < K; ++i) {
+            int n, t, part;
+            if (slot(i, n, t, part)) dst[(t * NP + n) * PT + part] = to_acc(v[i]);
+        }
+    }
+};
+
+// Stages steps t0..t0+T of a variable B/C right away (no load ahead).
+template <int NP, int T>
+__device__ __forceinline__ void stage_bc(const storage_t* src, Strides<4> st, i64 b, i64 g, i64 n_states,
+                                         i64 t0, i64 len, acc_t* dst) {
+    BcRegs<NP, T> r;
+    r.load(src, st, b, g, n_states, t0, len);
+    r.store(dst);
 }
 
 // Number n of step t of a staged B/C tile.
@@ -301,7 +353,7 @@ struct Weights {
 // ---------------------------------------------------------------------------------------------
 
 #define FS_SEL_FWD_BYTES(P, S, T) \
-    ((3 * (FS_SEL_THREADS / (P)) * ((T) + 1) + 2 * (T) * (P) * (S) * FS_SEL_PARTS) * (int)sizeof(acc_t))
+    ((3 * (FS_SEL_THREADS / (P)) * ((T) + 1) + (FS_SEL_THREADS / (P)) + 2 * (T) * (P) * (S) * FS_SEL_PARTS) * (int)sizeof(acc_t))
 
 template <int P, int S>
 struct FwdPlan {
@@ -314,7 +366,7 @@ struct FwdPlan {
 
 #define FS_SEL_TS(S) (FS_SEL_HREGS / ((S) * FS_SEL_PARTS) < FS_SEL_CK ? FS_SEL_HREGS / ((S) * FS_SEL_PARTS) : FS_SEL_CK)
 #define FS_SEL_BWD_BYTES(P, S, TR)                                                                        \
-    ((4 * (FS_SEL_THREADS / (P)) * (FS_SEL_CK + 1) + 2 * FS_SEL_TS(S) * (P) * (S) * FS_SEL_PARTS +         \
+    ((4 * (FS_SEL_THREADS / (P)) * (FS_SEL_CK + 1) + (FS_SEL_THREADS / (P)) + 2 * FS_SEL_TS(S) * (P) * (S) * FS_SEL_PARTS +         \
       (FS_SEL_CK / FS_SEL_TS(S) > 1 ? FS_SEL_CK / FS_SEL_TS(S) - 1 : 1) * FS_SEL_THREADS * (S) * FS_SEL_PARTS + \
       FS_SEL_WARPS * (TR) * 2 * (P) * (S) * FS_SEL_PARTS) *                                                \
      (int)sizeof(acc_t))
@@ -352,6 +404,7 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
     __shared__ acc_t s_z[ROWS * ROW];
     __shared__ acc_t s_b[T * NP * FS_SEL_PARTS];
     __shared__ acc_t s_c[T * NP * FS_SEL_PARTS];
+    __shared__ acc_t s_bias[ROWS];
 
     const int tid = threadIdx.x, lane = tid % FS_WARP;
     const int c = tid / P, l = tid % P;
@@ -372,19 +425,31 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
     }
     const acc_t d_skip = (active && Q.D) ? Q.D[d] : acc_t(0);
 
+    for (int cc = tid; cc < ROWS; cc += FS_SEL_THREADS)
+        s_bias[cc] = (Q.bias && cc < Q.ct && c0 + cc < Q.dim) ? Q.bias[c0 + cc] : acc_t(0);
+    TileRegs<ROWS, T> r_dt, r_u, r_z;
+    BcRegs<NP, T> r_b, r_c;
+    auto fetch = [&](i64 t0) {
+        r_dt.load(Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, t0, L);
+        r_u.load(Q.u, Q.u_s, b, c0, Q.ct, Q.dim, t0, L);
+        if (Q.z) r_z.load(Q.z, Q.z_s, b, c0, Q.ct, Q.dim, t0, L);
+        if (Q.b_var) r_b.load(Q.b_var, Q.b_s, b, gb, N, t0, L);
+        if (Q.c_var) r_c.load(Q.c_var, Q.c_s, b, gc, N, t0, L);
+    };
+    fetch(0);
+
     for (i64 t0 = 0; t0 < L; t0 += T) {
-        for_tile(Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, t0, L, ROWS, T, [&](int cc, int t, acc_t v, bool in) {
-            const acc_t r = v + (Q.bias && in ? Q.bias[c0 + cc] : acc_t(0));
+        __syncthreads();  // s_bias written; the previous chunk's output read from shared memory
+        r_dt.each(c0, Q.ct, Q.dim, t0, L, [&](int cc, int t, acc_t v, bool in) {
+            const acc_t r = v + s_bias[cc];
             s_dt[cc * ROW + t] = !in ? acc_t(0) : Q.softplus ? softplus_(r) : r;
         });
-        for_tile(Q.u, Q.u_s, b, c0, Q.ct, Q.dim, t0, L, ROWS, T,
-                 [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
-        if (Q.z)
-            for_tile(Q.z, Q.z_s, b, c0, Q.ct, Q.dim, t0, L, ROWS, T,
-                     [&](int cc, int t, acc_t v, bool) { s_z[cc * ROW + t] = v; });
-        if (Q.b_var) stage_bc<NP>(Q.b_var, Q.b_s, b, gb, N, t0, L, T, s_b);
-        if (Q.c_var) stage_bc<NP>(Q.c_var, Q.c_s, b, gc, N, t0, L, T, s_c);
+        r_u.each(c0, Q.ct, Q.dim, t0, L, [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
+        if (Q.z) r_z.each(c0, Q.ct, Q.dim, t0, L, [&](int cc, int t, acc_t v, bool) { s_z[cc * ROW + t] = v; });
+        if (Q.b_var) r_b.store(s_b);
+        if (Q.c_var) r_c.store(s_c);
         __syncthreads();
+        if (t0 + T < L) fetch(t0 + T);  // in flight while this chunk is computed
 
 #pragma unroll 1
         for (int k = 0; k < T; k += G) {
@@ -433,7 +498,6 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
                 Q.out[(b * Q.dim + dd) * L + tg] = from_acc(y);
             }
         }
-        __syncthreads();
     }
     if (Q.last && active) {
 #pragma unroll
@@ -472,6 +536,7 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
     __shared__ acc_t s_c[TS * NP * PT];
     __shared__ acc_t s_slot[(R > 1 ? R - 1 : 1) * FS_SEL_THREADS * S * PT];
     __shared__ acc_t s_red[FS_SEL_WARPS * TR * 2 * NP * PT];
+    __shared__ acc_t s_bias[ROWS];
 
     const int tid = threadIdx.x, lane = tid % FS_WARP, warp = tid / FS_WARP;
     const int c = tid / P, l = tid % P;
@@ -495,34 +560,57 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
     }
     acc_t grad_d = 0, grad_bias = 0;  // this lane's share of the channel's sums
 
+    for (int cc = tid; cc < ROWS; cc += FS_SEL_THREADS)
+        s_bias[cc] = (Q.bias && cc < Q.ct && c0 + cc < Q.dim) ? Q.bias[c0 + cc] : acc_t(0);
+    // A segment's inputs in registers, loaded one segment ahead (see "Staging" above); B and C with
+    // them when the segment is one window.
+    TileRegs<ROWS, FS_SEL_CK> r_dt, r_u, r_g, r_z;
+    BcRegs<NP, TS> r_b, r_c;
+    num_t r_ck[S];
+    auto fetch = [&](i64 seg) {
+        const i64 ts0 = seg * FS_SEL_CK;
+        r_dt.load(Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, ts0, L);
+        r_u.load(Q.u, Q.u_s, b, c0, Q.ct, Q.dim, ts0, L);
+        r_g.load(Q.dout, Q.dout_s, b, c0, Q.ct, Q.dim, ts0, L);
+        if (Q.z) r_z.load(Q.z, Q.z_s, b, c0, Q.ct, Q.dim, ts0, L);
+        if constexpr (R == 1) {
+            if (Q.b_var) r_b.load(Q.b_var, Q.b_s, b, gb, N, ts0, L);
+            if (Q.c_var) r_c.load(Q.c_var, Q.c_s, b, gc, N, ts0, L);
+        }
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            const i64 n = (i64)l * S + s;
+            r_ck[s] = (active && n < N) ? nload(Q.ckpt, (row * Q.n_ck + seg) * N + n) : nzero();
+        }
+    };
+    if (Q.n_ck > 0) fetch(Q.n_ck - 1);
+
 #pragma unroll 1
     for (i64 seg = Q.n_ck - 1; seg >= 0; --seg) {
         const i64 ts0 = seg * FS_SEL_CK;
-        __syncthreads();  // the previous segment's results are written out
-        // Stage the segment: Δ, u, dout (then ∂y and silu'(z)·dout with z).
-        for_tile(Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, ts0, L, ROWS, FS_SEL_CK, [&](int cc, int t, acc_t v, bool in) {
-            const acc_t r = v + (Q.bias && in ? Q.bias[c0 + cc] : acc_t(0));
+        __syncthreads();  // s_bias written; the previous segment's results are written out
+        r_dt.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t v, bool in) {
+            const acc_t r = v + s_bias[cc];
             s_dt[cc * ROW + t] = !in ? acc_t(0) : Q.softplus ? softplus_(r) : r;
         });
-        for_tile(Q.u, Q.u_s, b, c0, Q.ct, Q.dim, ts0, L, ROWS, FS_SEL_CK,
-                 [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
-        for_tile(Q.dout, Q.dout_s, b, c0, Q.ct, Q.dim, ts0, L, ROWS, FS_SEL_CK,
-                 [&](int cc, int t, acc_t v, bool) { s_g[cc * ROW + t] = v; });
+        r_u.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
+        r_g.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t v, bool) { s_g[cc * ROW + t] = v; });
+        if constexpr (R == 1) {
+            if (Q.b_var) r_b.store(s_b);
+            if (Q.c_var) r_c.store(s_c);
+        }
         if (Q.z) {
-            __syncthreads();  // the z tile may map its elements to other threads than dout's
-            for_tile(Q.z, Q.z_s, b, c0, Q.ct, Q.dim, ts0, L, ROWS, FS_SEL_CK, [&](int cc, int t, acc_t zz, bool) {
+            __syncthreads();  // z's slots may lie on other threads than dout's (other strides)
+            r_z.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t zz, bool) {
                 const acc_t sg = sigmoid_(zz), g = s_g[cc * ROW + t];
                 s_q[cc * ROW + t] = g * sg * (acc_t(1) + zz * (acc_t(1) - sg));
                 s_g[cc * ROW + t] = g * zz * sg;
             });
         }
-
         num_t h_seg[S];
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
-            const i64 n = (i64)l * S + s;
-            h_seg[s] = (active && n < N) ? nload(Q.ckpt, (row * Q.n_ck + seg) * N + n) : nzero();
-        }
+        for (int s = 0; s < S; ++s) h_seg[s] = r_ck[s];
+        if (seg > 0) fetch(seg - 1);  // in flight while this segment is computed
 
         // Forward sweep through the first R-1 windows: the states entering windows 1..R-1.
         if constexpr (R > 1) {
@@ -532,7 +620,7 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
 #pragma unroll 1
             for (int win = 0; win < R - 1; ++win) {
                 __syncthreads();  // staged tiles complete; s_b free
-                if (Q.b_var) stage_bc<NP>(Q.b_var, Q.b_s, b, gb, N, ts0 + win * TS, L, TS, s_b);
+                if (Q.b_var) stage_bc<NP, TS>(Q.b_var, Q.b_s, b, gb, N, ts0 + win * TS, L, s_b);
                 __syncthreads();
 #pragma unroll
                 for (int j = 0; j < TS; ++j) {
@@ -554,8 +642,10 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
         for (int win = R - 1; win >= 0; --win) {
             const int tw = win * TS;  // the window's first step in the segment
             __syncthreads();          // staged tiles complete; s_b, s_c free
-            if (Q.b_var) stage_bc<NP>(Q.b_var, Q.b_s, b, gb, N, ts0 + tw, L, TS, s_b);
-            if (Q.c_var) stage_bc<NP>(Q.c_var, Q.c_s, b, gc, N, ts0 + tw, L, TS, s_c);
+            if constexpr (R > 1) {  // (a one-window segment has its B and C staged already)
+                if (Q.b_var) stage_bc<NP, TS>(Q.b_var, Q.b_s, b, gb, N, ts0 + tw, L, s_b);
+                if (Q.c_var) stage_bc<NP, TS>(Q.c_var, Q.c_s, b, gc, N, ts0 + tw, L, s_c);
+            }
             __syncthreads();
 
             num_t h_start[S];
