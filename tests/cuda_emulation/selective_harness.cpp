@@ -3,38 +3,9 @@
 // src/cuda/selective_scan.rs launches it. Usage: `harness DIR`, where DIR holds `params.txt`
 // ("key value" lines) and the float64 tensors as raw `NAME.bin` files; results are written there.
 
-#include <fstream>
-#include <map>
-#include <stdexcept>
-#include <string>
+#include "harness_io.h"
 
 namespace harness {
-
-std::map<std::string, long long> cfg;
-std::string dir;
-
-long long get(const char* key) {
-    auto it = cfg.find(key);
-    if (it == cfg.end()) throw std::runtime_error(std::string("missing parameter ") + key);
-    return it->second;
-}
-
-std::vector<double> load(const char* name) {
-    std::ifstream f(dir + "/" + name + ".bin", std::ios::binary | std::ios::ate);
-    if (!f) return {};
-    const auto bytes = (size_t)f.tellg();
-    std::vector<double> v(bytes / sizeof(double));
-    f.seekg(0);
-    f.read(reinterpret_cast<char*>(v.data()), (std::streamsize)bytes);
-    return v;
-}
-
-void save(const char* name, const std::vector<double>& v) {
-    std::ofstream f(dir + "/" + name + ".bin", std::ios::binary);
-    f.write(reinterpret_cast<const char*>(v.data()), (std::streamsize)(v.size() * sizeof(double)));
-}
-
-double* ptr(std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
 
 using Kernel = void (*)(SelParams);
 
@@ -61,13 +32,7 @@ Kernel pick(long long P, long long S) {
 int main(int argc, char** argv) {
     using namespace harness;
     if (argc != 2) return 2;
-    dir = argv[1];
-    {
-        std::ifstream f(dir + "/params.txt");
-        std::string key;
-        long long value;
-        while (f >> key >> value) cfg[key] = value;
-    }
+    read_params(argv[1]);
     const long long batch = get("batch"), dim = get("dim"), len = get("len"), N = get("dstate");
     const long long parts = FS_SEL_PARTS, n_ck = (len + FS_SEL_CK - 1) / FS_SEL_CK;
     const long long state = batch * dim * N * parts, seq = batch * dim * len;

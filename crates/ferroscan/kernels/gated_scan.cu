@@ -5,10 +5,12 @@
 // kernel serves both directions (DESC = the user's `reverse`).
 //
 // Thread mapping: the states of the problem (outer*inner of them, flattened as p*inner + q) are
-// cut into groups of 32, one group per block and one state per lane, so every load of a warp
-// reads 32 consecutive inner indices (coalesced when inner >= 32). The block's FS_GATED_WARPS
-// warps split the time axis: a window of FS_GATED_WARPS*FS_GATED_SEG steps is read at once, warp
-// w owning segment w. Each warp reduces its segment to an affine map of the state, the maps meet
+// cut into groups of FS_GATED_BLOCK_STATES, one group per block and FS_GATED_LANE_STATES adjacent
+// states per lane, so every load of a warp reads consecutive inner indices (coalesced when inner
+// is at least the group; one vector access per lane when the lane's states are adjacent and
+// aligned, scalar accesses otherwise). The block's FS_GATED_WARPS warps split the time axis: a
+// window of FS_GATED_WARPS*FS_GATED_SEG steps is read at once, warp w owning segment w. Each
+// warp reduces its segment to an affine map of the state, the maps meet
 // in shared memory, and every warp folds the maps before its own into the block's running state.
 // Each element is therefore read once and written once, with no scratch in global memory and
 // many loads in flight per thread (a whole segment is loaded before any arithmetic).
@@ -25,6 +27,21 @@
 
 #define FS_GATED_WARPS 8
 #define FS_GATED_SEG 8  // steps per warp per window; also the checkpoint spacing
+
+// States per lane. With 16-bit storage one state per lane makes a warp's access 64 bytes, half a
+// 128-byte line, and leaves the memory system under-used; two adjacent states per lane make it a
+// full line (one 32-bit access per lane). The launcher mirrors this value (`lane_states` in
+// src/cuda/gated_scan.rs). Defined from outside only by the host emulation tests, which force 2 in
+// float64 to check this path.
+#ifndef FS_GATED_LANE_STATES
+#if FS_DTYPE == 0 || FS_DTYPE == 1
+#define FS_GATED_LANE_STATES 2
+#else
+#define FS_GATED_LANE_STATES 1
+#endif
+#endif
+#define FS_GATED_LS FS_GATED_LANE_STATES
+#define FS_GATED_BLOCK_STATES (FS_WARP * FS_GATED_LS)  // states per block
 
 // Mirrored by `GatedParams` in src/cuda/gated_scan.rs; keep the two in the same order.
 struct GatedParams {
@@ -47,56 +64,155 @@ struct GatedParams {
     i64 outer, len, inner;
 };
 
-struct GatedLane {
-    bool active;    // this lane owns a state (the last group may be partial)
-    i64 state;      // p*inner + q
-    i64 base;       // element (p, 0, q)
-    i64 n_states;
+// The values of a lane's states at one position, in memory order (state 0 first), so that a
+// vector access moves them at once. Two 16-bit values stay packed in one 32-bit register until
+// used: a segment and its prefetch unpacked would take twice the registers.
+#if FS_GATED_LS == 2 && (FS_DTYPE == 0 || FS_DTYPE == 1)
+struct LaneVals {
+    unsigned w;
+    __device__ __forceinline__ storage_t at(int i) const { return (storage_t)(i ? w >> 16 : w & 0xffffu); }
+    __device__ __forceinline__ void put(int i, storage_t v) {
+        w = i ? (w & 0xffffu) | ((unsigned)v << 16) : (w & 0xffff0000u) | (unsigned)v;
+    }
 };
+#else
+struct alignas(FS_GATED_LS * sizeof(storage_t)) LaneVals {
+    storage_t v[FS_GATED_LS];
+    __device__ __forceinline__ storage_t at(int i) const { return v[i]; }
+    __device__ __forceinline__ void put(int i, storage_t x) { v[i] = x; }
+};
+#endif
+static_assert(sizeof(LaneVals) == FS_GATED_LS * sizeof(storage_t), "a lane's values are one vector");
+
+__device__ __forceinline__ LaneVals splat(storage_t v) {
+    LaneVals r;
+#pragma unroll
+    for (int i = 0; i < FS_GATED_LS; ++i) r.put(i, v);
+    return r;
+}
+
+struct GatedLane {
+    int owned;      // how many of its states exist (the last group may be partial): 0..FS_GATED_LS
+    bool vec;       // its states are adjacent at every step and vector-aligned: one access per step
+    i64 state;      // its first state, p*inner + q (the others follow)
+    i64 base[FS_GATED_LS];  // element (p, 0, q) of each state
+    i64 n_states, len, inner;  // copies of P's, kept in registers
+};
+
+// Whether every lane's states are adjacent in memory with vector-aligned addresses in every
+// tensor: the same answer for the whole grid (so no divergence), true with one state per lane.
+// With `inner` a multiple of the lane's states, a group starts at a multiple of them within one
+// row, so its elements are adjacent and, given aligned base pointers, aligned.
+__device__ __forceinline__ bool lane_vectors_ok(const GatedParams& P) {
+    if (FS_GATED_LS == 1) return true;
+    const unsigned long long any = (unsigned long long)P.x | (unsigned long long)P.a |
+        (unsigned long long)P.b | (unsigned long long)P.c | (unsigned long long)P.grad_y |
+        (unsigned long long)P.hidden | (unsigned long long)P.y | (unsigned long long)P.grad_x |
+        (unsigned long long)P.grad_a | (unsigned long long)P.grad_b | (unsigned long long)P.grad_c;
+    return P.inner % FS_GATED_LS == 0 && any % sizeof(LaneVals) == 0;
+}
 
 __device__ __forceinline__ GatedLane gated_lane(const GatedParams& P) {
     GatedLane l;
     l.n_states = P.outer * P.inner;
-    const i64 s = (i64)blockIdx.x * FS_WARP + threadIdx.x % FS_WARP;
-    l.active = s < l.n_states;
-    l.state = l.active ? s : 0;
-    const i64 p = l.state / P.inner, q = l.state % P.inner;
-    l.base = p * P.len * P.inner + q;
+    l.len = P.len;
+    l.inner = P.inner;
+    const i64 s = (i64)blockIdx.x * FS_GATED_BLOCK_STATES + (i64)(threadIdx.x % FS_WARP) * FS_GATED_LS;
+    const i64 left = l.n_states - s;
+    l.owned = left <= 0 ? 0 : (left < FS_GATED_LS ? (int)left : FS_GATED_LS);
+    l.state = l.owned > 0 ? s : 0;
+    l.vec = lane_vectors_ok(P) && (l.owned == FS_GATED_LS || l.owned == 0);
+#pragma unroll
+    for (int i = 0; i < FS_GATED_LS; ++i) {
+        const i64 si = l.state + (i < l.owned ? i : 0);
+        const i64 p = si / P.inner, q = si % P.inner;
+        l.base[i] = p * P.len * P.inner + q;
+    }
     return l;
 }
 
 template <bool DESC>
-__device__ __forceinline__ i64 gated_at(const GatedLane& l, const GatedParams& P, i64 u) {
-    return l.base + (DESC ? P.len - 1 - u : u) * P.inner;
+__device__ __forceinline__ i64 gated_at(const GatedLane& l, i64 u, int i) {
+    return l.base[i] + (DESC ? l.len - 1 - u : u) * l.inner;
+}
+
+// Where the lane's elements at position u are (`at`, for its states that exist and u < len:
+// `inside`), worked out once per position for every tensor. VEC: only state 0's, the lane's
+// vector (used only where `l.vec`).
+struct Spot {
+    bool inside[FS_GATED_LS];
+    i64 at[FS_GATED_LS];
+};
+
+template <bool VEC, bool DESC>
+__device__ __forceinline__ Spot spot_at(const GatedLane& l, i64 u) {
+    Spot s;
+#pragma unroll
+    for (int i = 0; i < (VEC ? 1 : FS_GATED_LS); ++i) {
+        s.inside[i] = (VEC ? l.owned == FS_GATED_LS : i < l.owned) && u < l.len;
+        s.at[i] = s.inside[i] ? gated_at<DESC>(l, u, i) : 0;
+    }
+    return s;
+}
+
+// The lane's values of `p` at `s` (`fill` where there is no element).
+template <bool VEC>
+__device__ __forceinline__ LaneVals load_at(const storage_t* p, const Spot& s, storage_t fill) {
+    if constexpr (VEC) {
+        return s.inside[0] ? *reinterpret_cast<const LaneVals*>(p + s.at[0]) : splat(fill);
+    } else {
+        LaneVals r;
+#pragma unroll
+        for (int i = 0; i < FS_GATED_LS; ++i) r.put(i, s.inside[i] ? p[s.at[i]] : fill);
+        return r;
+    }
+}
+
+// Stores the lane's values at position u of its existing states; u < len.
+template <bool DESC>
+__device__ __forceinline__ void store_at(storage_t* p, const GatedLane& l, i64 u, LaneVals v) {
+    if (FS_GATED_LS == 1 || l.vec) {
+        *reinterpret_cast<LaneVals*>(p + gated_at<DESC>(l, u, 0)) = v;
+    } else {
+#pragma unroll
+        for (int i = 0; i < FS_GATED_LS; ++i)
+            if (i < l.owned) p[gated_at<DESC>(l, u, i)] = v.at(i);
+    }
 }
 
 template <bool HAS_B>
 __device__ __forceinline__ acc_t token(acc_t b, acc_t x) { return HAS_B ? b * x : x; }
 
 // Segments keep what they load in the storage type and convert at use: a conversion placed right
-// after a prefetching load would wait for it and defeat the prefetch.
+// after a prefetching load would wait for it and defeat the prefetch. Accessors take (step k,
+// lane state i).
 
 // What a forward segment reads: gates, inputs and gates b, c (1, 0, 1, 1 past the end).
 template <bool DESC, bool HAS_B, bool HAS_C>
 struct ForwardSegment {
-    storage_t ra[FS_GATED_SEG], rx[FS_GATED_SEG], rb[FS_GATED_SEG], rc[FS_GATED_SEG];
+    LaneVals ra[FS_GATED_SEG], rx[FS_GATED_SEG], rb[FS_GATED_SEG], rc[FS_GATED_SEG];
 
-    __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
+    template <bool VEC>
+    __device__ __forceinline__ void load_as(const GatedParams& P, const GatedLane& l, i64 u0) {
         const storage_t one = from_acc(acc_t(1)), zero = from_acc(acc_t(0));
 #pragma unroll
         for (int k = 0; k < FS_GATED_SEG; ++k) {
-            const i64 u = u0 + k;
-            const bool inside = l.active && u < P.len;
-            const i64 at = inside ? gated_at<DESC>(l, P, u) : 0;
-            ra[k] = inside ? P.a[at] : one;
-            rx[k] = inside ? P.x[at] : zero;
-            if (HAS_B) rb[k] = inside ? P.b[at] : one;
-            if (HAS_C) rc[k] = inside ? P.c[at] : one;
+            const Spot at = spot_at<VEC, DESC>(l, u0 + k);
+            ra[k] = load_at<VEC>(P.a, at, one);
+            rx[k] = load_at<VEC>(P.x, at, zero);
+            if (HAS_B) rb[k] = load_at<VEC>(P.b, at, one);
+            if (HAS_C) rc[k] = load_at<VEC>(P.c, at, one);
         }
     }
-    __device__ __forceinline__ acc_t g(int k) const { return to_acc(ra[k]); }
-    __device__ __forceinline__ acc_t tok(int k) const { return HAS_B ? to_acc(rb[k]) * to_acc(rx[k]) : to_acc(rx[k]); }
-    __device__ __forceinline__ acc_t out(int k, acc_t h) const { return HAS_C ? to_acc(rc[k]) * h : h; }
+    __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
+        if (FS_GATED_LS == 1 || l.vec) load_as<true>(P, l, u0);
+        else load_as<false>(P, l, u0);
+    }
+    __device__ __forceinline__ acc_t g(int k, int i) const { return to_acc(ra[k].at(i)); }
+    __device__ __forceinline__ acc_t tok(int k, int i) const {
+        return HAS_B ? to_acc(rb[k].at(i)) * to_acc(rx[k].at(i)) : to_acc(rx[k].at(i));
+    }
+    __device__ __forceinline__ acc_t out(int k, int i, acc_t h) const { return HAS_C ? to_acc(rc[k].at(i)) * h : h; }
 };
 
 // What a backward segment reads: the forward's inputs, dL/dy, the gate one step past the segment,
@@ -104,58 +220,68 @@ struct ForwardSegment {
 // output is h): h itself instead of x, and h one step before the segment instead of a checkpoint.
 template <bool DESC, bool HAS_B, bool HAS_C, bool STORED_H>
 struct BackwardSegment {
-    storage_t ra[FS_GATED_SEG], rx[FS_GATED_SEG], rb[FS_GATED_SEG], rc[FS_GATED_SEG], rgy[FS_GATED_SEG];
-    storage_t ra_next, rh_before;
-    acc_t checkpoint;
+    LaneVals ra[FS_GATED_SEG], rx[FS_GATED_SEG], rb[FS_GATED_SEG], rc[FS_GATED_SEG], rgy[FS_GATED_SEG];
+    LaneVals ra_next, rh_before;
+    acc_t checkpoint[FS_GATED_LS];
     static_assert(!STORED_H || (!HAS_B && !HAS_C), "a stored h comes from the plain scan");
 
-    __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
+    template <bool VEC>
+    __device__ __forceinline__ void load_as(const GatedParams& P, const GatedLane& l, i64 u0) {
         const storage_t one = from_acc(acc_t(1)), zero = from_acc(acc_t(0));
 #pragma unroll
         for (int k = 0; k < FS_GATED_SEG; ++k) {
-            const i64 u = u0 + k;
-            const bool inside = l.active && u < P.len;
-            const i64 at = inside ? gated_at<DESC>(l, P, u) : 0;
-            ra[k] = inside ? P.a[at] : one;
-            rx[k] = inside ? (STORED_H ? P.hidden[at] : P.x[at]) : zero;
-            if (HAS_B) rb[k] = inside ? P.b[at] : one;
-            if (HAS_C) rc[k] = inside ? P.c[at] : one;
-            rgy[k] = inside ? P.grad_y[at] : zero;
+            const Spot at = spot_at<VEC, DESC>(l, u0 + k);
+            ra[k] = load_at<VEC>(P.a, at, one);
+            rx[k] = load_at<VEC>(STORED_H ? P.hidden : P.x, at, zero);
+            if (HAS_B) rb[k] = load_at<VEC>(P.b, at, one);
+            if (HAS_C) rc[k] = load_at<VEC>(P.c, at, one);
+            rgy[k] = load_at<VEC>(P.grad_y, at, zero);
         }
-        const i64 u_next = u0 + FS_GATED_SEG;
-        ra_next = (l.active && u_next < P.len) ? P.a[gated_at<DESC>(l, P, u_next)] : one;
-        const bool live = l.active && u0 < P.len;
-        if (!STORED_H) {
-            checkpoint = live ? P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state] : acc_t(0);
-        } else if (live && u0 > 0) {
-            rh_before = P.hidden[gated_at<DESC>(l, P, u0 - 1)];
-        } else {
-            rh_before = (live && P.initial) ? P.initial[l.state] : zero;
+        ra_next = load_at<VEC>(P.a, spot_at<VEC, DESC>(l, u0 + FS_GATED_SEG), one);
+        const bool live = u0 < l.len;
+#pragma unroll
+        for (int i = 0; i < FS_GATED_LS; ++i) {
+            if (!STORED_H) {
+                const bool has = live && i < l.owned;
+                checkpoint[i] = has ? P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state + i] : acc_t(0);
+            } else if (!(live && u0 > 0)) {
+                const bool has = live && i < l.owned && P.initial;
+                rh_before.put(i, has ? P.initial[l.state + i] : zero);
+            }
         }
+        if (STORED_H && live && u0 > 0) rh_before = load_at<VEC>(P.hidden, spot_at<VEC, DESC>(l, u0 - 1), zero);
     }
-    __device__ __forceinline__ acc_t g(int k) const { return to_acc(ra[k]); }
+    __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
+        if (FS_GATED_LS == 1 || l.vec) load_as<true>(P, l, u0);
+        else load_as<false>(P, l, u0);
+    }
+    __device__ __forceinline__ acc_t g(int k, int i) const { return to_acc(ra[k].at(i)); }
     // The adjoint's gate at position k: a one step later.
-    __device__ __forceinline__ acc_t g_after(int k) const {
-        return to_acc(k + 1 < FS_GATED_SEG ? ra[k + 1] : ra_next);
+    __device__ __forceinline__ acc_t g_after(int k, int i) const {
+        return to_acc(k + 1 < FS_GATED_SEG ? ra[k + 1].at(i) : ra_next.at(i));
     }
-    __device__ __forceinline__ acc_t x(int k) const { return to_acc(rx[k]); }
-    __device__ __forceinline__ acc_t b(int k) const { return HAS_B ? to_acc(rb[k]) : acc_t(1); }
-    __device__ __forceinline__ acc_t gy(int k) const { return to_acc(rgy[k]); }
-    __device__ __forceinline__ acc_t tok(int k) const { return HAS_C ? to_acc(rc[k]) * gy(k) : gy(k); }
-    __device__ __forceinline__ acc_t h_in() const { return STORED_H ? to_acc(rh_before) : checkpoint; }
+    __device__ __forceinline__ acc_t x(int k, int i) const { return to_acc(rx[k].at(i)); }
+    __device__ __forceinline__ acc_t b(int k, int i) const { return HAS_B ? to_acc(rb[k].at(i)) : acc_t(1); }
+    __device__ __forceinline__ acc_t gy(int k, int i) const { return to_acc(rgy[k].at(i)); }
+    __device__ __forceinline__ acc_t tok(int k, int i) const { return HAS_C ? to_acc(rc[k].at(i)) * gy(k, i) : gy(k, i); }
+    __device__ __forceinline__ acc_t h_in(int i) const { return STORED_H ? to_acc(rh_before.at(i)) : checkpoint[i]; }
 };
 
 // Both passes load the next window's segment before working on the current one (software
 // pipelining), so loads stay in flight across the block's synchronization and the stores.
+// A lane's states are independent recurrences: every step below runs once per lane state i.
 
 template <bool DESC, bool HAS_B, bool HAS_C>
 __device__ __forceinline__ void gated_forward(const GatedParams& P) {
-    __shared__ AffineMap maps[2][FS_GATED_WARPS][FS_WARP];
+    __shared__ AffineMap maps[2][FS_GATED_WARPS][FS_GATED_LS][FS_WARP];
     constexpr i64 WINDOW = FS_GATED_WARPS * FS_GATED_SEG;
     const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
     const GatedLane l = gated_lane(P);
-    const i64 len = P.len;
-    acc_t carry = (l.active && P.initial) ? to_acc(P.initial[l.state]) : acc_t(0);
+    const i64 len = l.len;
+    acc_t carry[FS_GATED_LS];
+#pragma unroll
+    for (int i = 0; i < FS_GATED_LS; ++i)
+        carry[i] = (i < l.owned && P.initial) ? to_acc(P.initial[l.state + i]) : acc_t(0);
     ForwardSegment<DESC, HAS_B, HAS_C> cur, next;
     cur.load(P, l, (i64)warp * FS_GATED_SEG);
     int buf = 0;
@@ -163,27 +289,47 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
         const i64 u0 = w0 + (i64)warp * FS_GATED_SEG;
         const bool more = w0 + WINDOW < len;
         if (more) next.load(P, l, u0 + WINDOW);
-        AffineMap m = identity_map();
 #pragma unroll
-        for (int k = 0; k < FS_GATED_SEG; ++k) m = then_step(m, cur.g(k), cur.tok(k));
-        maps[buf][warp][lane] = m;
-        __syncthreads();
-        acc_t h = carry;
+        for (int i = 0; i < FS_GATED_LS; ++i) {
+            AffineMap m = identity_map();
 #pragma unroll
-        for (int j = 0; j < FS_GATED_WARPS; ++j) {
-            const acc_t after = apply(maps[buf][j][lane], carry);
-            if (j == warp) h = carry;
-            carry = after;
+            for (int k = 0; k < FS_GATED_SEG; ++k) m = then_step(m, cur.g(k, i), cur.tok(k, i));
+            maps[buf][warp][i][lane] = m;
         }
-        if (u0 < len && l.active) {
-            if (P.checkpoints) P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state] = h;
+        __syncthreads();
+        acc_t h[FS_GATED_LS];
+#pragma unroll
+        for (int i = 0; i < FS_GATED_LS; ++i) {
+            h[i] = carry[i];
+#pragma unroll
+            for (int j = 0; j < FS_GATED_WARPS; ++j) {
+                const acc_t after = apply(maps[buf][j][i][lane], carry[i]);
+                if (j == warp) h[i] = carry[i];
+                carry[i] = after;
+            }
+        }
+        if (u0 < len && l.owned > 0) {
+            if (P.checkpoints) {
+#pragma unroll
+                for (int i = 0; i < FS_GATED_LS; ++i)
+                    if (i < l.owned) P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state + i] = h[i];
+            }
 #pragma unroll
             for (int k = 0; k < FS_GATED_SEG; ++k) {
                 const i64 u = u0 + k;
                 if (u >= len) break;
-                h = cur.g(k) * h + cur.tok(k);
-                P.y[gated_at<DESC>(l, P, u)] = from_acc(cur.out(k, h));
-                if (u == len - 1 && P.final_out) P.final_out[l.state] = from_acc(h);
+                LaneVals y;
+#pragma unroll
+                for (int i = 0; i < FS_GATED_LS; ++i) {
+                    h[i] = cur.g(k, i) * h[i] + cur.tok(k, i);
+                    y.put(i, from_acc(cur.out(k, i, h[i])));
+                }
+                store_at<DESC>(P.y, l, u, y);
+                if (u == len - 1 && P.final_out) {
+#pragma unroll
+                    for (int i = 0; i < FS_GATED_LS; ++i)
+                        if (i < l.owned) P.final_out[l.state + i] = from_acc(h[i]);
+                }
             }
         }
         if (more) cur = next;
@@ -192,13 +338,16 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
 
 template <bool DESC, bool HAS_B, bool HAS_C, bool STORED_H>
 __device__ __forceinline__ void gated_backward(const GatedParams& P) {
-    __shared__ AffineMap maps[2][FS_GATED_WARPS][FS_WARP];
+    __shared__ AffineMap maps[2][FS_GATED_WARPS][FS_GATED_LS][FS_WARP];
     constexpr i64 WINDOW = FS_GATED_WARPS * FS_GATED_SEG;
     const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
     const GatedLane l = gated_lane(P);
-    const i64 len = P.len;
+    const i64 len = l.len;
     // lam at the first position right of the current window (grad_final past the end).
-    acc_t carry = (l.active && P.grad_final) ? to_acc(P.grad_final[l.state]) : acc_t(0);
+    acc_t carry[FS_GATED_LS];
+#pragma unroll
+    for (int i = 0; i < FS_GATED_LS; ++i)
+        carry[i] = (i < l.owned && P.grad_final) ? to_acc(P.grad_final[l.state + i]) : acc_t(0);
     const i64 last_window = (len - 1) / WINDOW * WINDOW;
     BackwardSegment<DESC, HAS_B, HAS_C, STORED_H> cur, next;
     cur.load(P, l, last_window + (i64)warp * FS_GATED_SEG);
@@ -209,56 +358,85 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
         if (more) next.load(P, l, u0 - WINDOW);
 
         // The segment's adjoint map: lam at u0 + FS_GATED_SEG -> lam at u0.
-        AffineMap m = identity_map();
 #pragma unroll
-        for (int k = FS_GATED_SEG - 1; k >= 0; --k)
-            m = then_step(m, cur.g_after(k), cur.tok(k));
-        maps[buf][warp][lane] = m;
-        __syncthreads();
-        acc_t lam = carry;
+        for (int i = 0; i < FS_GATED_LS; ++i) {
+            AffineMap m = identity_map();
 #pragma unroll
-        for (int j = FS_GATED_WARPS - 1; j >= 0; --j) {
-            const acc_t before = apply(maps[buf][j][lane], carry);
-            if (j == warp) lam = carry;
-            carry = before;
+            for (int k = FS_GATED_SEG - 1; k >= 0; --k) m = then_step(m, cur.g_after(k, i), cur.tok(k, i));
+            maps[buf][warp][i][lane] = m;
         }
-        if (l.active && u0 < len) {
-            acc_t h[FS_GATED_SEG];
-            const acc_t h_in = cur.h_in();
-            acc_t s = h_in;
+        __syncthreads();
+        acc_t lam[FS_GATED_LS];
 #pragma unroll
-            for (int k = 0; k < FS_GATED_SEG; ++k) {
-                s = STORED_H ? cur.x(k) : cur.g(k) * s + token<HAS_B>(cur.b(k), cur.x(k));
-                h[k] = s;
+        for (int i = 0; i < FS_GATED_LS; ++i) {
+            lam[i] = carry[i];
+#pragma unroll
+            for (int j = FS_GATED_WARPS - 1; j >= 0; --j) {
+                const acc_t before = apply(maps[buf][j][i][lane], carry[i]);
+                if (j == warp) lam[i] = carry[i];
+                carry[i] = before;
+            }
+        }
+        if (l.owned > 0 && u0 < len) {
+            acc_t h[FS_GATED_SEG][FS_GATED_LS];
+#pragma unroll
+            for (int i = 0; i < FS_GATED_LS; ++i) {
+                acc_t s = cur.h_in(i);
+#pragma unroll
+                for (int k = 0; k < FS_GATED_SEG; ++k) {
+                    s = STORED_H ? cur.x(k, i) : cur.g(k, i) * s + token<HAS_B>(cur.b(k, i), cur.x(k, i));
+                    h[k][i] = s;
+                }
             }
 #pragma unroll
             for (int k = FS_GATED_SEG - 1; k >= 0; --k) {
                 const i64 u = u0 + k;
-                lam = cur.g_after(k) * lam + cur.tok(k);
+#pragma unroll
+                for (int i = 0; i < FS_GATED_LS; ++i) lam[i] = cur.g_after(k, i) * lam[i] + cur.tok(k, i);
                 if (u >= len) continue;
-                const i64 at = gated_at<DESC>(l, P, u);
-                const acc_t h_before = k > 0 ? h[k - 1] : h_in;
-                P.grad_x[at] = from_acc(HAS_B ? lam * cur.b(k) : lam);
-                P.grad_a[at] = from_acc(lam * h_before);
-                if (HAS_B) P.grad_b[at] = from_acc(lam * cur.x(k));
-                if (HAS_C) P.grad_c[at] = from_acc(cur.gy(k) * h[k]);
+                LaneVals gx, ga, gb, gc;
+#pragma unroll
+                for (int i = 0; i < FS_GATED_LS; ++i) {
+                    const acc_t h_before = k > 0 ? h[k - 1][i] : cur.h_in(i);
+                    gx.put(i, from_acc(HAS_B ? lam[i] * cur.b(k, i) : lam[i]));
+                    ga.put(i, from_acc(lam[i] * h_before));
+                    if (HAS_B) gb.put(i, from_acc(lam[i] * cur.x(k, i)));
+                    if (HAS_C) gc.put(i, from_acc(cur.gy(k, i) * h[k][i]));
+                }
+                store_at<DESC>(P.grad_x, l, u, gx);
+                store_at<DESC>(P.grad_a, l, u, ga);
+                if (HAS_B) store_at<DESC>(P.grad_b, l, u, gb);
+                if (HAS_C) store_at<DESC>(P.grad_c, l, u, gc);
             }
-            if (u0 == 0 && P.grad_initial) P.grad_initial[l.state] = from_acc(cur.g(0) * lam);
+            if (u0 == 0 && P.grad_initial) {
+#pragma unroll
+                for (int i = 0; i < FS_GATED_LS; ++i)
+                    if (i < l.owned) P.grad_initial[l.state + i] = from_acc(cur.g(0, i) * lam[i]);
+            }
         }
         if (more) cur = next;
     }
 }
 
+// With two states per lane the forward, left alone, takes up to ~180 registers (for the scalar
+// fallback) and one block per multiprocessor; capped at 128 (two blocks) it does not spill, and
+// twice the loads are in flight. The backward would spill under that cap, so it keeps the default.
+#if FS_GATED_LS == 2
+#define FS_GATED_FWD_BOUNDS __launch_bounds__(FS_GATED_WARPS * FS_WARP, 2)
+#else
+#define FS_GATED_FWD_BOUNDS __launch_bounds__(FS_GATED_WARPS * FS_WARP)
+#endif
+
 // Kernel names: gated_<fwd|bwd>_r<reverse>_b<has b>_c<has c>, and scan_blocks_bwd_r<reverse>
 // (the plain scan's backward from its stored h); see `kernel_name` in src/cuda/gated_scan.rs.
 #define FS_GATED_KERNELS(REV, HB, HC)                                                              \
-    extern "C" __global__ void __launch_bounds__(FS_GATED_WARPS * FS_WARP)                         \
+    extern "C" __global__ void FS_GATED_FWD_BOUNDS                                                 \
         gated_fwd_r##REV##_b##HB##_c##HC(const GatedParams P) {                                    \
-        gated_forward<(REV) != 0, (HB) != 0, (HC) != 0>(P);                                                             \
+        gated_forward<(REV) != 0, (HB) != 0, (HC) != 0>(P);                                        \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(FS_GATED_WARPS * FS_WARP)                         \
         gated_bwd_r##REV##_b##HB##_c##HC(const GatedParams P) {                                    \
-        gated_backward<(REV) != 0, (HB) != 0, (HC) != 0, false>(P);                                                            \
+        gated_backward<(REV) != 0, (HB) != 0, (HC) != 0, false>(P);                                \
     }
 
 FS_GATED_KERNELS(0, 0, 0)

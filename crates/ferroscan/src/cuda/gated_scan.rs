@@ -22,9 +22,23 @@ use crate::layout::{DType, ScanProblem, ScanShape};
 
 /// Steps between two checkpoints (`FS_GATED_SEG` in gated_scan.cu).
 pub const CHECKPOINT_SPACING: usize = 8;
-/// Warps per block (`FS_GATED_WARPS`); each block owns 32 states.
+/// Warps per block (`FS_GATED_WARPS`).
 const WARPS: usize = 8;
-const STATES_PER_BLOCK: usize = 32;
+
+/// States each lane owns: `FS_GATED_LANE_STATES` in gated_scan.cu, chosen there from `FS_DTYPE`
+/// (two adjacent states for 16-bit storage, so a warp's access fills a 128-byte line); the two
+/// must agree, or blocks would skip or repeat states.
+pub(super) fn lane_states(dtype: DType) -> usize {
+    match dtype {
+        DType::F16 | DType::BF16 => 2,
+        DType::F32 | DType::F64 => 1,
+    }
+}
+
+/// States each block owns (`FS_GATED_BLOCK_STATES`): a warp's lanes times [`lane_states`].
+pub(super) fn states_per_block(dtype: DType) -> usize {
+    32 * lane_states(dtype)
+}
 
 /// `(segments, states)`: the checkpoint buffer's shape, in accumulator elements
 /// ([`DType::accumulator_bytes`] each).
@@ -131,8 +145,8 @@ pub(super) fn scan_backward_kernel_name(reverse: bool) -> String {
 /// `b` and `c`; backward: [`scan_backward_kernel_name`]) rather than on `scan.cu`'s: when the
 /// time axis is not innermost and there are enough states for a block per multiprocessor.
 /// (With fewer states, `scan.cu` splits the time axis across blocks instead.)
-pub(super) fn uses_blocks(sm_count: usize, shape: &ScanShape) -> bool {
-    shape.inner > 1 && shape.state_numel().div_ceil(STATES_PER_BLOCK) >= sm_count
+pub(super) fn uses_blocks(sm_count: usize, dtype: DType, shape: &ScanShape) -> bool {
+    shape.inner > 1 && shape.state_numel().div_ceil(states_per_block(dtype)) >= sm_count
 }
 
 /// Every kernel name of `gated_scan.cu` (for compile checks).
@@ -170,7 +184,7 @@ pub(super) unsafe fn launch(
     params.inner = shape.inner as i64;
     let cfg = LaunchConfig {
         grid_dim: (
-            grid_blocks(shape.state_numel().div_ceil(STATES_PER_BLOCK))?,
+            grid_blocks(shape.state_numel().div_ceil(states_per_block(dtype)))?,
             1,
             1,
         ),
@@ -312,4 +326,44 @@ pub unsafe fn gated_scan_backward_raw(
     );
     // SAFETY: forwarded from the caller.
     unsafe { launch(device, stream, dtype, &name, &shape, params) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`lane_states`] restates `FS_GATED_LANE_STATES`; this pins the kernel's definition so that
+    /// changing one side alone fails here rather than as wrong results on a GPU.
+    #[test]
+    fn lane_states_match_the_kernel() {
+        let kernel = GATED_SCAN_SOURCE.text;
+        assert!(kernel.contains(
+            "#if FS_DTYPE == 0 || FS_DTYPE == 1\n#define FS_GATED_LANE_STATES 2\n#else\n#define FS_GATED_LANE_STATES 1\n#endif"
+        ));
+        assert!(kernel.contains("#define FS_GATED_BLOCK_STATES (FS_WARP * FS_GATED_LS)"));
+        for (dtype, lanes) in [
+            (DType::F16, 2),
+            (DType::BF16, 2),
+            (DType::F32, 1),
+            (DType::F64, 1),
+        ] {
+            assert_eq!(lane_states(dtype), lanes);
+            assert_eq!(states_per_block(dtype), 32 * lanes);
+        }
+    }
+
+    #[test]
+    fn blocks_need_a_block_per_multiprocessor() {
+        let shape = |outer, inner| ScanShape::new(outer, 16, inner).unwrap();
+        // 132 multiprocessors: 132 groups of 32 states in float32, of 64 in 16-bit types.
+        assert!(uses_blocks(132, DType::F32, &shape(132, 32)));
+        assert!(!uses_blocks(132, DType::F32, &shape(131, 32)));
+        assert!(!uses_blocks(132, DType::BF16, &shape(132, 32)));
+        assert!(uses_blocks(132, DType::BF16, &shape(132, 64)));
+        assert!(!uses_blocks(132, DType::F16, &shape(131, 64)));
+        assert!(
+            !uses_blocks(1, DType::F32, &shape(64, 1)),
+            "time innermost: scan.cu"
+        );
+    }
 }

@@ -139,7 +139,7 @@ impl ScanPlan {
 /// Scratch bytes a scan (forward or backward) of `problem` needs on `device`; pass a buffer at
 /// least this large (and 8-byte aligned) to the raw entry points.
 pub fn scan_scratch_bytes(device: &Device, dtype: DType, problem: &ScanProblem) -> usize {
-    if gated_scan::uses_blocks(device.sm_count(), &problem.shape) {
+    if gated_scan::uses_blocks(device.sm_count(), dtype, &problem.shape) {
         return 0;
     }
     ScanPlan::new(device.sm_count(), dtype, &problem.shape).scratch_bytes(dtype, &problem.shape)
@@ -331,7 +331,7 @@ unsafe fn run_pass(
     for &(arg, address) in required {
         check_required(arg, address)?;
     }
-    if gated_scan::uses_blocks(device.sm_count(), &shape) {
+    if gated_scan::uses_blocks(device.sm_count(), dtype, &shape) {
         // SAFETY: forwarded from the caller.
         return unsafe { run_on_blocks(device, stream, dtype, (backward, problem), &params) };
     }
