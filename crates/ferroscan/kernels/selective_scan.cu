@@ -49,6 +49,17 @@
 #endif
 #define FS_SEL_HREGS 64               // registers per thread for a backward window's states
 #define FS_SEL_PARTS (FS_SEL_COMPLEX ? 2 : 1)
+// Resident blocks per multiprocessor the compiler must allow (__launch_bounds__), which caps the
+// registers per thread; and whether the forward loads the next chunk during the current one.
+#ifndef FS_SEL_FWD_MIN_BLOCKS
+#define FS_SEL_FWD_MIN_BLOCKS 3
+#endif
+#ifndef FS_SEL_BWD_MIN_BLOCKS
+#define FS_SEL_BWD_MIN_BLOCKS (FS_SEL_COMPLEX ? 2 : 3)  // complex states need more registers
+#endif
+#ifndef FS_SEL_FWD_PREFETCH
+#define FS_SEL_FWD_PREFETCH 1
+#endif
 #define FS_SEL_LOG2E 1.4426950408889634
 #define FS_SEL_SOFTPLUS_THRESHOLD 20.0f
 
@@ -230,17 +241,34 @@ struct RsCount {
 // later. Loading element by element into shared memory would serialize one global-memory latency
 // per element; loading one chunk ahead hides the latency behind the previous chunk's arithmetic.
 
+// threadIdx.x read afresh where it is used: the tiles' slot positions derive from it, and as
+// loop-invariant values the compiler would keep all of them (dozens per tile) in registers across
+// the chunk loop instead of recomputing them with a few integer instructions.
+__device__ __forceinline__ int fresh_tid() {
+#ifdef __CUDA_ARCH__
+    int tid;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+    return tid;
+#else
+    return threadIdx.x;  // host emulation
+#endif
+}
+
 // A ROWS x T tile of a (batch, dim, time) tensor held in registers: slot i of a thread is element
-// e = tid + i·THREADS of the tile, with consecutive threads on the axis of unit stride. Values are
-// zero outside the tensor (channel c >= ct or past dim, step past len).
+// e = tid + i·THREADS of the tile, with consecutive threads on the axis of unit stride. Because T
+// and ROWS divide THREADS, a thread's slots are evenly spaced along the other axis, so one running
+// pointer serves them all (per-slot 64-bit addresses would be loop-invariant and the compiler would
+// keep every one in registers). Values are zero outside the tensor (channel c >= ct or past dim,
+// step past len).
 template <int ROWS, int T>
 struct TileRegs {
+    static_assert(FS_SEL_THREADS % T == 0 && FS_SEL_THREADS % ROWS == 0, "slots evenly spaced");
     static constexpr int K = (ROWS * T + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
     storage_t v[K];
     bool time_fast;
 
     __device__ __forceinline__ bool slot(int i, int& c, int& t) const {
-        const int e = threadIdx.x + i * FS_SEL_THREADS;
+        const int e = fresh_tid() + i * FS_SEL_THREADS;
         c = time_fast ? e / T : e % ROWS;
         t = time_fast ? e % T : e / ROWS;
         return e < ROWS * T;
@@ -248,11 +276,17 @@ struct TileRegs {
     __device__ __forceinline__ void load(const storage_t* src, Strides<3> st, i64 b, i64 c0, i64 ct, i64 dim,
                                          i64 t0, i64 len) {
         time_fast = st.s[2] == 1 || st.s[1] != 1;
+        int c, t;
+        slot(0, c, t);
+        const int dc = time_fast ? FS_SEL_THREADS / T : 0, dt = time_fast ? 0 : FS_SEL_THREADS / ROWS;
+        const i64 rows = min((i64)ct, dim - c0), steps = len - t0;
+        const storage_t* p = src + b * st.s[0] + (c0 + c) * st.s[1] + (t0 + t) * st.s[2];
+        const i64 step = dc * st.s[1] + dt * st.s[2];
 #pragma unroll
         for (int i = 0; i < K; ++i) {
-            int c, t;
-            const bool in = slot(i, c, t) && c < ct && c0 + c < dim && t0 + t < len;
-            v[i] = in ? src[b * st.s[0] + (c0 + c) * st.s[1] + (t0 + t) * st.s[2]] : storage_t(0);
+            const bool in = fresh_tid() + i * FS_SEL_THREADS < ROWS * T && c + i * dc < rows && t + i * dt < steps;
+            v[i] = in ? *p : storage_t(0);
+            p += step;
         }
     }
     // Calls f(c, t, value, inside) for every element of the tile.
@@ -267,17 +301,20 @@ struct TileRegs {
 };
 
 // Steps t0..t0+T of a variable B/C (group g of batch b) in registers, stored to shared memory as
-// dst[(t·NP + n)·parts + part]; zeros past N or past len.
+// dst[(t·NP + n)·parts + part]; zeros past N or past len. Slots evenly spaced as in TileRegs.
 template <int NP, int T>
 struct BcRegs {
     static constexpr int PT = FS_SEL_PARTS;
     static constexpr int E = NP * T * PT;
     static constexpr int K = (E + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
+    static_assert(FS_SEL_THREADS % (T * PT) == 0 || (T * PT) % FS_SEL_THREADS == 0, "slots evenly spaced");
+    static_assert(FS_SEL_THREADS % NP == 0 || NP % FS_SEL_THREADS == 0, "slots evenly spaced");
     storage_t v[K];
     bool time_fast;
 
+    // Element e as (n, t, part), and the slot's step in (n, flat time·parts) from slot to slot.
     __device__ __forceinline__ bool slot(int i, int& n, int& t, int& part) const {
-        const int e = threadIdx.x + i * FS_SEL_THREADS;
+        const int e = fresh_tid() + i * FS_SEL_THREADS;
         int tp;
         if (time_fast) {
             n = e / (T * PT);
@@ -293,12 +330,25 @@ struct BcRegs {
     __device__ __forceinline__ void load(const storage_t* src, Strides<4> st, i64 b, i64 g, i64 n_states, i64 t0,
                                          i64 len) {
         time_fast = st.s[3] == 1 || st.s[2] != 1;
+        int n, t, part;
+        slot(0, n, t, part);
+        const int tp = t * PT + part;
+        // Per slot: time-fast slots move FS_SEL_THREADS along (n, t·PT) flattened with T·PT per n.
+        const storage_t* base = src + b * st.s[0] + g * st.s[1];
+        const i64 steps = (len - t0) * PT;
 #pragma unroll
         for (int i = 0; i < K; ++i) {
-            int n, t, part;
-            const bool in = slot(i, n, t, part) && n < n_states && t0 + t < len;
-            v[i] = in ? src[b * st.s[0] + g * st.s[1] + n * st.s[2] + ((t0 + t) * PT + part) * st.s[3]]
-                      : storage_t(0);
+            const int e = fresh_tid() + i * FS_SEL_THREADS;
+            int ni, tpi;
+            if (time_fast) {
+                ni = n + (tp + i * FS_SEL_THREADS) / (T * PT);
+                tpi = (tp + i * FS_SEL_THREADS) % (T * PT);
+            } else {
+                ni = n + (i * FS_SEL_THREADS) % NP;
+                tpi = tp + (i * FS_SEL_THREADS) / NP * PT;
+            }
+            const bool in = e < E && ni < n_states && tpi < steps;
+            v[i] = in ? base[ni * st.s[2] + (t0 * PT + tpi) * st.s[3]] : storage_t(0);
         }
     }
     __device__ __forceinline__ void store(acc_t* dst) const {
@@ -322,7 +372,43 @@ __device__ __forceinline__ void stage_bc(const storage_t* src, Strides<4> st, i6
 // Number n of step t of a staged B/C tile.
 template <int NP>
 __device__ __forceinline__ num_t bc_at(const acc_t* s, int t, int n) {
-    return nload(s, (i64)t * NP + n);
+#if FS_SEL_COMPLEX
+    return num_t{s[2 * (t * NP + n)], s[2 * (t * NP + n) + 1]};
+#else
+    return s[t * NP + n];
+#endif
+}
+
+// B (or C) of lane l's S states at step t: from the staged tile when variable (`var` non-null),
+// with 16-byte shared-memory loads where the values fill them, else the constant weights.
+template <int NP, int S>
+__device__ __forceinline__ void lane_bc(const void* var, const acc_t* tile, int t, int l, const num_t (&constant)[S],
+                                        num_t (&out)[S]) {
+    if (!var) {
+#pragma unroll
+        for (int s = 0; s < S; ++s) out[s] = constant[s];
+        return;
+    }
+    constexpr int PT = FS_SEL_PARTS, M = S * PT;
+#if FS_DTYPE != 3
+    if constexpr (M % 4 == 0 && NP % 4 == 0) {
+        acc_t r[M];
+        const float4* v = reinterpret_cast<const float4*>(tile + (t * NP + l * S) * PT);
+#pragma unroll
+        for (int q = 0; q < M / 4; ++q) {
+            const float4 x = v[q];
+            r[4 * q] = x.x;
+            r[4 * q + 1] = x.y;
+            r[4 * q + 2] = x.z;
+            r[4 * q + 3] = x.w;
+        }
+#pragma unroll
+        for (int s = 0; s < S; ++s) out[s] = nmake(r[s * PT], PT == 2 ? r[s * PT + PT - 1] : acc_t(0));
+        return;
+    }
+#endif
+#pragma unroll
+    for (int s = 0; s < S; ++s) out[s] = bc_at<NP>(tile, t, l * S + s);
 }
 
 __device__ __forceinline__ acc_t softplus_(acc_t r) {
@@ -402,8 +488,8 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
     __shared__ acc_t s_dt[ROWS * ROW];  // Δ, then y before the gate
     __shared__ acc_t s_u[ROWS * ROW];
     __shared__ acc_t s_z[ROWS * ROW];
-    __shared__ acc_t s_b[T * NP * FS_SEL_PARTS];
-    __shared__ acc_t s_c[T * NP * FS_SEL_PARTS];
+    alignas(16) __shared__ acc_t s_b[T * NP * FS_SEL_PARTS];
+    alignas(16) __shared__ acc_t s_c[T * NP * FS_SEL_PARTS];
     __shared__ acc_t s_bias[ROWS];
 
     const int tid = threadIdx.x, lane = tid % FS_WARP;
@@ -436,9 +522,10 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
         if (Q.b_var) r_b.load(Q.b_var, Q.b_s, b, gb, N, t0, L);
         if (Q.c_var) r_c.load(Q.c_var, Q.c_s, b, gc, N, t0, L);
     };
-    fetch(0);
+    if (FS_SEL_FWD_PREFETCH) fetch(0);
 
     for (i64 t0 = 0; t0 < L; t0 += T) {
+        if (!FS_SEL_FWD_PREFETCH) fetch(t0);
         __syncthreads();  // s_bias written; the previous chunk's output read from shared memory
         r_dt.each(c0, Q.ct, Q.dim, t0, L, [&](int cc, int t, acc_t v, bool in) {
             const acc_t r = v + s_bias[cc];
@@ -449,15 +536,16 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
         if (Q.b_var) r_b.store(s_b);
         if (Q.c_var) r_c.store(s_c);
         __syncthreads();
-        if (t0 + T < L) fetch(t0 + T);  // in flight while this chunk is computed
+        if (FS_SEL_FWD_PREFETCH && t0 + T < L) fetch(t0 + T);  // in flight while this chunk is computed
 
+        const int ck_phase = (int)(t0 % FS_SEL_CK), steps = (int)min((i64)T, L - t0);
 #pragma unroll 1
         for (int k = 0; k < T; k += G) {
             acc_t yv[G];
 #pragma unroll
             for (int j = 0; j < G; ++j) {
                 const int t = k + j;
-                if (Q.ckpt && active && (t0 + t) % FS_SEL_CK == 0 && t0 + t < L) {
+                if (Q.ckpt && active && (ck_phase + t) % FS_SEL_CK == 0 && t < steps) {
                     const i64 base = (row * Q.n_ck + (t0 + t) / FS_SEL_CK) * N;
 #pragma unroll
                     for (int s = 0; s < S; ++s)
@@ -465,14 +553,14 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
                 }
                 const acc_t dt = s_dt[c * ROW + t];
                 const acc_t du = dt * s_u[c * ROW + t];
+                num_t bv[S], cv[S];
+                lane_bc<NP, S>(Q.b_var, s_b, t, l, w.b, bv);
+                lane_bc<NP, S>(Q.c_var, s_c, t, l, w.c, cv);
                 acc_t y = 0;
 #pragma unroll
                 for (int s = 0; s < S; ++s) {
-                    const int n = l * S + s;
-                    const num_t bv = Q.b_var ? bc_at<NP>(s_b, t, n) : w.b[s];
-                    h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv, du));
-                    const num_t cv = Q.c_var ? bc_at<NP>(s_c, t, n) : w.c[s];
-                    y += nre(nmul(cv, h[s]));
+                    h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv[s], du));
+                    y += nre(nmul(cv[s], h[s]));
                 }
                 yv[j] = y;
             }
@@ -507,7 +595,7 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
 }
 
 #define FS_SEL_FWD_KERNEL(P, S)                                                                     \
-    extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS) selective_fwd_p##P##_s##S(const SelParams Q) { \
+    extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS, FS_SEL_FWD_MIN_BLOCKS) selective_fwd_p##P##_s##S(const SelParams Q) { \
         selective_fwd<P, S>(Q);                                                                      \
     }
 #endif  // FS_SEL_PASS == 0
@@ -532,8 +620,8 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
     __shared__ acc_t s_u[ROW * ROWS];   // u, then ∂u
     __shared__ acc_t s_g[ROW * ROWS];   // ∂y = dout·silu(z)
     __shared__ acc_t s_q[ROW * ROWS];   // dout·silu'(z), then ∂z
-    __shared__ acc_t s_b[TS * NP * PT];
-    __shared__ acc_t s_c[TS * NP * PT];
+    alignas(16) __shared__ acc_t s_b[TS * NP * PT];
+    alignas(16) __shared__ acc_t s_c[TS * NP * PT];
     __shared__ acc_t s_slot[(R > 1 ? R - 1 : 1) * FS_SEL_THREADS * S * PT];
     __shared__ acc_t s_red[FS_SEL_WARPS * TR * 2 * NP * PT];
     __shared__ acc_t s_bias[ROWS];
@@ -627,11 +715,10 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
                     const int t = win * TS + j;
                     const acc_t dt = s_dt[c * ROW + t];
                     const acc_t du = dt * s_u[c * ROW + t];
+                    num_t bv[S];
+                    lane_bc<NP, S>(Q.b_var, s_b, j, l, w.b, bv);
 #pragma unroll
-                    for (int s = 0; s < S; ++s) {
-                        const num_t bv = Q.b_var ? bc_at<NP>(s_b, j, l * S + s) : w.b[s];
-                        h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv, du));
-                    }
+                    for (int s = 0; s < S; ++s) h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv[s], du));
                 }
 #pragma unroll
                 for (int s = 0; s < S; ++s) nstore(s_slot, ((i64)win * FS_SEL_THREADS + tid) * S + s, h[s]);
@@ -667,15 +754,15 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
                         const int t = tw + k + j;
                         const acc_t dt = s_dt[c * ROW + t];
                         const acc_t du = dt * s_u[c * ROW + t];
+                        num_t bv[S], cv[S];
+                        lane_bc<NP, S>(Q.b_var, s_b, k + j, l, w.b, bv);
+                        lane_bc<NP, S>(Q.c_var, s_c, k + j, l, w.c, cv);
                         acc_t y = 0;
 #pragma unroll
                         for (int s = 0; s < S; ++s) {
-                            const int n = l * S + s;
-                            const num_t bv = Q.b_var ? bc_at<NP>(s_b, k + j, n) : w.b[s];
-                            h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv, du));
+                            h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv[s], du));
                             hr[k + j][s] = h[s];
-                            const num_t cv = Q.c_var ? bc_at<NP>(s_c, k + j, n) : w.c[s];
-                            y += nre(nmul(cv, h[s]));
+                            y += nre(nmul(cv[s], h[s]));
                         }
                         yv[j] = y;
                     }
@@ -702,11 +789,12 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
                     const acc_t gy = s_g[c * ROW + t] * FS_SEL_OUT_FACTOR;
                     acc_t du_acc = 0, dd_acc = 0;
                     acc_t mv[MV];  // this thread's ∂B (first S·parts) and ∂C contributions
+                    num_t bvs[S], cvs[S];
+                    lane_bc<NP, S>(Q.b_var, s_b, jj, l, w.b, bvs);
+                    lane_bc<NP, S>(Q.c_var, s_c, jj, l, w.c, cvs);
 #pragma unroll
                     for (int s = 0; s < S; ++s) {
-                        const int n = l * S + s;
-                        const num_t cv = Q.c_var ? bc_at<NP>(s_c, jj, n) : w.c[s];
-                        const num_t bv = Q.b_var ? bc_at<NP>(s_b, jj, n) : w.b[s];
+                        const num_t cv = cvs[s], bv = bvs[s];
                         const num_t g = nadd(nscale(nconj(cv), gy), carry[s]);
                         const num_t hp = jj > 0 ? hr[jj > 0 ? jj - 1 : 0][s] : h_start[s];
                         const num_t dec = ndecay(dt, w.a2[s]);
@@ -827,7 +915,7 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
 }
 
 #define FS_SEL_BWD_KERNEL(P, S)                                                                     \
-    extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS) selective_bwd_p##P##_s##S(const SelParams Q) { \
+    extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS, FS_SEL_BWD_MIN_BLOCKS) selective_bwd_p##P##_s##S(const SelParams Q) { \
         if constexpr (BwdPlan<P, S>::fits) {                                                         \
             selective_bwd<P, S>(Q);                                                                  \
         } else {                                                                                     \

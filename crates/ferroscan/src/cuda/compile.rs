@@ -115,13 +115,22 @@ fn dtype_code(dtype: DType) -> u32 {
     }
 }
 
+/// Extra `-D` options for every kernel, from `$FERROSCAN_KERNEL_DEFINES` (space-separated
+/// `NAME=VALUE`): a tuning hook for trying kernel constants without rebuilding the library (e.g.
+/// `FS_SEL_FWD_MIN_BLOCKS=4`). Part of the options, hence of the cache key.
+pub const KERNEL_DEFINES_ENV: &str = "FERROSCAN_KERNEL_DEFINES";
+
 /// NVRTC options for one specialization.
 fn options(dtype: DType, arch: (i32, i32)) -> Vec<String> {
-    vec![
+    let mut opts = vec![
         format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
         "--std=c++17".into(),
         format!("-DFS_DTYPE={}", dtype_code(dtype)),
-    ]
+    ];
+    if let Ok(defines) = std::env::var(KERNEL_DEFINES_ENV) {
+        opts.extend(defines.split_whitespace().map(|d| format!("-D{d}")));
+    }
+    opts
 }
 
 const INSTALL_HINT: &str =
