@@ -17,13 +17,7 @@ Kernel pick(long long P, long long S) {
 #define FS_HARNESS_K(p, s) \
     if (P == p && S == s) return selective_bwd_p##p##_s##s;
 #endif
-    FS_HARNESS_K(4, 4)
-    FS_HARNESS_K(8, 4)
-    FS_HARNESS_K(16, 4)
-    FS_HARNESS_K(32, 4)
-#if !FS_SEL_COMPLEX
-    FS_HARNESS_K(32, 8)
-#endif
+    FS_SEL_CONFIGS(FS_HARNESS_K)
     throw std::runtime_error("no kernel for this configuration");
 }
 

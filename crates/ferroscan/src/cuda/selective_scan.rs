@@ -122,7 +122,7 @@ pub fn max_dstate(dtype: DType, complex: bool) -> usize {
 pub struct SelectiveConfig {
     /// Lanes per channel (4, 8, 16 or 32).
     pub lanes: usize,
-    /// States per lane (4, or 8 for `N > 128`).
+    /// States per lane (4, or 8 for `N > 128`; 2 or 1 for `N <= 16` with few channels).
     pub states: usize,
 }
 
@@ -142,7 +142,7 @@ impl SelectiveConfig {
                 ),
             ));
         }
-        Ok(if n <= 128 {
+        let mut config = if n <= 128 {
             SelectiveConfig {
                 lanes: n.div_ceil(4).next_power_of_two().max(4),
                 states: 4,
@@ -152,7 +152,34 @@ impl SelectiveConfig {
                 lanes: 32,
                 states: 8,
             }
-        })
+        };
+        // Few channels: spread each channel's states over more lanes (fewer per lane) until the
+        // grid has enough threads to keep a large GPU's multiprocessors busy; each step's
+        // latency chain is then shared by more warps.
+        let channels = problem.batch * problem.dim;
+        while channels * config.lanes < FILL_THREADS {
+            let wider = SelectiveConfig {
+                lanes: config.lanes * 2,
+                states: config.states / 2,
+            };
+            if wider.states == 0 || !configs(problem.complex).contains(&wider) {
+                break;
+            }
+            config = wider;
+        }
+        if let Some(lanes) = std::env::var(LANES_ENV)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            if let Some(forced) = configs(problem.complex)
+                .into_iter()
+                .filter(|c| c.lanes == lanes && c.lanes * c.states >= n)
+                .min_by_key(|c| c.states)
+            {
+                config = forced;
+            }
+        }
+        Ok(config)
     }
 
     /// The forward kernel's name.
@@ -166,11 +193,29 @@ impl SelectiveConfig {
     }
 }
 
+/// Threads a grid should have to fill a large GPU (132 multiprocessors of up to 1024 resident
+/// threads on an H100); below it, [`SelectiveConfig::new`] uses more lanes per channel.
+const FILL_THREADS: usize = 1 << 17;
+
+/// Tuning hook: lanes per channel to use when a configuration with that many lanes covers `N`
+/// (e.g. `FERROSCAN_SELECTIVE_LANES=4`), for measuring the configurations against each other.
+pub const LANES_ENV: &str = "FERROSCAN_SELECTIVE_LANES";
+
 /// The configurations the kernel source instantiates (`FS_SEL_KERNEL(P, S)`).
 fn configs(complex: bool) -> Vec<SelectiveConfig> {
     let mut all: Vec<SelectiveConfig> = [4, 8, 16, 32]
         .into_iter()
         .map(|lanes| SelectiveConfig { lanes, states: 4 })
+        .chain([
+            SelectiveConfig {
+                lanes: 8,
+                states: 2,
+            },
+            SelectiveConfig {
+                lanes: 16,
+                states: 1,
+            },
+        ])
         .collect();
     if !complex {
         all.push(SelectiveConfig {
@@ -668,16 +713,31 @@ mod tests {
     }
 
     #[test]
-    fn tiles_stay_inside_groups() {
-        let p = problem(1536, 16, false);
+    fn few_channels_spread_states_over_more_lanes() {
+        let config = |batch, dim| {
+            let p = SelectiveProblem::new((batch, dim, 100, 16), false, true).unwrap();
+            let c = SelectiveConfig::new(DType::F32, &p).unwrap();
+            (c.lanes, c.states)
+        };
+        assert_eq!(config(64, 1536), (4, 4)); // 98304 channels: 4 lanes each fill the GPU
+        assert_eq!(config(8, 1536), (16, 1)); // 12288 channels x 8 lanes is still below
+        assert_eq!(config(16, 1536), (8, 2));
+        let p = SelectiveProblem::new((1, 64, 100, 64), false, true).unwrap();
         let c = SelectiveConfig::new(DType::F32, &p).unwrap();
         assert_eq!(
-            c,
-            SelectiveConfig {
-                lanes: 4,
-                states: 4
-            }
+            (c.lanes, c.states),
+            (16, 4),
+            "no wider configuration for N = 64"
         );
+    }
+
+    #[test]
+    fn tiles_stay_inside_groups() {
+        let p = problem(1536, 16, false);
+        let c = SelectiveConfig {
+            lanes: 4,
+            states: 4,
+        };
         assert_eq!(
             TilePlan::new(&p, &c, [None, None]),
             TilePlan { ct: 32, tiles: 48 }
