@@ -78,7 +78,7 @@ class Case:
 def plan(case: Case) -> tuple[int, int, int, int]:
     """``(P, S, ct, tiles)``: the launcher's plan (``SelectiveConfig``, ``TilePlan``) for a
     problem with many channels unless the case fixes them (with few channels the launcher spreads
-    N <= 16 states over 8 or 16 lanes: the P8-S2 and P16-S1 cases cover those kernels)."""
+    N <= 16 states over 8 lanes: the P8-S2 cases cover that kernel)."""
     n = case.dstate
     if n <= 128:
         lanes, states = max(4, 1 << max(0, math.ceil(n / 4) - 1).bit_length()), 4
@@ -220,9 +220,9 @@ CASES = {
     "real-N200-P32-S8": Case(batch=1, dim=3, dstate=200, b_groups=1, length=20),
     "real-N100-P32-S4": Case(batch=1, dim=5, dstate=100, c_groups=1, length=19),
     "real-N16-P8-S2": Case(lanes=8, states=2, b_groups=2, c_groups=1, length=37),
-    "real-N16-P16-S1-channels-last": Case(lanes=16, states=1, b_groups=1, c_groups=1, channels_last=True, length=50),
-    "real-N12-P16-S1-constant": Case(dstate=12, lanes=16, states=1, length=23),
-    "complex-N16-P16-S1": Case(complex_=True, lanes=16, states=1, b_groups=1, c_groups=1, length=21),
+    "real-N16-P8-S2-channels-last": Case(lanes=8, states=2, b_groups=1, c_groups=1, channels_last=True, length=50),
+    "real-N12-P8-S2-constant": Case(dstate=12, lanes=8, states=2, length=23),
+    "complex-N16-P8-S2": Case(complex_=True, lanes=8, states=2, b_groups=1, c_groups=1, length=21),
     "real-L1": Case(length=1, b_groups=1, c_groups=1),
     "real-L0": Case(length=0, b_groups=1),
     "complex-N16-varB1-varC2": Case(complex_=True, b_groups=1, c_groups=2, length=35),

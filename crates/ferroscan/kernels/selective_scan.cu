@@ -973,8 +973,8 @@ extern "C" __global__ void __launch_bounds__(256) selective_reduce_bc(const SelR
 #endif
 // Every configuration (P, S) the launcher may choose (`configs` in src/cuda/selective_scan.rs).
 #if FS_SEL_COMPLEX
-#define FS_SEL_CONFIGS(X) X(4, 4) X(8, 4) X(16, 4) X(32, 4) X(8, 2) X(16, 1)
+#define FS_SEL_CONFIGS(X) X(4, 4) X(8, 4) X(16, 4) X(32, 4) X(8, 2)
 #else
-#define FS_SEL_CONFIGS(X) X(4, 4) X(8, 4) X(16, 4) X(32, 4) X(8, 2) X(16, 1) X(32, 8)
+#define FS_SEL_CONFIGS(X) X(4, 4) X(8, 4) X(16, 4) X(32, 4) X(8, 2) X(32, 8)
 #endif
 FS_SEL_CONFIGS(FS_SEL_KERNEL)
