@@ -21,7 +21,8 @@ DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}  # FS_DT
 
 
 def load_nvrtc() -> ctypes.CDLL:
-    found = glob.glob(str(Path(sys.prefix) / "lib" / "python3*" / "site-packages" / "nvidia" / "*" / "lib" / "libnvrtc.so.*"))
+    site = Path(sys.prefix) / "lib" / "python3*" / "site-packages"
+    found = glob.glob(str(site / "nvidia" / "*" / "lib" / "libnvrtc.so.*"))
     if not found:
         sys.exit("libnvrtc not found: pip install nvidia-cuda-nvrtc==13.0.88")
     lib = Path(sorted(found)[0])
