@@ -301,18 +301,16 @@ struct TileRegs {
 };
 
 // Steps t0..t0+T of a variable B/C (group g of batch b) in registers, stored to shared memory as
-// dst[(t·NP + n)·parts + part]; zeros past N or past len. Slots evenly spaced as in TileRegs.
+// dst[(t·NP + n)·parts + part]; zeros past N or past len.
 template <int NP, int T>
 struct BcRegs {
     static constexpr int PT = FS_SEL_PARTS;
     static constexpr int E = NP * T * PT;
     static constexpr int K = (E + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
-    static_assert(FS_SEL_THREADS % (T * PT) == 0 || (T * PT) % FS_SEL_THREADS == 0, "slots evenly spaced");
-    static_assert(FS_SEL_THREADS % NP == 0 || NP % FS_SEL_THREADS == 0, "slots evenly spaced");
     storage_t v[K];
     bool time_fast;
 
-    // Element e as (n, t, part), and the slot's step in (n, flat time·parts) from slot to slot.
+    // Slot i as (n, t, part), consecutive threads on the axis of unit stride.
     __device__ __forceinline__ bool slot(int i, int& n, int& t, int& part) const {
         const int e = fresh_tid() + i * FS_SEL_THREADS;
         int tp;
@@ -330,25 +328,12 @@ struct BcRegs {
     __device__ __forceinline__ void load(const storage_t* src, Strides<4> st, i64 b, i64 g, i64 n_states, i64 t0,
                                          i64 len) {
         time_fast = st.s[3] == 1 || st.s[2] != 1;
-        int n, t, part;
-        slot(0, n, t, part);
-        const int tp = t * PT + part;
-        // Per slot: time-fast slots move FS_SEL_THREADS along (n, t·PT) flattened with T·PT per n.
         const storage_t* base = src + b * st.s[0] + g * st.s[1];
-        const i64 steps = (len - t0) * PT;
 #pragma unroll
         for (int i = 0; i < K; ++i) {
-            const int e = fresh_tid() + i * FS_SEL_THREADS;
-            int ni, tpi;
-            if (time_fast) {
-                ni = n + (tp + i * FS_SEL_THREADS) / (T * PT);
-                tpi = (tp + i * FS_SEL_THREADS) % (T * PT);
-            } else {
-                ni = n + (i * FS_SEL_THREADS) % NP;
-                tpi = tp + (i * FS_SEL_THREADS) / NP * PT;
-            }
-            const bool in = e < E && ni < n_states && tpi < steps;
-            v[i] = in ? base[ni * st.s[2] + (t0 * PT + tpi) * st.s[3]] : storage_t(0);
+            int n, t, part;
+            const bool in = slot(i, n, t, part) && n < n_states && t0 + t < len;
+            v[i] = in ? base[n * st.s[2] + ((t0 + t) * PT + part) * st.s[3]] : storage_t(0);
         }
     }
     __device__ __forceinline__ void store(acc_t* dst) const {
