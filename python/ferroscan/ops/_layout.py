@@ -10,19 +10,22 @@ import torch
 Tensor = torch.Tensor
 
 
-def _memory_order(*tensors: Tensor) -> list[int]:
-    """A permutation under which every tensor is C-contiguous, or the identity (copy needed).
+def _memory_order(*tensors: Tensor) -> tuple[list[int], bool]:
+    """A permutation under which every tensor is C-contiguous and True, or the identity and
+    False (a copy is needed).
 
     Under ``torch.compile`` sizes and strides may be symbolic and cannot be sorted: there the
     identity is used (a non-contiguous input is copied once)."""
     ref = tensors[0]
     identity = list(range(ref.dim()))
-    if torch.compiler.is_compiling() or all(t.is_contiguous() for t in tensors):
-        return identity
+    if all(t.is_contiguous() for t in tensors):
+        return identity, True
+    if torch.compiler.is_compiling():
+        return identity, False
     order = sorted(identity, key=lambda d: (-ref.stride(d), -ref.shape[d]))
     if all(t.permute(order).is_contiguous() for t in tensors):
-        return order
-    return identity
+        return order, True
+    return identity, False
 
 
 def _inverse(perm: list[int]) -> list[int]:
@@ -45,22 +48,31 @@ class ScanLayout:
     ``(outer, len, inner)`` (states: ``(outer, inner)``) and back.
 
     The memory order of the inputs is kept when all of them share one (e.g. a ``(B, L, D)``
-    tensor transposed to ``(B, D, L)`` runs as ``(B, L, D)`` without a copy); otherwise inputs
-    are copied once to the logical order."""
+    tensor transposed to ``(B, D, L)`` runs as ``(B, L, D)`` without a copy): then ``in_place``
+    is True, the kernels can take the inputs' own storage, and ``torch.empty_like`` of an input
+    allocates an output in the same order. Otherwise inputs are copied once to the logical
+    order."""
 
     def __init__(self, like: Tensor, dim: int, *others: Tensor) -> None:
-        self.shape = list(like.shape)
+        self.shape = like.shape
         self.dim = dim
-        self.order = _memory_order(like, *others)
-        self.permuted = self.order != list(range(like.dim()))
-        permuted_shape = [self.shape[d] for d in self.order]
+        self.order, self.in_place = _memory_order(like, *others)
+        self.permuted = self.order != list(range(len(self.shape)))
+        memory_shape = [self.shape[d] for d in self.order] if self.permuted else self.shape
         t_pos = self.order.index(dim)
-        self.shape3 = (_prod(permuted_shape[:t_pos]), permuted_shape[t_pos], _prod(permuted_shape[t_pos + 1 :]))
-        self.memory_shape = permuted_shape
-        # State axes in memory order, as positions among the state's own (original-order) axes.
-        self.state_dims = [d for d in range(like.dim()) if d != dim]
-        self.state_shape = [self.shape[d] for d in self.state_dims]
-        self.state_order = [self.state_dims.index(d) for d in self.order if d != dim]
+        self.shape3 = (_prod(memory_shape[:t_pos]), memory_shape[t_pos], _prod(memory_shape[t_pos + 1 :]))
+        self.memory_shape = memory_shape
+
+    @property
+    def state_shape(self) -> list[int]:
+        """The state's shape: ``like``'s without the time axis."""
+        return [s for d, s in enumerate(self.shape) if d != self.dim]
+
+    @property
+    def state_order(self) -> list[int]:
+        """The state's axes in memory order, as positions among its own (original-order) axes."""
+        state_dims = [d for d in range(len(self.shape)) if d != self.dim]
+        return [state_dims.index(d) for d in self.order if d != self.dim]
 
     def flatten(self, t: Tensor) -> Tensor:
         """``t`` (shaped like ``like``) as a contiguous ``(outer, len, inner)`` tensor."""
@@ -78,6 +90,12 @@ class ScanLayout:
         if not self.permuted:
             return t3.view(self.shape)
         return t3.view(self.memory_shape).permute(_inverse(self.order))
+
+    def new_state(self, like: Tensor) -> Tensor:
+        """An uninitialized state (``like`` without the time axis) whose storage is the
+        contiguous ``(outer, inner)`` the kernels write."""
+        outer, _, inner = self.shape3
+        return self.restore_state(like.new_empty((outer, inner)))
 
     def restore_state(self, s2: Tensor) -> Tensor:
         """The inverse of :meth:`flatten_state` (a view)."""

@@ -19,7 +19,7 @@ single kernel pass on CUDA.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -49,27 +49,33 @@ def _shape3(t: Tensor) -> tuple[int, int, int]:
     return int(outer), int(length), int(inner)
 
 
-def _forward_impl(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:
-    """Runs the forward on the Rust core (CPU or CUDA): returns ``(h, h_final)``."""
-    shape = _shape3(tokens)
+def _forward_impl(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool,
+                  shape: tuple[int, int, int], final: Optional[Tensor]) -> Tensor:  # fmt: skip
+    """Runs the forward on the Rust core (CPU or CUDA) and returns ``h``, laid out like ``tokens``.
+
+    ``gates`` and ``tokens`` (and ``initial``, ``final``: ``(outer, inner)``) have storage that is
+    C-contiguous as ``shape = (outer, len, inner)``, whatever their logical shape (a permuted view
+    of a contiguous tensor qualifies); ``final`` (may be None: not written) receives the state
+    after the last step."""
     hidden = torch.empty_like(tokens)
-    final = tokens.new_empty((shape[0], shape[2]))
     dtype = _backend.dtype_name(tokens)
     a = _backend.address
     if tokens.is_cuda:
         scratch, scratch_bytes = _backend.cuda_scratch(tokens, shape)
         _native.cuda_scan_forward(
-            tokens.device.index, _backend.cuda_stream(tokens), dtype, shape, reverse,
+            tokens.get_device(), _backend.cuda_stream(tokens), dtype, shape, reverse,
             a(gates), a(tokens), a(initial), a(hidden), a(final), a(scratch), scratch_bytes,
         )  # fmt: skip
     else:
         _native.cpu_scan_forward(dtype, shape, reverse, a(gates), a(tokens), a(initial), a(hidden), a(final))
-    return hidden, final
+    return hidden
 
 
 @torch.library.custom_op("ferroscan::scan_fwd", mutates_args=())
 def _scan_fwd(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:
-    return _forward_impl(gates, tokens, initial, reverse)
+    shape = _shape3(tokens)
+    final = tokens.new_empty((shape[0], shape[2]))
+    return _forward_impl(gates, tokens, initial, reverse, shape, final), final
 
 
 @_scan_fwd.register_fake
@@ -84,18 +90,20 @@ def _backward_impl(
     grad_hidden: Tensor,
     grad_final: Optional[Tensor],
     reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Runs the fused backward on the Rust core: returns ``(dL/da, dL/dx, dL/dh0)``."""
-    shape = _shape3(hidden)
+    shape: tuple[int, int, int],
+    grad_initial: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Runs the fused backward on the Rust core: returns ``(dL/da, dL/dx)`` laid out like
+    ``hidden`` and writes ``dL/dh0`` into ``grad_initial`` when given. Storage rules as for
+    :func:`_forward_impl` (``grad_hidden`` is laid out like ``hidden``)."""
     grad_gates = torch.empty_like(hidden)
     grad_tokens = torch.empty_like(hidden)
-    grad_initial = hidden.new_empty((shape[0], shape[2]))
     dtype = _backend.dtype_name(hidden)
     a = _backend.address
     if hidden.is_cuda:
         scratch, scratch_bytes = _backend.cuda_scratch(hidden, shape)
         _native.cuda_scan_backward(
-            hidden.device.index, _backend.cuda_stream(hidden), dtype, shape, reverse,
+            hidden.get_device(), _backend.cuda_stream(hidden), dtype, shape, reverse,
             a(gates), a(hidden), a(initial), a(grad_hidden), a(grad_final),
             a(grad_gates), a(grad_tokens), a(grad_initial), a(scratch), scratch_bytes,
         )  # fmt: skip
@@ -104,7 +112,7 @@ def _backward_impl(
             dtype, shape, reverse, a(gates), a(hidden), a(initial), a(grad_hidden), a(grad_final),
             a(grad_gates), a(grad_tokens), a(grad_initial),
         )  # fmt: skip
-    return grad_gates, grad_tokens, grad_initial
+    return grad_gates, grad_tokens
 
 
 @torch.library.custom_op("ferroscan::scan_bwd", mutates_args=())
@@ -116,7 +124,10 @@ def _scan_bwd(
     grad_final: Optional[Tensor],
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward_impl(gates, hidden, initial, grad_hidden, grad_final, reverse)
+    shape = _shape3(hidden)
+    grad_initial = hidden.new_empty((shape[0], shape[2]))
+    grads = _backward_impl(gates, hidden, initial, grad_hidden, grad_final, reverse, shape, grad_initial)
+    return grads[0], grads[1], grad_initial
 
 
 @_scan_bwd.register_fake
@@ -142,50 +153,75 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.set_materialize_grads(False)
 
 
-def _gradients(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Tensor],
-               grad_final: Optional[Tensor], backward_op: Callable) -> tuple:  # fmt: skip
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Tensor],
+              grad_final: Optional[Tensor]) -> tuple:  # fmt: skip
     gates, hidden, initial = ctx.saved_tensors
     grad_hidden = torch.zeros_like(hidden) if grad_hidden is None else grad_hidden.contiguous()
     grad_final = None if grad_final is None else grad_final.contiguous()
-    grad_gates, grad_tokens, grad_initial = backward_op(gates, hidden, initial, grad_hidden, grad_final, ctx.reverse)
+    grad_gates, grad_tokens, grad_initial = _scan_bwd(gates, hidden, initial, grad_hidden, grad_final, ctx.reverse)
     return grad_gates, grad_tokens, (grad_initial if initial is not None else None), None
-
-
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Tensor],
-              grad_final: Optional[Tensor]) -> tuple:  # fmt: skip
-    return _gradients(ctx, grad_hidden, grad_final, _scan_bwd)
 
 
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _laid_out_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` (``like``'s shape) with ``like``'s strides: itself, or a copy."""
+    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
+
+
 class _EagerScan(torch.autograd.Function):
-    """The same forward and backward as the custom ops, for eager mode without their Python
-    dispatch cost (tens of microseconds per call, which dominate short sequences)."""
+    """The same kernels as the custom ops, for eager mode without their Python dispatch cost and
+    without reshaping views (each a node in the backward graph): with ``layout.in_place`` the
+    kernels take the caller's tensors as they are. Tens of microseconds per call, which dominate
+    short sequences."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, gates: Tensor, tokens: Tensor,
-                initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
-        hidden, final = _forward_impl(gates, tokens, initial, reverse)
-        _setup_context(ctx, (gates, tokens, initial, reverse), (hidden, final))
+                initial: Optional[Tensor], reverse: bool, layout: ScanLayout,
+                return_final: bool) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+        initial_flat = layout.flatten_state(initial)
+        final = layout.new_state(tokens) if return_final else None
+        hidden = _forward_impl(gates, tokens, initial_flat, reverse, layout.shape3, final)
+        ctx.save_for_backward(gates, hidden, initial_flat)
+        ctx.reverse, ctx.layout = reverse, layout
+        ctx.set_materialize_grads(False)
         return hidden, final
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Tensor],
                  grad_final: Optional[Tensor]) -> tuple:  # fmt: skip
-        return _gradients(ctx, grad_hidden, grad_final, _backward_impl)
+        gates, hidden, initial = ctx.saved_tensors
+        layout: ScanLayout = ctx.layout
+        grad_hidden = torch.zeros_like(hidden) if grad_hidden is None else _laid_out_like(grad_hidden, hidden)
+        grad_final = layout.flatten_state(grad_final)
+        grad_initial = None if initial is None else layout.new_state(hidden)
+        grad_gates, grad_tokens = _backward_impl(
+            gates, hidden, initial, grad_hidden, grad_final, ctx.reverse, layout.shape3, grad_initial
+        )
+        return grad_gates, grad_tokens, grad_initial, None, None, None
 
 
-def _run_forward(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor]:
-    """The custom op when tracing (torch.compile/export, fake or subclass tensors); in plain
-    eager mode the same kernels without the dispatcher's overhead."""
+def _run_forward(gates: Tensor, tokens: Tensor, initial: Optional[Tensor], reverse: bool,
+                 layout: ScanLayout, return_final: bool) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+    """``(h, h_final or None)`` shaped like the inputs. The custom op when tracing
+    (torch.compile/export, fake or subclass tensors); in plain eager mode the same kernels
+    without the dispatcher's overhead."""
     tensors = (gates, tokens) if initial is None else (gates, tokens, initial)
     if needs_custom_op(tensors):
-        return torch.ops.ferroscan.scan_fwd(gates, tokens, initial, reverse)
+        hidden, final = torch.ops.ferroscan.scan_fwd(
+            layout.flatten(gates), layout.flatten(tokens), layout.flatten_state(initial), reverse
+        )
+        return layout.restore(hidden), layout.restore_state(final)
+    if not layout.in_place:  # copies in the logical order; the result is restored below
+        gates, tokens = layout.flatten(gates), layout.flatten(tokens)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _EagerScan.apply(gates, tokens, initial, reverse)
-    return _forward_impl(gates, tokens, initial, reverse)
+        hidden, final = _EagerScan.apply(gates, tokens, initial, reverse, layout, return_final)
+    else:
+        final = layout.new_state(tokens) if return_final else None
+        hidden = _forward_impl(gates, tokens, layout.flatten_state(initial), reverse, layout.shape3, final)
+    return (hidden if layout.in_place else layout.restore(hidden)), final
 
 # ---------------------------------------------------------------------------------------------
 # Public function: any rank, any time axis, any strides.
@@ -238,15 +274,12 @@ def scan(
     if not isinstance(reverse, bool):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     dim = normalize_dim(dim, tokens.dim())
-    state_shape = [s for d, s in enumerate(tokens.shape) if d != dim]
-    initial = check_state(initial, "initial", state_shape, tokens, "tokens")
+    if initial is not None:
+        state_shape = [s for d, s in enumerate(tokens.shape) if d != dim]
+        initial = check_state(initial, "initial", state_shape, tokens, "tokens")
 
-    layout = ScanLayout(tokens, dim, gates)
-    hidden, final = _run_forward(
-        layout.flatten(gates), layout.flatten(tokens), layout.flatten_state(initial), reverse
-    )
-    hidden = layout.restore(hidden)
-    return (hidden, layout.restore_state(final)) if return_final else hidden
+    hidden, final = _run_forward(gates, tokens, initial, reverse, ScanLayout(tokens, dim, gates), return_final)
+    return (hidden, final) if return_final else hidden
 
 
 def _scan_numpy(
