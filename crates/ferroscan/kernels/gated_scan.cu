@@ -418,13 +418,28 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
     }
 }
 
-// With two states per lane the forward, left alone, takes up to ~180 registers (for the scalar
-// fallback) and one block per multiprocessor; capped at 128 (two blocks) it does not spill, and
-// twice the loads are in flight. The backward would spill under that cap, so it keeps the default.
-#if FS_GATED_LS == 2
-#define FS_GATED_FWD_BOUNDS __launch_bounds__(FS_GATED_WARPS * FS_WARP, 2)
+// Occupancy. Left alone, ptxas spends registers freely (the forward with two states per lane up to
+// ~180, the backwards 150-220) and runs one block of 8 warps per multiprocessor, too few loads in
+// flight for a memory-bound kernel. Capped at 128 registers (two blocks) the forwards, the plain
+// scan's backward and the one-state-per-lane backwards do not spill (checked with
+// scripts/kernel_resources.py). The two-states-per-lane backwards with b or c would spill hundreds
+// of bytes under that cap, so they keep the default, and so does float64 (twice the registers
+// per value: it would spill).
+#if FS_DTYPE == 3
+#define FS_GATED_BOUNDS_2 __launch_bounds__(FS_GATED_WARPS * FS_WARP)
 #else
-#define FS_GATED_FWD_BOUNDS __launch_bounds__(FS_GATED_WARPS * FS_WARP)
+#define FS_GATED_BOUNDS_2 __launch_bounds__(FS_GATED_WARPS * FS_WARP, 2)
+#endif
+#define FS_GATED_BOUNDS_1 __launch_bounds__(FS_GATED_WARPS * FS_WARP)
+#define FS_GATED_FWD_BOUNDS FS_GATED_BOUNDS_2
+#if FS_GATED_LS == 2
+#define FS_GATED_BWD_BOUNDS(HB, HC) FS_GATED_BOUNDS_##HB##HC
+#define FS_GATED_BOUNDS_00 FS_GATED_BOUNDS_2
+#define FS_GATED_BOUNDS_01 FS_GATED_BOUNDS_1
+#define FS_GATED_BOUNDS_10 FS_GATED_BOUNDS_1
+#define FS_GATED_BOUNDS_11 FS_GATED_BOUNDS_1
+#else
+#define FS_GATED_BWD_BOUNDS(HB, HC) FS_GATED_BOUNDS_2
 #endif
 
 // Kernel names: gated_<fwd|bwd>_r<reverse>_b<has b>_c<has c>, and scan_blocks_bwd_r<reverse>
@@ -434,7 +449,7 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
         gated_fwd_r##REV##_b##HB##_c##HC(const GatedParams P) {                                    \
         gated_forward<(REV) != 0, (HB) != 0, (HC) != 0>(P);                                        \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FS_GATED_WARPS * FS_WARP)                         \
+    extern "C" __global__ void FS_GATED_BWD_BOUNDS(HB, HC)                                         \
         gated_bwd_r##REV##_b##HB##_c##HC(const GatedParams P) {                                    \
         gated_backward<(REV) != 0, (HB) != 0, (HC) != 0, false>(P);                                \
     }
@@ -449,7 +464,7 @@ FS_GATED_KERNELS(1, 1, 0)
 FS_GATED_KERNELS(1, 1, 1)
 
 #define FS_SCAN_BLOCKS_BWD(REV)                                                                    \
-    extern "C" __global__ void __launch_bounds__(FS_GATED_WARPS * FS_WARP)                         \
+    extern "C" __global__ void FS_GATED_BOUNDS_2                                                   \
         scan_blocks_bwd_r##REV(const GatedParams P) {                                              \
         gated_backward<(REV) != 0, false, false, true>(P);                                         \
     }
