@@ -425,10 +425,27 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
 // scripts/kernel_resources.py). The two-states-per-lane backwards with b or c would spill hundreds
 // of bytes under that cap, so they keep the default, and so does float64 (twice the registers
 // per value: it would spill).
+// FS_GATED_MIN_BLOCKS / FS_GATED_SCAN_BWD_MIN_BLOCKS may be set from outside for tuning
+// (FERROSCAN_KERNEL_DEFINES).
+#ifndef FS_GATED_MIN_BLOCKS
+#define FS_GATED_MIN_BLOCKS 2
+#endif
+// The plain scan's backward in float32 fits 80 registers without spilling: three blocks
+// (measured on the H100, (8,2048,1536) time axis 1 fwd+bwd: 83% of the roofline with two, 95%
+// with three; in bfloat16 three blocks spill and fall to 58%).
+#ifndef FS_GATED_SCAN_BWD_MIN_BLOCKS
+#if FS_DTYPE == 2
+#define FS_GATED_SCAN_BWD_MIN_BLOCKS 3
+#else
+#define FS_GATED_SCAN_BWD_MIN_BLOCKS FS_GATED_MIN_BLOCKS
+#endif
+#endif
 #if FS_DTYPE == 3
 #define FS_GATED_BOUNDS_2 __launch_bounds__(FS_GATED_WARPS * FS_WARP)
+#define FS_GATED_SCAN_BWD_BOUNDS __launch_bounds__(FS_GATED_WARPS * FS_WARP)
 #else
-#define FS_GATED_BOUNDS_2 __launch_bounds__(FS_GATED_WARPS * FS_WARP, 2)
+#define FS_GATED_BOUNDS_2 __launch_bounds__(FS_GATED_WARPS * FS_WARP, FS_GATED_MIN_BLOCKS)
+#define FS_GATED_SCAN_BWD_BOUNDS __launch_bounds__(FS_GATED_WARPS * FS_WARP, FS_GATED_SCAN_BWD_MIN_BLOCKS)
 #endif
 #define FS_GATED_BOUNDS_1 __launch_bounds__(FS_GATED_WARPS * FS_WARP)
 #define FS_GATED_FWD_BOUNDS FS_GATED_BOUNDS_2
@@ -464,7 +481,7 @@ FS_GATED_KERNELS(1, 1, 0)
 FS_GATED_KERNELS(1, 1, 1)
 
 #define FS_SCAN_BLOCKS_BWD(REV)                                                                    \
-    extern "C" __global__ void FS_GATED_BOUNDS_2                                                   \
+    extern "C" __global__ void FS_GATED_SCAN_BWD_BOUNDS                                            \
         scan_blocks_bwd_r##REV(const GatedParams P) {                                              \
         gated_backward<(REV) != 0, false, false, true>(P);                                         \
     }
