@@ -339,6 +339,18 @@ def test_modes(device: str, dtype: torch.dtype, mode: tuple) -> None:
     check(inputs, dim=1, reverse=reverse, return_final=return_final, seed=4, what=f"{dtype} {mode_id(mode)}")
 
 
+@pytest.fixture(params=["auto", "1", "2"], ids=lambda v: f"lanes-{v}")
+def half_lane_states(request: pytest.FixtureRequest, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-bit CUDA kernels with the launcher's choice of states per lane, and with each choice
+    forced through FERROSCAN_GATED_LANE_STATES: test shapes are small, so the launcher alone would
+    only ever pick one state per lane."""
+    if request.param != "auto":
+        if device != "cuda":
+            pytest.skip("states per lane are a CUDA launch choice")
+        monkeypatch.setenv("FERROSCAN_GATED_LANE_STATES", request.param)
+
+
+@pytest.mark.usefixtures("half_lane_states")
 @pytest.mark.parametrize("length", [7, 257, 1000])
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
 def test_half_precision(device: str, dtype: torch.dtype, length: int) -> None:
@@ -350,6 +362,7 @@ def test_half_precision(device: str, dtype: torch.dtype, length: int) -> None:
         check(inputs, dim=dim, reverse=reverse, return_final=True, seed=9, what=f"{dtype} {layout} L={length}")
 
 
+@pytest.mark.usefixtures("half_lane_states")
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("bc", ["none", "b", "c"])
 def test_half_gates_none(device: str, dtype: torch.dtype, bc: str) -> None:

@@ -41,6 +41,17 @@ pub const GATED_SCAN_SOURCE: KernelSource = KernelSource {
     text: include_str!("../../kernels/gated_scan.cu"),
 };
 
+/// `kernels/gated_scan.cu` with one state per lane whatever the type (`FS_GATED_LANE_STATES` 1):
+/// for 16-bit problems with too few states to fill the GPU at two per lane (see
+/// `gated_scan::lane_states`).
+pub const GATED_SCAN_ONE_STATE_SOURCE: KernelSource = KernelSource {
+    file: "gated_scan_one_state.cu",
+    text: concat!(
+        "#define FS_GATED_LANE_STATES 1\n",
+        include_str!("../../kernels/gated_scan.cu")
+    ),
+};
+
 /// `kernels/selective_scan.cu` compiled for one pass and one number kind: `FS_SEL_COMPLEX`,
 /// `FS_SEL_PASS` and the file name (the module's identity in the caches) per variant.
 macro_rules! selective_source {
@@ -73,9 +84,10 @@ pub const SELECTIVE_BWD_COMPLEX_SOURCE: KernelSource =
     selective_source!("selective_scan_bwd_complex.cu", "1", "1");
 
 /// Every kernel source of the crate.
-pub const ALL_SOURCES: [KernelSource; 6] = [
+pub const ALL_SOURCES: [KernelSource; 7] = [
     SCAN_SOURCE,
     GATED_SCAN_SOURCE,
+    GATED_SCAN_ONE_STATE_SOURCE,
     SELECTIVE_FWD_REAL_SOURCE,
     SELECTIVE_FWD_COMPLEX_SOURCE,
     SELECTIVE_BWD_REAL_SOURCE,

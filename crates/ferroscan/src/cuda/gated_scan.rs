@@ -14,7 +14,7 @@
 
 use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::compile::GATED_SCAN_SOURCE;
+use super::compile::{KernelSource, GATED_SCAN_ONE_STATE_SOURCE, GATED_SCAN_SOURCE};
 use super::device::{driver_error, Device};
 use super::launch::{check_required, grid_blocks, pass_state_through};
 use crate::error::Result;
@@ -25,19 +25,37 @@ pub const CHECKPOINT_SPACING: usize = 8;
 /// Warps per block (`FS_GATED_WARPS`).
 const WARPS: usize = 8;
 
-/// States each lane owns: `FS_GATED_LANE_STATES` in gated_scan.cu, chosen there from `FS_DTYPE`
-/// (two adjacent states for 16-bit storage, so a warp's access fills a 128-byte line); the two
-/// must agree, or blocks would skip or repeat states.
-pub(super) fn lane_states(dtype: DType) -> usize {
+/// States each lane owns (`FS_GATED_LANE_STATES` in gated_scan.cu). 32- and 64-bit types: one.
+/// 16-bit types: two adjacent states (a warp's access then fills a 128-byte line; the kernel's
+/// default for them) when that still gives at least two blocks per multiprocessor, else one (the
+/// [`GATED_SCAN_ONE_STATE_SOURCE`] build), since then blocks, not line width, limit the loads in
+/// flight. `$FERROSCAN_GATED_LANE_STATES` (1 or 2) forces the 16-bit choice, for tuning and for
+/// tests of both paths. The kernel build and the launch grid both follow this one answer.
+pub(super) fn lane_states(sm_count: usize, dtype: DType, shape: &ScanShape) -> usize {
     match dtype {
-        DType::F16 | DType::BF16 => 2,
         DType::F32 | DType::F64 => 1,
+        DType::F16 | DType::BF16 => {
+            let forced = std::env::var(LANE_STATES_ENV)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok());
+            match forced {
+                Some(lanes @ (1 | 2)) => lanes,
+                _ if shape.state_numel().div_ceil(64) >= 2 * sm_count => 2,
+                _ => 1,
+            }
+        }
     }
 }
 
-/// States each block owns (`FS_GATED_BLOCK_STATES`): a warp's lanes times [`lane_states`].
-pub(super) fn states_per_block(dtype: DType) -> usize {
-    32 * lane_states(dtype)
+/// Tuning hook: states per lane for 16-bit types, 1 or 2 (see [`lane_states`]).
+pub const LANE_STATES_ENV: &str = "FERROSCAN_GATED_LANE_STATES";
+
+/// The kernel build for `lanes` states per lane (see [`lane_states`]).
+fn source(dtype: DType, lanes: usize) -> KernelSource {
+    match dtype {
+        DType::F16 | DType::BF16 if lanes == 1 => GATED_SCAN_ONE_STATE_SOURCE,
+        _ => GATED_SCAN_SOURCE,
+    }
 }
 
 /// `(segments, states)`: the checkpoint buffer's shape, in accumulator elements
@@ -146,7 +164,11 @@ pub(super) fn scan_backward_kernel_name(reverse: bool) -> String {
 /// time axis is not innermost and there are enough states for a block per multiprocessor.
 /// (With fewer states, `scan.cu` splits the time axis across blocks instead.)
 pub(super) fn uses_blocks(sm_count: usize, dtype: DType, shape: &ScanShape) -> bool {
-    shape.inner > 1 && shape.state_numel().div_ceil(states_per_block(dtype)) >= sm_count
+    shape.inner > 1
+        && shape
+            .state_numel()
+            .div_ceil(32 * lane_states(sm_count, dtype, shape))
+            >= sm_count
 }
 
 /// Every kernel name of `gated_scan.cu` (for compile checks).
@@ -182,16 +204,13 @@ pub(super) unsafe fn launch(
     params.outer = shape.outer as i64;
     params.len = shape.len as i64;
     params.inner = shape.inner as i64;
+    let lanes = lane_states(device.sm_count(), dtype, shape);
     let cfg = LaunchConfig {
-        grid_dim: (
-            grid_blocks(shape.state_numel().div_ceil(states_per_block(dtype)))?,
-            1,
-            1,
-        ),
+        grid_dim: (grid_blocks(shape.state_numel().div_ceil(32 * lanes))?, 1, 1),
         block_dim: ((WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let function = device.function(GATED_SCAN_SOURCE, dtype, name)?;
+    let function = device.function(source(dtype, lanes), dtype, name)?;
     let mut builder = stream.launch_builder(&function);
     builder.arg(&params);
     // SAFETY: the kernel touches only the buffers in `params`, valid as the caller guarantees.
@@ -332,35 +351,45 @@ pub unsafe fn gated_scan_backward_raw(
 mod tests {
     use super::*;
 
-    /// [`lane_states`] restates `FS_GATED_LANE_STATES`; this pins the kernel's definition so that
-    /// changing one side alone fails here rather than as wrong results on a GPU.
+    /// [`lane_states`] restates `FS_GATED_LANE_STATES`; this pins the kernel's definition (and
+    /// the one-state build's override) so that changing one side alone fails here rather than as
+    /// wrong results on a GPU.
     #[test]
     fn lane_states_match_the_kernel() {
         let kernel = GATED_SCAN_SOURCE.text;
         assert!(kernel.contains(
-            "#if FS_DTYPE == 0 || FS_DTYPE == 1\n#define FS_GATED_LANE_STATES 2\n#else\n#define FS_GATED_LANE_STATES 1\n#endif"
+            "#ifndef FS_GATED_LANE_STATES\n#if FS_DTYPE == 0 || FS_DTYPE == 1\n#define FS_GATED_LANE_STATES 2\n#else\n#define FS_GATED_LANE_STATES 1\n#endif"
         ));
         assert!(kernel.contains("#define FS_GATED_BLOCK_STATES (FS_WARP * FS_GATED_LS)"));
-        for (dtype, lanes) in [
-            (DType::F16, 2),
-            (DType::BF16, 2),
-            (DType::F32, 1),
-            (DType::F64, 1),
+        assert!(GATED_SCAN_ONE_STATE_SOURCE
+            .text
+            .starts_with("#define FS_GATED_LANE_STATES 1\n"));
+        // 132 multiprocessors: two states per lane from 2 * 132 groups of 64 states.
+        let shape = |outer| ScanShape::new(outer, 16, 64).unwrap();
+        for (dtype, few, many) in [
+            (DType::F16, 1, 2),
+            (DType::BF16, 1, 2),
+            (DType::F32, 1, 1),
+            (DType::F64, 1, 1),
         ] {
-            assert_eq!(lane_states(dtype), lanes);
-            assert_eq!(states_per_block(dtype), 32 * lanes);
+            assert_eq!(lane_states(132, dtype, &shape(263)), few);
+            assert_eq!(lane_states(132, dtype, &shape(264)), many);
+            assert_eq!(
+                source(dtype, lane_states(132, dtype, &shape(264))),
+                GATED_SCAN_SOURCE
+            );
         }
+        assert_eq!(source(DType::BF16, 1), GATED_SCAN_ONE_STATE_SOURCE);
     }
 
     #[test]
     fn blocks_need_a_block_per_multiprocessor() {
         let shape = |outer, inner| ScanShape::new(outer, 16, inner).unwrap();
-        // 132 multiprocessors: 132 groups of 32 states in float32, of 64 in 16-bit types.
+        // 132 multiprocessors: 132 groups of 32 states (16-bit types: one state per lane there).
         assert!(uses_blocks(132, DType::F32, &shape(132, 32)));
         assert!(!uses_blocks(132, DType::F32, &shape(131, 32)));
-        assert!(!uses_blocks(132, DType::BF16, &shape(132, 32)));
-        assert!(uses_blocks(132, DType::BF16, &shape(132, 64)));
-        assert!(!uses_blocks(132, DType::F16, &shape(131, 64)));
+        assert!(uses_blocks(132, DType::BF16, &shape(132, 32)));
+        assert!(!uses_blocks(132, DType::F16, &shape(131, 32)));
         assert!(
             !uses_blocks(1, DType::F32, &shape(64, 1)),
             "time innermost: scan.cu"
