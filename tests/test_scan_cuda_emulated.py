@@ -35,11 +35,11 @@ CHUNK = 256  # float64 look-back chunk: FS_LOOKBACK_TILES (2) x 32 lanes x FS_IT
 def emulators(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
     """The harness as the GPU runs it (True) and with only chunk 0 publishing its end state (False)."""
     out = tmp_path_factory.mktemp("cuda_emulation_scan")
-    return {
-        publish: build(out, f"scan_p{int(publish)}", source("scan.cu", {"FS_DTYPE": 3,
-                       "FS_LOOKBACK_PUBLISH_STATE": int(publish)}, "scan_harness.cpp"))  # fmt: skip
-        for publish in (True, False)
-    }
+    binaries = {}
+    for publish in (True, False):
+        defines = {"FS_DTYPE": 3, "FS_LOOKBACK_PUBLISH_STATE": int(publish)}
+        binaries[publish] = build(out, f"scan_p{int(publish)}", source("scan.cu", defines, "scan_harness.cpp"))
+    return binaries
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def run_case(case: Case, emulators: dict[bool, Path], folder: Path, seed: int) -
     exe = emulators[case.publish_state]
     x = _inputs(case, seed)
     want = _reference(x, case.reverse)
-    base = {"outer": case.outer, "len": case.length, "reverse": int(case.reverse), "lookback": int(case.lookback),
-            "repeat": case.repeat}  # fmt: skip
+    base = {"outer": case.outer, "len": case.length, "reverse": int(case.reverse), "lookback": int(case.lookback)}
+    base["repeat"] = case.repeat
     if case.chunk_tiles:
         base["chunk_tiles"] = case.chunk_tiles
     if case.misalign:
