@@ -29,8 +29,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::compile::kernel_define;
-use super::compile::SCAN_SOURCE;
+use super::compile::{kernel_define, SCAN_SOURCE};
 use super::device::{driver_error, Device};
 use super::gated_scan::{self, GatedParams};
 use super::launch::{check_required, grid_blocks, pass_state_through, zero_async};
