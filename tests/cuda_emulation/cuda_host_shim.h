@@ -5,8 +5,12 @@
 // order between rounds, so that a read of shared memory not ordered by a barrier after the write
 // it needs returns stale data (and fails a test) whichever thread comes first. `__shared__` variables become `static` (one block at a time), `__syncthreads()` waits
 // until every thread of the block has arrived, and the `__shfl_*_sync` functions exchange values
-// through a per-warp buffer once all 32 lanes have arrived. A barrier or shuffle that not every
-// thread reaches (a divergence bug) is reported as a deadlock instead of hanging.
+// through a per-warp buffer once all 32 lanes have arrived (`__ballot_sync` likewise). A barrier or
+// shuffle that not every thread reaches (a divergence bug) is reported as a deadlock instead of
+// hanging. Global memory is plain host memory seen by one OS thread, so `volatile` accesses are
+// plain ones, `__threadfence()` does nothing and atomics are plain read-modify-writes;
+// `__nanosleep` yields to the other threads of the block (a thread spinning on a flag that another
+// warp of its block sets lets that warp run) and aborts a spin that never ends.
 //
 // Only what ferroscan's kernels use is provided, for FS_DTYPE = 3 (float64: no inline PTX).
 #pragma once
@@ -85,6 +89,7 @@ struct Fiber {
     bool done = false;
     long sync_gen = 0;
     long shfl_gen = 0;
+    long sleeps = 0;
 };
 
 inline ucontext_t g_scheduler;
@@ -92,6 +97,7 @@ inline std::vector<Fiber>* g_fibers = nullptr;
 inline Fiber* g_current = nullptr;
 inline dim3_ g_block_idx, g_block_dim;
 inline long g_progress = 0;
+inline long g_sleeps = 0;  // pauses of spinning threads, over all launches
 inline double g_shfl[kMaxThreads / 32][2][32];
 
 inline void yield() { swapcontext(&g_current->ctx, &g_scheduler); }
@@ -107,9 +113,9 @@ inline void syncthreads() {
     ++g_progress;
 }
 
-// Publishes `v` for this lane's next shuffle and returns the value of lane `src` (this lane's own
-// value when src is outside the warp).
-inline double exchange(double v, int src) {
+// Publishes `v` for this lane's next warp exchange, waits for the warp's other lanes, and returns
+// the 32 lanes' values (valid until this lane's next exchange).
+inline const double* exchange_all(double v) {
     Fiber* f = g_current;
     const int tid = (int)f->idx.x, lane = tid % 32, warp = tid / 32;
     const long gen = ++f->shfl_gen;
@@ -124,7 +130,25 @@ inline double exchange(double v, int src) {
         yield();
     }
     ++g_progress;
-    return (src < 0 || src >= 32) ? v : g_shfl[warp][gen & 1][src];
+    return g_shfl[warp][gen & 1];
+}
+
+// Publishes `v` for this lane's next shuffle and returns the value of lane `src` (this lane's own
+// value when src is outside the warp).
+inline double exchange(double v, int src) {
+    const double* lanes = exchange_all(v);
+    return (src < 0 || src >= 32) ? v : lanes[src];
+}
+
+// A spinning thread's pause: lets the other threads of the block run (the warp-wide votes of a
+// spin loop count as progress, so a spin that never ends is caught by counting pauses instead).
+inline void sleep() {
+    ++g_sleeps;
+    if (++g_current->sleeps > 10'000'000) {
+        std::fprintf(stderr, "emulator: a spin loop did not end\n");
+        std::abort();
+    }
+    yield();
 }
 
 struct Trampoline {
@@ -208,6 +232,30 @@ template <class T>
 inline T __shfl_up_sync(unsigned, T v, int d) {
     const int lane = (int)threadIdx.x % 32;
     return (T)emu::exchange((double)v, lane >= d ? lane - d : lane);
+}
+inline unsigned __ballot_sync(unsigned, int predicate) {
+    const double* lanes = emu::exchange_all(predicate ? 1.0 : 0.0);
+    unsigned bits = 0;
+    for (int l = 0; l < 32; ++l) bits |= (lanes[l] != 0.0 ? 1u : 0u) << l;
+    return bits;
+}
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+inline void __threadfence() {}
+inline void __nanosleep(unsigned) { emu::sleep(); }
+inline int atomicAdd(int* p, int v) {
+    const int old = *p;
+    *p = old + v;
+    return old;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    const unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    const unsigned long long old = *p;
+    *p = old + v;
+    return old;
 }
 template <class T>
 inline T __shfl_down_sync(unsigned, T v, int d) {

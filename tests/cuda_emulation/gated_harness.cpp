@@ -6,8 +6,6 @@
 // stored h), want_final / want_checkpoints (forward), want_grad_initial (backward), and
 // misalign_NAME 1 to place tensor NAME one element off a vector boundary.
 
-#include <cstdint>
-
 #include "harness_io.h"
 
 namespace harness {
@@ -30,32 +28,6 @@ Kernel pick(long long pass, bool rev, bool hb, bool hc) {
     FS_HARNESS_K(1, 1, 1)
     throw std::runtime_error("no kernel for this configuration");
 }
-
-// Device memory stand-in: `n` doubles whose first one sits on a 64-byte boundary, or one element
-// past it when the run asks to misalign `name` (so vector accesses must fall back).
-struct Buffer {
-    std::vector<double> storage;
-    double* data = nullptr;
-    size_t n = 0;
-
-    Buffer(const char* name, size_t count) : storage(count + 16), n(count) {
-        const auto address = reinterpret_cast<std::uintptr_t>(storage.data());
-        const size_t skip = ((64 - address % 64) % 64) / sizeof(double);
-        data = storage.data() + skip + (get_or(std::string("misalign_") + name, 0) ? 1 : 0);
-    }
-    std::vector<double> values() const { return std::vector<double>(data, data + n); }
-};
-
-// A tensor read from NAME.bin (null when the file is absent), in a Buffer.
-struct Input {
-    std::vector<double> values;
-    Buffer buffer;
-    explicit Input(const char* name) : values(load(name)), buffer(name, values.size()) {
-        std::copy(values.begin(), values.end(), buffer.data);
-    }
-    double* ptr() const { return values.empty() ? nullptr : buffer.data; }
-    bool present() const { return !values.empty(); }
-};
 
 }  // namespace harness
 

@@ -1,8 +1,10 @@
 // What the emulation harnesses share: their parameters (`params.txt` in the run's folder, one
-// "key value" line each) and their tensors (float64, raw `NAME.bin` files in that folder; an
-// absent file is an absent tensor).
+// "key value" line each), their tensors (float64, raw `NAME.bin` files in that folder; an
+// absent file is an absent tensor), and device-memory stand-ins that can be misaligned on request.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <fstream>
 #include <map>
 #include <stdexcept>
@@ -51,5 +53,31 @@ inline void save(const char* name, const std::vector<double>& v) {
 }
 
 inline double* ptr(std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
+
+// Device memory stand-in: `n` doubles whose first one sits on a 64-byte boundary, or one element
+// past it when the run asks to misalign `name` (so vector accesses must fall back).
+struct Buffer {
+    std::vector<double> storage;
+    double* data = nullptr;
+    size_t n = 0;
+
+    Buffer(const char* name, size_t count) : storage(count + 16), n(count) {
+        const auto address = reinterpret_cast<std::uintptr_t>(storage.data());
+        const size_t skip = ((64 - address % 64) % 64) / sizeof(double);
+        data = storage.data() + skip + (get_or(std::string("misalign_") + name, 0) ? 1 : 0);
+    }
+    std::vector<double> values() const { return std::vector<double>(data, data + n); }
+};
+
+// A tensor read from NAME.bin (null when the file is absent), in a Buffer.
+struct Input {
+    std::vector<double> values;
+    Buffer buffer;
+    explicit Input(const char* name) : values(load(name)), buffer(name, values.size()) {
+        std::copy(values.begin(), values.end(), buffer.data);
+    }
+    double* ptr() const { return values.empty() ? nullptr : buffer.data; }
+    bool present() const { return !values.empty(); }
+};
 
 }  // namespace harness

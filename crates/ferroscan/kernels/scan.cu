@@ -7,23 +7,54 @@
 //             started from dL/dh_final; dL/da = g * h_before, dL/dh0 = a[first step] * g;
 //             DESC = !reverse (the backward runs against the forward).
 //
-// Long sequences are cut into chunks along u. With several chunks a reduce launch stores each
-// chunk's affine map s -> A*s + B, and the apply launch folds the maps of the chunks before
-// its own (no extra launch) to find its incoming state, then rescans its chunk.
-//
 // Two thread mappings:
-//   rows    (inner == 1): one warp per (row, chunk); a lane owns K consecutive positions of a
-//           32*K tile, scans them serially in registers, then the warp scans the lanes' maps.
+//   rows    (inner == 1): a lane owns K consecutive positions of a 32*K tile, scans them serially
+//           in registers, then the warp scans the lanes' maps. Enough rows to fill the GPU: one
+//           warp walks a whole row (`apply` kernels). Few long rows: single-pass decoupled
+//           look-back (`lookback` kernels; Merrill & Garland 2016): a warp owns one chunk of
+//           FS_LOOKBACK_TILES tiles. A block takes a ticket from a counter in scratch and its
+//           warps the next FS_ROWS_WARPS work items in chunk-major order (row = item % outer,
+//           chunk = item / outer), so a chunk only waits on chunks with smaller items, which
+//           are already running (forward progress whatever the scheduling). A warp loads its
+//           chunk into registers (every input element is read once), publishes the chunk's
+//           affine map s -> A*s + B (flag 1), folds its predecessors' published maps back to the
+//           nearest one that published its end state (flag 2; before chunk 0: the row's initial
+//           state), publishes its own end state S = A*s_in + B (flag 2), and rescans its
+//           registers from s_in. Status per (row, chunk): a 32-bit flag and (A, B, S) in acc_t;
+//           the counter and the flags are zeroed before each launch (`ScratchLayout` in
+//           src/cuda/scan.rs). The end state is a value, not a map: the initial state is known.
 //   strided (inner  > 1): one thread per (outer, inner, chunk); consecutive threads own
-//           consecutive inner indices, so every load and store of a warp is coalesced.
+//           consecutive inner indices, so every load and store of a warp is coalesced. With
+//           several chunks a reduce launch stores each chunk's map (A, B), and the apply launch
+//           folds the maps of the chunks before its own to find its incoming state, then
+//           rescans its chunk (inputs read twice).
 
 #include "common.cuh"
 
 // Items per lane per tile: 32 bytes of storage (two 16-byte vectors).
 #define FS_ITEMS (32 / (int)sizeof(storage_t))
+#define FS_ROWS_TILE (FS_WARP * FS_ITEMS)
 #define FS_ROWS_WARPS 4
+// Tiles per look-back chunk, all held in registers (64 bytes of each input per lane for 4- and
+// 8-byte types, 32 for 16-bit ones, which take 16 float registers per input per tile). Mirrored
+// by `lookback_tiles` in src/cuda/scan.rs, which also reads an override from
+// FERROSCAN_KERNEL_DEFINES, so that `FS_LOOKBACK_TILES=N` there changes both.
+#ifndef FS_LOOKBACK_TILES
+#define FS_LOOKBACK_TILES (sizeof(storage_t) == 2 ? 1 : 2)
+#endif
+// Back-off between polls of a predecessor's flag.
+#define FS_LOOKBACK_SLEEP_NS 32
+// 0: only chunk 0 publishes an end state, so every look-back folds maps back to the row's start
+// (emulation tests use it to cover look-backs of several windows).
+#ifndef FS_LOOKBACK_PUBLISH_STATE
+#define FS_LOOKBACK_PUBLISH_STATE 1
+#endif
 #define FS_STRIDED_THREADS 256
 #define FS_STRIDED_UNROLL 8
+
+// Status flags of a look-back chunk.
+#define FS_FLAG_MAP 1u    // (A, B) of the chunk is published
+#define FS_FLAG_STATE 2u  // S, the state at the chunk's end, is published
 
 // Mirrored by `ScanParams` in src/cuda/scan.rs; keep the two in the same order.
 struct ScanParams {
@@ -35,7 +66,10 @@ struct ScanParams {
     storage_t* out0;             // forward: h;  backward: dL/da
     storage_t* out1;             // backward: dL/dx
     storage_t* final_out;        // forward: h_final; backward: dL/dh0     (may be null: skipped)
-    acc_t* maps;                 // (outer, n_chunks, inner) pairs (A, B); only with n_chunks > 1
+    acc_t* maps;                 // strided, n_chunks > 1: (outer, n_chunks, inner) pairs (A, B);
+                                 // look-back: (outer, n_chunks) records (A, B, S, unused)
+    unsigned* flags;             // look-back: (outer, n_chunks) status flags, zero at launch
+    unsigned long long* ticket;  // look-back: the ticket counter, zero at launch
     i64 outer, len, inner, chunk_len, n_chunks;
 };
 
@@ -75,107 +109,216 @@ __device__ __forceinline__ void store_run(storage_t* row, i64 len, i64 limit, i6
     }
 }
 
-template <bool BWD, bool DESC, bool VEC, bool REDUCE>
-__device__ __forceinline__ void scan_rows(const ScanParams& P) {
-    constexpr int K = FS_ITEMS;
-    constexpr int TILE = FS_WARP * K;
-    const int lane = threadIdx.x % FS_WARP;
-    const i64 item = (i64)blockIdx.x * FS_ROWS_WARPS + threadIdx.x / FS_WARP;
-    if (item >= P.outer * P.n_chunks) return;
-    const i64 row = item / P.n_chunks, chunk = item % P.n_chunks;
-    if (REDUCE && chunk == P.n_chunks - 1) return;  // nobody reads the last chunk's map
+// One tile of the rows mapping, in registers: a lane's K positions starting at u0, up to u_end
+// (the end of the warp's chunk).
+struct RowTile {
+    i64 u0;
+    acc_t g[FS_ITEMS], x[FS_ITEMS];  // gates (backward: after shift_gates) and tokens
+    acc_t h[FS_ITEMS];               // backward: h, and h at the position after the lane's last
+    acc_t h_next;                    //   (read by lane 31 only; the others take it from lane + 1)
+    AffineMap inclusive;             // the map of the tile's lanes 0..lane (after scan_tile)
+};
+
+// Issues the loads of a tile (no shuffles, so a warp can have several tiles' loads in flight).
+template <bool BWD, bool DESC, bool VEC>
+__device__ __forceinline__ void load_tile(const ScanParams& P, i64 base, i64 u_end, i64 u0, int lane, RowTile& t) {
     const i64 len = P.len;
+    t.u0 = u0;
+    load_run<VEC, DESC>(P.gates + base, len, u_end, u0, t.g, acc_t(1));
+    load_run<VEC, DESC>(P.tokens + base, len, u_end, u0, t.x, acc_t(0));
+    if (BWD) {  // h_before(u) = h at position u+1 (h0 past the end)
+        load_run<VEC, DESC>(P.aux + base, len, u_end, u0, t.h, acc_t(0));
+        const i64 after = u0 + FS_ITEMS;
+        t.h_next = (lane == FS_WARP - 1 && u0 < u_end && after < len) ? to_acc(P.aux[base + phys<DESC>(after, len)])
+                                                                      : acc_t(0);
+    }
+}
+
+// Backward: the gate at position u is a at position u-1; `gate_before` is the gate of the
+// position before the tile, and becomes the tile's last.
+template <bool BWD>
+__device__ __forceinline__ void shift_gates(RowTile& t, i64 u_end, int lane, acc_t& gate_before) {
+    if (!BWD) return;
+    constexpr int K = FS_ITEMS;
+    const acc_t last = t.g[K - 1];
+    const acc_t from_left = __shfl_up_sync(FS_FULL_MASK, last, 1);
+    const acc_t tile_last = __shfl_sync(FS_FULL_MASK, last, FS_WARP - 1);
+#pragma unroll
+    for (int k = K - 1; k > 0; --k) t.g[k] = (t.u0 + k < u_end) ? t.g[k - 1] : acc_t(1);
+    t.g[0] = (t.u0 < u_end) ? (lane == 0 ? gate_before : from_left) : acc_t(1);
+    gate_before = tile_last;
+}
+
+// Scans a loaded tile: sets each lane's inclusive map and returns the whole tile's map.
+template <bool BWD>
+__device__ __forceinline__ AffineMap scan_tile(RowTile& t, i64 u_end, int lane, acc_t& gate_before) {
+    shift_gates<BWD>(t, u_end, lane, gate_before);
+    AffineMap m = identity_map();
+#pragma unroll
+    for (int k = 0; k < FS_ITEMS; ++k) m = then_step(m, t.g[k], t.x[k]);
+    t.inclusive = warp_inclusive_scan(m, lane);
+    return shfl_map(t.inclusive, FS_WARP - 1);
+}
+
+// Rescans a scanned tile from `state`, the state entering it, and stores its outputs.
+template <bool BWD, bool DESC, bool VEC>
+__device__ __forceinline__ void store_tile(const ScanParams& P, i64 base, i64 u_end, int lane, acc_t state,
+                                           const RowTile& t, acc_t h_initial) {
+    constexpr int K = FS_ITEMS;
+    const i64 len = P.len, u0 = t.u0;
+    AffineMap before = AffineMap{__shfl_up_sync(FS_FULL_MASK, t.inclusive.a, 1),
+                                 __shfl_up_sync(FS_FULL_MASK, t.inclusive.b, 1)};
+    if (lane == 0) before = identity_map();
+    acc_t s = apply(before, state);
+    if (!BWD) {
+        acc_t h[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            s = t.g[k] * s + t.x[k];
+            h[k] = s;
+        }
+        store_run<VEC, DESC>(P.out0 + base, len, u_end, u0, h);
+    } else {
+        const acc_t from_right = __shfl_down_sync(FS_FULL_MASK, t.h[0], 1);
+        const acc_t h_after = (u0 + K >= len) ? h_initial : (lane == FS_WARP - 1) ? t.h_next : from_right;
+        acc_t grad_a[K], grad_x[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const acc_t h_before = (k + 1 < K) ? ((u0 + k + 1 < len) ? t.h[k + 1] : h_initial) : h_after;
+            s = t.g[k] * s + t.x[k];
+            grad_x[k] = s;
+            grad_a[k] = s * h_before;
+        }
+        store_run<VEC, DESC>(P.out0 + base, len, u_end, u0, grad_a);
+        store_run<VEC, DESC>(P.out1 + base, len, u_end, u0, grad_x);
+    }
+}
+
+// The row's last state, as `final_out` wants it (backward: dL/dh0 = a[first step] * g).
+template <bool BWD, bool DESC>
+__device__ __forceinline__ void store_final(const ScanParams& P, i64 row, int lane, acc_t state) {
+    if (lane != 0 || !P.final_out) return;
+    const acc_t f = BWD ? to_acc(P.gates[row * P.len + phys<DESC>(P.len - 1, P.len)]) * state : state;
+    P.final_out[row] = from_acc(f);
+}
+
+// Rows mapping, one chunk per row (n_chunks == 1): a warp walks its row tile by tile.
+template <bool BWD, bool DESC, bool VEC>
+__device__ __forceinline__ void scan_rows(const ScanParams& P) {
+    const int lane = threadIdx.x % FS_WARP;
+    const i64 row = (i64)blockIdx.x * FS_ROWS_WARPS + threadIdx.x / FS_WARP;
+    if (row >= P.outer) return;
+    const i64 len = P.len, base = row * len;
+    acc_t state = P.initial ? to_acc(P.initial[row]) : acc_t(0);
+    acc_t gate_before = acc_t(1);
+    const acc_t h_initial = (BWD && P.aux_state) ? to_acc(P.aux_state[row]) : acc_t(0);
+    for (i64 tile = 0; tile < len; tile += FS_ROWS_TILE) {
+        RowTile t;
+        load_tile<BWD, DESC, VEC>(P, base, len, tile + (i64)lane * FS_ITEMS, lane, t);
+        const AffineMap tile_map = scan_tile<BWD>(t, len, lane, gate_before);
+        store_tile<BWD, DESC, VEC>(P, base, len, lane, state, t, h_initial);
+        state = apply(tile_map, state);
+    }
+    store_final<BWD, DESC>(P, row, lane, state);
+}
+
+__device__ __forceinline__ acc_t load_volatile(const acc_t* p) { return *(const volatile acc_t*)p; }
+
+// Lane 0 publishes a look-back record's values, then (after a fence, so that a reader who sees
+// the flag sees the values) its flag.
+__device__ __forceinline__ void publish(const ScanParams& P, i64 record, int lane, AffineMap map, acc_t end_state,
+                                        unsigned flag) {
+    if (lane != 0) return;
+    volatile acc_t* r = P.maps + 4 * record;
+    if (flag == FS_FLAG_MAP) {
+        r[0] = map.a;
+        r[1] = map.b;
+    } else {
+        r[2] = end_state;
+    }
+    __threadfence();
+    *(volatile unsigned*)(P.flags + record) = flag;
+}
+
+// The state entering chunk `chunk` of `row`: the predecessors' maps, 32 chunks per round (lane
+// 31 the nearest), folded back to the nearest predecessor with a published end state (or the
+// row's initial state, "published" before chunk 0).
+__device__ __forceinline__ acc_t look_back(const ScanParams& P, i64 row, i64 chunk, int lane) {
+    const i64 first = row * P.n_chunks;
+    AffineMap later = identity_map();  // the chunks between the current window and `chunk`
+    for (i64 end = chunk;; end -= FS_WARP) {
+        const i64 j = end - FS_WARP + lane;
+        unsigned flag;
+        for (;;) {  // wait until every chunk of the window has published something
+            flag = (j >= 0) ? *(const volatile unsigned*)(P.flags + first + j) : FS_FLAG_STATE;
+            if (__ballot_sync(FS_FULL_MASK, flag == 0u) == 0u) break;
+            __nanosleep(FS_LOOKBACK_SLEEP_NS);
+        }
+        __threadfence();  // the values are read after the flags that announce them
+        const unsigned with_state = __ballot_sync(FS_FULL_MASK, flag == FS_FLAG_STATE);
+        const int nearest = with_state ? FS_WARP - 1 - __clz((int)with_state) : -1;
+        AffineMap m = identity_map();
+        if (lane == nearest) {
+            const acc_t s = (j >= 0) ? load_volatile(P.maps + 4 * (first + j) + 2)
+                                     : (P.initial ? to_acc(P.initial[row]) : acc_t(0));
+            m = AffineMap{acc_t(0), s};  // the state at the end of chunk j, whatever came before
+        } else if (lane > nearest) {
+            m = AffineMap{load_volatile(P.maps + 4 * (first + j)), load_volatile(P.maps + 4 * (first + j) + 1)};
+        }
+        later = compose(shfl_map(warp_inclusive_scan(m, lane), FS_WARP - 1), later);
+        if (with_state) return later.b;
+    }
+}
+
+// Rows mapping, several chunks per row: one chunk per warp, single pass with decoupled look-back.
+template <bool BWD, bool DESC, bool VEC>
+__device__ __forceinline__ void scan_rows_lookback(const ScanParams& P) {
+    constexpr int T = FS_LOOKBACK_TILES;
+    const int lane = threadIdx.x % FS_WARP;
+    // A block's ticket t gives its warps the chunk-major work items FS_ROWS_WARPS*t + warp.
+    __shared__ unsigned long long block_ticket;
+    if (threadIdx.x == 0) block_ticket = atomicAdd(P.ticket, 1ull);
+    __syncthreads();
+    const i64 item = (i64)block_ticket * FS_ROWS_WARPS + threadIdx.x / FS_WARP;
+    if (item >= P.outer * P.n_chunks) return;
+    const i64 row = item % P.outer, chunk = item / P.outer;
+    const i64 len = P.len, base = row * len;
     const i64 u_begin = chunk * P.chunk_len;
     const i64 u_end = min(len, u_begin + P.chunk_len);
-    const i64 base = row * len;
-    const storage_t* gates = P.gates + base;
-    const storage_t* tokens = P.tokens + base;
+    const i64 record = row * P.n_chunks + chunk;
+    const bool last = chunk == P.n_chunks - 1;
 
-    acc_t state = 0;
-    AffineMap total = identity_map();
-    if (!REDUCE) {
+    if (P.chunk_len > T * FS_ROWS_TILE) __trap();  // the launcher's chunk must fit the registers
+
+    RowTile t[T];
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+        load_tile<BWD, DESC, VEC>(P, base, u_end, u_begin + i * FS_ROWS_TILE + (i64)lane * FS_ITEMS, lane, t[i]);
+    acc_t gate_before = (BWD && u_begin > 0) ? to_acc(P.gates[base + phys<DESC>(u_begin - 1, len)]) : acc_t(1);
+    AffineMap tile_map[T], chunk_map = identity_map();
+#pragma unroll
+    for (int i = 0; i < T; ++i) {
+        tile_map[i] = scan_tile<BWD>(t[i], u_end, lane, gate_before);
+        chunk_map = compose(chunk_map, tile_map[i]);
+    }
+
+    acc_t state;
+    if (chunk == 0) {
         state = P.initial ? to_acc(P.initial[row]) : acc_t(0);
-        for (i64 j0 = 0; j0 < chunk; j0 += FS_WARP) {
-            AffineMap m = identity_map();
-            if (j0 + lane < chunk) {
-                const acc_t* mp = P.maps + 2 * (row * P.n_chunks + j0 + lane);
-                m = AffineMap{mp[0], mp[1]};
-            }
-            state = apply(shfl_map(warp_inclusive_scan(m, lane), FS_WARP - 1), state);
-        }
+    } else {
+        if (!last) publish(P, record, lane, chunk_map, acc_t(0), FS_FLAG_MAP);
+        state = look_back(P, row, chunk, lane);
     }
-    acc_t gate_before = (BWD && u_begin > 0) ? to_acc(gates[phys<DESC>(u_begin - 1, len)]) : acc_t(1);
-    const acc_t h_initial = (BWD && P.aux_state) ? to_acc(P.aux_state[row]) : acc_t(0);
+    if (!last && (FS_LOOKBACK_PUBLISH_STATE || chunk == 0))
+        publish(P, record, lane, chunk_map, apply(chunk_map, state), FS_FLAG_STATE);
 
-    for (i64 tile = u_begin; tile < u_end; tile += TILE) {
-        const i64 u0 = tile + (i64)lane * K;
-        acc_t g[K], x[K];
-        load_run<VEC, DESC>(gates, len, u_end, u0, g, acc_t(1));
-        load_run<VEC, DESC>(tokens, len, u_end, u0, x, acc_t(0));
-        if (BWD) {  // the gate at position u is a at position u-1
-            const acc_t last = g[K - 1];
-            const acc_t from_left = __shfl_up_sync(FS_FULL_MASK, last, 1);
-            const acc_t tile_last = __shfl_sync(FS_FULL_MASK, last, FS_WARP - 1);
+    const acc_t h_initial = (BWD && P.aux_state) ? to_acc(P.aux_state[row]) : acc_t(0);
 #pragma unroll
-            for (int k = K - 1; k > 0; --k) g[k] = (u0 + k < u_end) ? g[k - 1] : acc_t(1);
-            g[0] = (u0 < u_end) ? (lane == 0 ? gate_before : from_left) : acc_t(1);
-            gate_before = tile_last;
-        }
-        AffineMap m = identity_map();
-#pragma unroll
-        for (int k = 0; k < K; ++k) m = then_step(m, g[k], x[k]);
-        const AffineMap inclusive = warp_inclusive_scan(m, lane);
-        const AffineMap tile_map = shfl_map(inclusive, FS_WARP - 1);
-        if (REDUCE) {
-            total = compose(total, tile_map);
-            continue;
-        }
-        AffineMap before = AffineMap{__shfl_up_sync(FS_FULL_MASK, inclusive.a, 1),
-                                     __shfl_up_sync(FS_FULL_MASK, inclusive.b, 1)};
-        if (lane == 0) before = identity_map();
-        acc_t s = apply(before, state);
-        state = apply(tile_map, state);
-        if (!BWD) {
-            acc_t h[K];
-#pragma unroll
-            for (int k = 0; k < K; ++k) {
-                s = g[k] * s + x[k];
-                h[k] = s;
-            }
-            store_run<VEC, DESC>(P.out0 + base, len, u_end, u0, h);
-        } else {
-            // h_before(u) = h at position u+1 (h0 past the end).
-            acc_t h[K];
-            load_run<VEC, DESC>(P.aux + base, len, u_end, u0, h, acc_t(0));
-            const acc_t from_right = __shfl_down_sync(FS_FULL_MASK, h[0], 1);
-            const i64 after = u0 + K;
-            acc_t h_after = from_right;
-            if (after >= len) h_after = h_initial;
-            else if (lane == FS_WARP - 1) h_after = to_acc(P.aux[base + phys<DESC>(after, len)]);
-            acc_t grad_a[K], grad_x[K];
-#pragma unroll
-            for (int k = 0; k < K; ++k) {
-                const acc_t h_before = (k + 1 < K) ? ((u0 + k + 1 < len) ? h[k + 1] : h_initial) : h_after;
-                s = g[k] * s + x[k];
-                grad_x[k] = s;
-                grad_a[k] = s * h_before;
-            }
-            store_run<VEC, DESC>(P.out0 + base, len, u_end, u0, grad_a);
-            store_run<VEC, DESC>(P.out1 + base, len, u_end, u0, grad_x);
-        }
+    for (int i = 0; i < T; ++i) {
+        store_tile<BWD, DESC, VEC>(P, base, u_end, lane, state, t[i], h_initial);
+        state = apply(tile_map[i], state);
     }
-    if (REDUCE) {
-        if (lane == 0) {
-            acc_t* mp = P.maps + 2 * (row * P.n_chunks + chunk);
-            mp[0] = total.a;
-            mp[1] = total.b;
-        }
-        return;
-    }
-    if (chunk == P.n_chunks - 1 && lane == 0 && P.final_out) {
-        const acc_t f = BWD ? to_acc(gates[phys<DESC>(len - 1, len)]) * state : state;
-        P.final_out[row] = from_acc(f);
-    }
+    if (last) store_final<BWD, DESC>(P, row, lane, state);
 }
 
 template <bool BWD, bool DESC, bool REDUCE>
@@ -252,28 +395,30 @@ __device__ __forceinline__ void scan_strided(const ScanParams& P) {
 #undef FS_AT
 }
 
-// Kernel names: scan_<rows|strided>_<fwd|bwd>_<reduce|apply>_r<reverse>[_vec]; see
-// `kernel_name` in src/cuda/scan.rs. `reverse` is the user's flag: the backward scans against it.
-#define FS_ROWS_KERNEL(PASS, BWD, PHASE, REDUCE, REV, VEC, SUFFIX)                                   \
+// Kernel names: scan_rows_<fwd|bwd>_<apply|lookback>_r<reverse>[_vec] and
+// scan_strided_<fwd|bwd>_<reduce|apply>_r<reverse>; see `kernel_name` in src/cuda/scan.rs.
+// `reverse` is the user's flag: the backward scans against it.
+#define FS_ROWS_KERNELS(PASS, BWD, REV, VEC, SUFFIX)                                              \
     extern "C" __global__ void __launch_bounds__(FS_ROWS_WARPS * FS_WARP)                          \
-        scan_rows_##PASS##_##PHASE##_r##REV##SUFFIX(const ScanParams P) {                          \
-        scan_rows<BWD, (BWD) != (REV), VEC, REDUCE>(P);                                            \
+        scan_rows_##PASS##_apply_r##REV##SUFFIX(const ScanParams P) {                              \
+        scan_rows<BWD, (BWD) != (REV), VEC>(P);                                                    \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FS_ROWS_WARPS * FS_WARP)                          \
+        scan_rows_##PASS##_lookback_r##REV##SUFFIX(const ScanParams P) {                           \
+        scan_rows_lookback<BWD, (BWD) != (REV), VEC>(P);                                           \
     }
 #define FS_STRIDED_KERNEL(PASS, BWD, PHASE, REDUCE, REV)                                           \
     extern "C" __global__ void __launch_bounds__(FS_STRIDED_THREADS)                               \
         scan_strided_##PASS##_##PHASE##_r##REV(const ScanParams P) {                               \
         scan_strided<BWD, (BWD) != (REV), REDUCE>(P);                                              \
     }
-#define FS_ALL_KERNELS(PASS, BWD, PHASE, REDUCE, REV)                                              \
-    FS_ROWS_KERNEL(PASS, BWD, PHASE, REDUCE, REV, false, )                                         \
-    FS_ROWS_KERNEL(PASS, BWD, PHASE, REDUCE, REV, true, _vec)                                      \
-    FS_STRIDED_KERNEL(PASS, BWD, PHASE, REDUCE, REV)
+#define FS_ALL_KERNELS(PASS, BWD, REV)                                                             \
+    FS_ROWS_KERNELS(PASS, BWD, REV, false, )                                                       \
+    FS_ROWS_KERNELS(PASS, BWD, REV, true, _vec)                                                    \
+    FS_STRIDED_KERNEL(PASS, BWD, reduce, true, REV)                                                \
+    FS_STRIDED_KERNEL(PASS, BWD, apply, false, REV)
 
-FS_ALL_KERNELS(fwd, false, reduce, true, 0)
-FS_ALL_KERNELS(fwd, false, reduce, true, 1)
-FS_ALL_KERNELS(fwd, false, apply, false, 0)
-FS_ALL_KERNELS(fwd, false, apply, false, 1)
-FS_ALL_KERNELS(bwd, true, reduce, true, 0)
-FS_ALL_KERNELS(bwd, true, reduce, true, 1)
-FS_ALL_KERNELS(bwd, true, apply, false, 0)
-FS_ALL_KERNELS(bwd, true, apply, false, 1)
+FS_ALL_KERNELS(fwd, false, 0)
+FS_ALL_KERNELS(fwd, false, 1)
+FS_ALL_KERNELS(bwd, true, 0)
+FS_ALL_KERNELS(bwd, true, 1)

@@ -132,6 +132,19 @@ fn dtype_code(dtype: DType) -> u32 {
 /// `FS_SEL_FWD_MIN_BLOCKS=4`). Part of the options, hence of the cache key.
 pub const KERNEL_DEFINES_ENV: &str = "FERROSCAN_KERNEL_DEFINES";
 
+/// The value `$FERROSCAN_KERNEL_DEFINES` gives `name` (`NAME=VALUE`; `NAME` alone: "1"), for
+/// launchers whose plan must agree with a kernel constant the hook overrides.
+pub fn kernel_define(name: &str) -> Option<String> {
+    let defines = std::env::var(KERNEL_DEFINES_ENV).ok()?;
+    defines
+        .split_whitespace()
+        .find_map(|d| match d.split_once('=') {
+            Some((n, v)) if n == name => Some(v.to_string()),
+            None if d == name => Some("1".to_string()),
+            _ => None,
+        })
+}
+
 /// NVRTC options for one specialization.
 fn options(dtype: DType, arch: (i32, i32)) -> Vec<String> {
     let mut opts = vec![

@@ -42,17 +42,29 @@ pub(crate) unsafe fn pass_state_through(
     if dst == 0 || bytes == 0 {
         return Ok(());
     }
+    if src == 0 {
+        // SAFETY: guaranteed by the caller.
+        return unsafe { zero_async(stream, dst, bytes) };
+    }
     stream
         .context()
         .bind_to_thread()
         .map_err(driver_error("binding the context"))?;
     // SAFETY: guaranteed by the caller.
-    unsafe {
-        if src == 0 {
-            driver_result::memset_d8_async(dst, 0, bytes, stream.cu_stream())
-        } else {
-            driver_result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream())
-        }
-    }
-    .map_err(driver_error("copying the state of an empty scan"))
+    unsafe { driver_result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }
+        .map_err(driver_error("copying the state of an empty scan"))
+}
+
+/// Zeroes `bytes` bytes at `dst` on the stream (asynchronously).
+///
+/// # Safety
+/// `dst` must be a valid device buffer of `bytes` bytes on the stream's context.
+pub(crate) unsafe fn zero_async(stream: &CudaStream, dst: u64, bytes: usize) -> Result<()> {
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(driver_error("binding the context"))?;
+    // SAFETY: guaranteed by the caller.
+    unsafe { driver_result::memset_d8_async(dst, 0, bytes, stream.cu_stream()) }
+        .map_err(driver_error("zeroing device memory"))
 }

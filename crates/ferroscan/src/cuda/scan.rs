@@ -29,10 +29,10 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::compile::SCAN_SOURCE;
+use super::compile::{kernel_define, SCAN_SOURCE};
 use super::device::{driver_error, Device};
 use super::gated_scan::{self, GatedParams};
-use super::launch::{check_required, grid_blocks, pass_state_through};
+use super::launch::{check_required, grid_blocks, pass_state_through, zero_async};
 use crate::args::{ScanGradInputs, ScanGradOutputs, ScanInputs, ScanOutputs};
 use crate::cpu::Element;
 use crate::error::{Error, Result};
@@ -46,8 +46,7 @@ const STRIDED_THREADS: usize = 256;
 const ROWS_WARPS_PER_SM: usize = 48;
 /// Threads wanted per SM before the time axis is split (strided mapping).
 const STRIDED_THREADS_PER_SM: usize = 2048;
-/// Shortest chunk, in tiles (rows) or steps (strided): shorter chunks cost more than they win.
-const MIN_ROWS_CHUNK_TILES: usize = 4;
+/// Shortest chunk of the strided mapping, in steps: shorter chunks cost more than they win.
 const MIN_STRIDED_CHUNK: usize = 32;
 
 /// Kernel parameters, passed by value; mirrors `struct ScanParams` in `kernels/scan.cu`.
@@ -63,6 +62,8 @@ struct ScanParams {
     out1: u64,
     final_out: u64,
     maps: u64,
+    flags: u64,
+    ticket: u64,
     outer: i64,
     len: i64,
     inner: i64,
@@ -82,6 +83,37 @@ pub enum Mapping {
     Strided,
 }
 
+/// One launch of a plan (see `kernels/scan.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Strided mapping, several chunks: store each chunk's affine map.
+    Reduce,
+    /// Scan each chunk from its incoming state (folding the earlier chunks' maps, if any).
+    Apply,
+    /// Rows mapping, several chunks: single pass with decoupled look-back.
+    LookBack,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Reduce => "reduce",
+            Phase::Apply => "apply",
+            Phase::LookBack => "lookback",
+        }
+    }
+}
+
+impl Mapping {
+    /// The phases that have kernels for this mapping.
+    fn kernel_phases(self) -> &'static [Phase] {
+        match self {
+            Mapping::Rows => &[Phase::Apply, Phase::LookBack],
+            Mapping::Strided => &[Phase::Reduce, Phase::Apply],
+        }
+    }
+}
+
 /// How a problem is cut and launched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScanPlan {
@@ -89,8 +121,24 @@ pub struct ScanPlan {
     pub mapping: Mapping,
     /// Steps per chunk of the time axis.
     pub chunk_len: usize,
-    /// Chunks per sequence (1: one pass, else reduce + apply).
+    /// Chunks per sequence (1: one pass; else look-back (rows) or reduce + apply (strided)).
     pub n_chunks: usize,
+}
+
+/// Where the parts of a scan's scratch buffer lie, in bytes from its start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScratchLayout {
+    /// Look-back: the ticket counter (a `u64`).
+    pub ticket: usize,
+    /// Look-back: one `u32` status flag per (row, chunk).
+    pub flags: usize,
+    /// The bytes from the start that must be zero when a launch begins (counter and flags).
+    pub zeroed: usize,
+    /// Reduce + apply: (A, B) per (sequence, chunk); look-back: (A, B, S, unused) per
+    /// (row, chunk); accumulators of the dtype (`double` for float64, else `float`).
+    pub maps: usize,
+    /// Total bytes (0: no scratch).
+    pub total: usize,
 }
 
 /// Elements a lane owns per tile in the rows mapping (`FS_ITEMS`): 32 bytes of storage.
@@ -98,16 +146,31 @@ pub fn items_per_lane(dtype: DType) -> usize {
     32 / dtype.size_bytes()
 }
 
+/// Tiles (of 32 lanes x [`items_per_lane`]) per chunk of the look-back kernels, all held in
+/// registers (`FS_LOOKBACK_TILES`): 2, or 1 for 16-bit types, whose values take a float register
+/// each. `FS_LOOKBACK_TILES=N` in `$FERROSCAN_KERNEL_DEFINES` (a tuning hook) changes both.
+pub fn lookback_tiles(dtype: DType) -> usize {
+    kernel_define("FS_LOOKBACK_TILES")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&t| t >= 1)
+        .unwrap_or(if dtype.size_bytes() == 2 { 1 } else { 2 })
+}
+
 impl ScanPlan {
     /// The plan for `shape` on a device with `sm_count` multiprocessors.
     pub fn new(sm_count: usize, dtype: DType, shape: &ScanShape) -> Self {
         let len = shape.len.max(1);
         if shape.inner == 1 {
+            // Rows fill the GPU: a warp per row. Else single-pass look-back over chunks of a
+            // fixed number of tiles (what the look-back kernels hold in registers).
             let tile = 32 * items_per_lane(dtype);
+            let chunk = tile * lookback_tiles(dtype);
             let wanted = (sm_count * ROWS_WARPS_PER_SM).div_ceil(shape.outer.max(1));
-            let most = len.div_ceil(tile * MIN_ROWS_CHUNK_TILES);
-            let n = wanted.min(most).max(1);
-            let chunk_len = len.div_ceil(n).div_ceil(tile) * tile;
+            let chunk_len = if wanted > 1 && len > chunk {
+                chunk
+            } else {
+                len.div_ceil(tile) * tile
+            };
             ScanPlan {
                 mapping: Mapping::Rows,
                 chunk_len,
@@ -126,13 +189,43 @@ impl ScanPlan {
         }
     }
 
-    /// Scratch bytes the plan needs: one affine map (two accumulators) per (sequence, chunk).
-    pub fn scratch_bytes(&self, dtype: DType, shape: &ScanShape) -> usize {
-        if self.n_chunks > 1 {
-            shape.state_numel() * self.n_chunks * 2 * dtype.accumulator_bytes()
-        } else {
-            0
+    /// The launches, in order: one pass; or look-back (rows); or reduce, then apply (strided).
+    pub fn phases(&self) -> &'static [Phase] {
+        match (self.mapping, self.n_chunks > 1) {
+            (_, false) => &[Phase::Apply],
+            (Mapping::Rows, true) => &[Phase::LookBack],
+            (Mapping::Strided, true) => &[Phase::Reduce, Phase::Apply],
         }
+    }
+
+    /// Where the plan's scratch lies (offsets from an 8-byte aligned start: multiples of 8).
+    pub fn scratch_layout(&self, dtype: DType, shape: &ScanShape) -> ScratchLayout {
+        let acc = dtype.accumulator_bytes();
+        let chunks = shape.state_numel() * self.n_chunks;
+        match self.phases() {
+            [Phase::LookBack] => {
+                let flags = 8;
+                let zeroed = flags + 4 * chunks;
+                let maps = zeroed.next_multiple_of(16);
+                ScratchLayout {
+                    ticket: 0,
+                    flags,
+                    zeroed,
+                    maps,
+                    total: maps + chunks * 4 * acc,
+                }
+            }
+            [Phase::Reduce, Phase::Apply] => ScratchLayout {
+                total: chunks * 2 * acc,
+                ..ScratchLayout::default()
+            },
+            _ => ScratchLayout::default(),
+        }
+    }
+
+    /// Scratch bytes the plan needs (see [`ScanPlan::scratch_layout`]).
+    pub fn scratch_bytes(&self, dtype: DType, shape: &ScanShape) -> usize {
+        self.scratch_layout(dtype, shape).total
     }
 }
 
@@ -145,11 +238,11 @@ pub fn scan_scratch_bytes(device: &Device, dtype: DType, problem: &ScanProblem) 
     ScanPlan::new(device.sm_count(), dtype, &problem.shape).scratch_bytes(dtype, &problem.shape)
 }
 
-/// The kernel name for a pass; must match the `FS_*_KERNEL` macros of `kernels/scan.cu`.
+/// The kernel name for a pass; must match the `FS_*_KERNEL*` macros of `kernels/scan.cu`.
 pub fn kernel_name(
     mapping: Mapping,
     backward: bool,
-    reduce: bool,
+    phase: Phase,
     reverse: bool,
     vectorized: bool,
 ) -> String {
@@ -160,7 +253,7 @@ pub fn kernel_name(
             Mapping::Strided => "strided",
         },
         if backward { "bwd" } else { "fwd" },
-        if reduce { "reduce" } else { "apply" },
+        phase.name(),
         u8::from(reverse),
         if vectorized && mapping == Mapping::Rows {
             "_vec"
@@ -175,10 +268,10 @@ pub fn all_kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for mapping in [Mapping::Rows, Mapping::Strided] {
         for backward in [false, true] {
-            for reduce in [false, true] {
+            for &phase in mapping.kernel_phases() {
                 for reverse in [false, true] {
                     for vectorized in [false, true] {
-                        let name = kernel_name(mapping, backward, reduce, reverse, vectorized);
+                        let name = kernel_name(mapping, backward, phase, reverse, vectorized);
                         if !names.contains(&name) {
                             names.push(name);
                         }
@@ -207,17 +300,19 @@ fn check_scratch(
     Ok(())
 }
 
-/// Launches the reduce (if chunked) and apply passes of the (backward?, reverse?) scan.
+/// Launches the plan's phases of the (backward?, reverse?) scan, zeroing the look-back's
+/// counter and flags first.
 ///
 /// # Safety
-/// Every non-zero address in `params` must be valid for the shape it describes.
+/// Every non-zero address in `params` must be valid for the shape it describes; `scratch`
+/// (`params.maps` etc. point into it) must hold the plan's scratch.
 unsafe fn launch(
     device: &Device,
     stream: &CudaStream,
     dtype: DType,
     plan: &ScanPlan,
     (backward, reverse): (bool, bool),
-    params: &ScanParams,
+    (params, scratch): (&ScanParams, (u64, &ScratchLayout)),
     data_addresses: &[u64],
 ) -> Result<()> {
     let shape_len = params.len as usize;
@@ -242,13 +337,12 @@ unsafe fn launch(
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let phases: &[bool] = if plan.n_chunks > 1 {
-        &[true, false]
-    } else {
-        &[false]
-    };
-    for &reduce in phases {
-        let name = kernel_name(plan.mapping, backward, reduce, reverse, vectorized);
+    if scratch.1.zeroed > 0 {
+        // SAFETY: the caller guarantees the scratch holds the layout.
+        unsafe { zero_async(stream, scratch.0, scratch.1.zeroed) }?;
+    }
+    for &phase in plan.phases() {
+        let name = kernel_name(plan.mapping, backward, phase, reverse, vectorized);
         let function = device.function(SCAN_SOURCE, dtype, &name)?;
         let mut builder = stream.launch_builder(&function);
         builder.arg(params);
@@ -337,7 +431,12 @@ unsafe fn run_pass(
     }
     let plan = ScanPlan::new(device.sm_count(), dtype, &shape);
     check_scratch(&plan, dtype, &shape, scratch, scratch_bytes)?;
-    params.maps = scratch;
+    let layout = plan.scratch_layout(dtype, &shape);
+    if layout.total > 0 {
+        params.maps = scratch + layout.maps as u64;
+        params.flags = scratch + layout.flags as u64;
+        params.ticket = scratch + layout.ticket as u64;
+    }
     params.outer = shape.outer as i64;
     params.len = shape.len as i64;
     params.inner = shape.inner as i64;
@@ -352,7 +451,7 @@ unsafe fn run_pass(
             dtype,
             &plan,
             (backward, problem.reverse),
-            &params,
+            (&params, (scratch, &layout)),
             &vector_buffers,
         )
     }
@@ -576,5 +675,155 @@ pub fn scan_backward<T: DeviceElement>(
             },
             (scratch_ptr, scratch.num_bytes()),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMS: usize = 132;
+
+    fn shape(outer: usize, len: usize, inner: usize) -> ScanShape {
+        ScanShape::new(outer, len, inner).unwrap()
+    }
+
+    /// [`lookback_tiles`] and [`items_per_lane`] restate kernel constants; this pins them so
+    /// that changing one side alone fails here rather than as wrong results on a GPU.
+    #[test]
+    fn tile_constants_match_the_kernel() {
+        let kernel = SCAN_SOURCE.text;
+        assert!(kernel.contains("#define FS_ITEMS (32 / (int)sizeof(storage_t))"));
+        assert!(kernel.contains("#define FS_ROWS_WARPS 4"));
+        assert!(kernel.contains(
+            "#ifndef FS_LOOKBACK_TILES\n#define FS_LOOKBACK_TILES (sizeof(storage_t) == 2 ? 1 : 2)\n#endif"
+        ));
+        assert_eq!(ROWS_WARPS, 4);
+        for (dtype, items, tiles) in [
+            (DType::F16, 16, 1),
+            (DType::BF16, 16, 1),
+            (DType::F32, 8, 2),
+            (DType::F64, 4, 2),
+        ] {
+            assert_eq!(items_per_lane(dtype), items);
+            assert_eq!(lookback_tiles(dtype), tiles);
+        }
+    }
+
+    #[test]
+    fn few_long_rows_use_the_look_back() {
+        // (1, 64, 2^20) as a time-last tensor: 64 rows; float32 chunks of 2 tiles of 256.
+        let s = shape(64, 1 << 20, 1);
+        let plan = ScanPlan::new(SMS, DType::F32, &s);
+        assert_eq!(plan.mapping, Mapping::Rows);
+        assert_eq!((plan.chunk_len, plan.n_chunks), (512, 2048));
+        assert_eq!(plan.phases(), &[Phase::LookBack]);
+        let records = 64 * 2048;
+        assert_eq!(
+            plan.scratch_layout(DType::F32, &s),
+            ScratchLayout {
+                ticket: 0,
+                flags: 8,
+                zeroed: 8 + 4 * records,
+                maps: 16 + 4 * records, // rounded up to a multiple of 16
+                total: 16 + 4 * records + 16 * records,
+            }
+        );
+        // float64: 2 tiles of 128, records of four doubles; bfloat16: 1 tile of 512.
+        let plan = ScanPlan::new(SMS, DType::F64, &s);
+        assert_eq!((plan.chunk_len, plan.n_chunks), (256, 4096));
+        let layout = plan.scratch_layout(DType::F64, &s);
+        assert_eq!(layout.total, layout.maps + 32 * 64 * 4096);
+        let plan = ScanPlan::new(SMS, DType::BF16, &s);
+        assert_eq!((plan.chunk_len, plan.n_chunks), (512, 2048));
+        assert_eq!(plan.scratch_bytes(DType::BF16, &s), 16 + 20 * records);
+    }
+
+    #[test]
+    fn look_back_scratch_is_aligned_and_covers_every_record() {
+        for dtype in [DType::F16, DType::BF16, DType::F32, DType::F64] {
+            for (outer, len) in [(1, 513), (3, 1000), (5, 4097), (4, 1 << 26)] {
+                let s = shape(outer, len, 1);
+                let plan = ScanPlan::new(SMS, dtype, &s);
+                assert_eq!(plan.phases(), &[Phase::LookBack], "{dtype:?} {outer}x{len}");
+                assert_eq!(plan.chunk_len % (32 * items_per_lane(dtype)), 0);
+                assert!(plan.chunk_len * plan.n_chunks >= len);
+                assert!(plan.chunk_len * (plan.n_chunks - 1) < len);
+                let records = outer * plan.n_chunks;
+                let l = plan.scratch_layout(dtype, &s);
+                for offset in [l.ticket, l.flags, l.zeroed, l.maps, l.total] {
+                    assert_eq!(offset % 4, 0);
+                }
+                assert_eq!([l.ticket % 8, l.maps % 16, l.total % 8], [0, 0, 0]);
+                assert_eq!(
+                    l.flags,
+                    l.ticket + 8,
+                    "the counter and the flags are one zeroed span"
+                );
+                assert_eq!(l.zeroed, l.flags + 4 * records);
+                assert!(l.maps >= l.zeroed);
+                assert_eq!(l.total, l.maps + records * 4 * dtype.accumulator_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn many_or_short_rows_take_one_warp_each() {
+        // Enough rows to fill the GPU: one chunk, no scratch.
+        let s = shape(8 * 1536, 2048, 1);
+        let plan = ScanPlan::new(SMS, DType::F32, &s);
+        assert_eq!((plan.n_chunks, plan.chunk_len), (1, 2048));
+        assert_eq!(plan.phases(), &[Phase::Apply]);
+        assert_eq!(plan.scratch_bytes(DType::F32, &s), 0);
+        // A row no longer than one chunk: nothing to split.
+        let s = shape(4, 512, 1);
+        assert_eq!(ScanPlan::new(SMS, DType::F32, &s).n_chunks, 1);
+        let s = shape(4, 513, 1);
+        let plan = ScanPlan::new(SMS, DType::F32, &s);
+        assert_eq!((plan.n_chunks, plan.chunk_len), (2, 512));
+        // A partial tile: the chunk is rounded up to whole tiles.
+        let s = shape(100_000, 300, 1);
+        assert_eq!(ScanPlan::new(SMS, DType::F32, &s).chunk_len, 512);
+    }
+
+    #[test]
+    fn strided_keeps_reduce_and_apply() {
+        let s = shape(2, 1 << 16, 8);
+        let plan = ScanPlan::new(SMS, DType::F32, &s);
+        assert_eq!(plan.mapping, Mapping::Strided);
+        assert!(plan.n_chunks > 1);
+        assert_eq!(plan.phases(), &[Phase::Reduce, Phase::Apply]);
+        assert_eq!(
+            plan.scratch_layout(DType::F64, &s),
+            ScratchLayout {
+                total: 16 * plan.n_chunks * 2 * 8,
+                ..ScratchLayout::default()
+            }
+        );
+        let s = shape(64, 16, 1024);
+        let plan = ScanPlan::new(SMS, DType::F32, &s);
+        assert_eq!((plan.mapping, plan.n_chunks), (Mapping::Strided, 1));
+        assert_eq!(plan.phases(), &[Phase::Apply]);
+    }
+
+    #[test]
+    fn kernel_names_cover_every_phase_of_each_mapping() {
+        let names = all_kernel_names();
+        assert_eq!(names.len(), 16 + 8);
+        for name in [
+            "scan_rows_fwd_lookback_r0_vec",
+            "scan_rows_bwd_lookback_r1",
+            "scan_rows_fwd_apply_r1_vec",
+            "scan_strided_bwd_reduce_r1",
+            "scan_strided_fwd_apply_r0",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name}");
+        }
+        assert!(!names
+            .iter()
+            .any(|n| n.starts_with("scan_rows") && n.contains("reduce")));
+        assert!(!names
+            .iter()
+            .any(|n| n.contains("strided") && n.contains("lookback")));
     }
 }

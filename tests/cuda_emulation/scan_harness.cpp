@@ -1,0 +1,87 @@
+// Host harness for the rows kernels of kernels/scan.cu under cuda_host_shim.h: appended to the
+// kernel source (compiled with FS_DTYPE 3), it runs one pass the way src/cuda/scan.rs launches
+// it. Usage: `harness DIR` (see harness_io.h). Parameters: outer, len, reverse, pass (0 forward,
+// 1 backward), lookback (1: chunks of `chunk_tiles` tiles, default FS_LOOKBACK_TILES, on the
+// look-back kernels; 0: one warp per row on the apply kernels), want_final (forward),
+// want_grad_initial (backward), repeat N (launch N times, zeroing the counter and flags before
+// each, as the launcher does), and misalign_NAME 1 to place tensor NAME one element off a vector
+// boundary (the launcher then picks the scalar kernels, as it does for a length that is not a
+// multiple of FS_ITEMS). Look-back records start as NaN, so a record read before it is written
+// poisons the result. Besides the outputs it writes `spins`: how often spinning threads paused.
+
+#include <cmath>
+
+#include "harness_io.h"
+
+namespace harness {
+
+using Kernel = void (*)(ScanParams);
+
+Kernel pick(bool bwd, bool lookback, bool rev, bool vec) {
+#define FS_HARNESS_PICK(PASS, R)                                                                      \
+    if (lookback) return vec ? scan_rows_##PASS##_lookback_r##R##_vec : scan_rows_##PASS##_lookback_r##R; \
+    return vec ? scan_rows_##PASS##_apply_r##R##_vec : scan_rows_##PASS##_apply_r##R;
+    if (!bwd && !rev) { FS_HARNESS_PICK(fwd, 0) }
+    if (!bwd && rev) { FS_HARNESS_PICK(fwd, 1) }
+    if (bwd && !rev) { FS_HARNESS_PICK(bwd, 0) }
+    FS_HARNESS_PICK(bwd, 1)
+}
+
+}  // namespace harness
+
+int main(int argc, char** argv) {
+    using namespace harness;
+    if (argc != 2) return 2;
+    read_params(argv[1]);
+    const long long outer = get("outer"), len = get("len"), pass = get("pass");
+    const bool rev = get("reverse") != 0, lookback = get("lookback") != 0, bwd = pass != 0;
+    const long long numel = outer * len;
+    const long long chunk_len = lookback ? get_or("chunk_tiles", FS_LOOKBACK_TILES) * FS_ROWS_TILE
+                                         : (len + FS_ROWS_TILE - 1) / FS_ROWS_TILE * FS_ROWS_TILE;
+    const long long n_chunks = (len + chunk_len - 1) / chunk_len;
+    bool aligned = true;
+    for (const auto& [key, value] : cfg) aligned = aligned && !(key.rfind("misalign_", 0) == 0 && value);
+    const bool vec = len % FS_ITEMS == 0 && aligned;
+
+    const Input a("a"), x("x"), initial("initial"), grad_h("grad_h"), grad_final("grad_final"), hidden("hidden");
+    Buffer out0(bwd ? "grad_a" : "h", numel), out1("grad_x", bwd ? numel : 0),
+        final_out("final", get_or(bwd ? "want_grad_initial" : "want_final", 0) ? outer : 0);
+    const long long records = outer * n_chunks;
+    unsigned long long ticket = 0;
+    std::vector<unsigned> flags(records);
+    std::vector<double> maps(4 * records, std::nan(""));
+
+    ScanParams P{};
+    P.gates = a.ptr();
+    if (bwd) {
+        P.tokens = grad_h.ptr();
+        P.initial = grad_final.ptr();
+        P.aux = hidden.ptr();
+        P.aux_state = initial.ptr();
+        P.out1 = out1.data;
+    } else {
+        P.tokens = x.ptr();
+        P.initial = initial.ptr();
+    }
+    P.out0 = out0.data;
+    P.final_out = final_out.n ? final_out.data : nullptr;
+    P.maps = lookback ? maps.data() : nullptr;
+    P.flags = lookback ? flags.data() : nullptr;
+    P.ticket = lookback ? &ticket : nullptr;
+    P.outer = outer;
+    P.len = len;
+    P.inner = 1;
+    P.chunk_len = chunk_len;
+    P.n_chunks = n_chunks;
+    const unsigned grid = (unsigned)((outer * n_chunks + FS_ROWS_WARPS - 1) / FS_ROWS_WARPS);
+    for (long long i = 0; i < get_or("repeat", 1); ++i) {
+        ticket = 0;
+        std::fill(flags.begin(), flags.end(), 0u);
+        emu::launch(pick(bwd, lookback, rev, vec), P, grid, FS_ROWS_WARPS * FS_WARP);
+    }
+    save(bwd ? "grad_a" : "h", out0.values());
+    save("grad_x", out1.values());
+    save(bwd ? "grad_initial" : "final", final_out.values());
+    save("spins", {(double)emu::g_sleeps});
+    return 0;
+}

@@ -1,0 +1,167 @@
+r"""The CUDA first-order scan's rows kernels (``kernels/scan.cu``, time innermost), run on the CPU
+under the host emulation of CUDA (``tests/cuda_emulation/cuda_host_shim.h``; see
+``test_selective_cuda_emulated.py``), against a float64 loop written here.
+
+``scan_harness.cpp`` launches a pass as ``src/cuda/scan.rs`` does: the single-pass look-back
+kernels for rows cut into chunks (float64: 2 tiles of 32 lanes x 4 items, 256 steps per chunk),
+and the one-warp-per-row kernels. The emulator runs blocks one after another in ``blockIdx``
+order, so a chunk's predecessors in earlier blocks are complete when it looks back; those of its
+own block (rows fewer than the block's 4 warps) are not, and it spins, yielding, until they
+publish. A build with ``FS_LOOKBACK_PUBLISH_STATE=0`` publishes only chunk 0's end state, so
+every look-back folds aggregates back through several windows of 32 chunks to the row's start.
+
+Not checked here: memory ordering between multiprocessors (the emulator runs one thread at a
+time; fences do nothing), the 16-bit and float32 specializations, timing; the ``cuda`` tests and
+benchmarks cover those on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+from emulation import GXX, assert_close, build, read, run, source, write, write_params
+
+pytestmark = pytest.mark.skipif(GXX is None, reason="the CUDA host emulation needs g++ (C++20)")
+
+CHUNK = 256  # float64 look-back chunk: FS_LOOKBACK_TILES (2) x 32 lanes x FS_ITEMS (4)
+
+
+@pytest.fixture(scope="session")
+def emulators(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
+    """The harness as the GPU runs it (True) and with only chunk 0 publishing its end state (False)."""
+    out = tmp_path_factory.mktemp("cuda_emulation_scan")
+    binaries = {}
+    for publish in (True, False):
+        defines = {"FS_DTYPE": 3, "FS_LOOKBACK_PUBLISH_STATE": int(publish)}
+        binaries[publish] = build(out, f"scan_p{int(publish)}", source("scan.cu", defines, "scan_harness.cpp"))
+    return binaries
+
+
+@dataclass(frozen=True)
+class Case:
+    outer: int = 2
+    length: int = 1024
+    reverse: bool = False
+    initial: bool = True
+    grad_final: bool = True
+    lookback: bool = True
+    publish_state: bool = True  # False: the FS_LOOKBACK_PUBLISH_STATE=0 build
+    chunk_tiles: Optional[int] = None  # tiles per look-back chunk, if not the kernel's maximum
+    misalign: Optional[str] = None  # a tensor placed one element off a vector boundary
+    repeat: int = 1  # launches on the same scratch (the counter and flags zeroed before each)
+
+
+def _inputs(case: Case, seed: int) -> dict[str, Optional[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    shape, state = (case.outer, case.length), (case.outer,)
+
+    def randn(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    # Gates of both signs with magnitudes in [0.9, 1): products shrink slowly, so that states
+    # carried across many chunks still matter.
+    gates = (0.9 + 0.1 * torch.rand(*shape, generator=gen, dtype=torch.float64)) * torch.sign(randn(*shape) + 1.5)
+    return {
+        "a": gates,
+        "x": randn(*shape),
+        "initial": randn(*state) if case.initial else None,
+        "grad_h": randn(*shape),
+        "grad_final": randn(*state) if case.grad_final else None,
+    }
+
+
+def _reference(x: dict, reverse: bool) -> dict[str, torch.Tensor]:
+    """h[t] = a[t]*h[t-1] + x[t] step by step (rows at once), and the gradients of
+    <h, grad_h> + <final, grad_final> by autograd through the loop."""
+    leaves = {k: x[k].clone().requires_grad_() for k in ("a", "x", "initial") if x[k] is not None}
+    outer, length = x["x"].shape
+    h = leaves.get("initial", torch.zeros(outer, dtype=torch.float64))
+    hs: list[Optional[torch.Tensor]] = [None] * length
+    for u in range(length):
+        t = length - 1 - u if reverse else u
+        h = leaves["a"][:, t] * h + leaves["x"][:, t]
+        hs[t] = h
+    hidden = torch.stack(hs, 1)
+    loss = (hidden * x["grad_h"]).sum()
+    if x["grad_final"] is not None:
+        loss = loss + (h * x["grad_final"]).sum()
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    return {"h": hidden.detach(), "final": h.detach(), **{f"grad_{k}": g for k, g in grads.items()}}
+
+
+def _np(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+    return None if t is None else t.detach().contiguous().flatten().numpy()
+
+
+def run_case(case: Case, emulators: dict[bool, Path], folder: Path, seed: int) -> None:
+    exe = emulators[case.publish_state]
+    x = _inputs(case, seed)
+    want = _reference(x, case.reverse)
+    base = {"outer": case.outer, "len": case.length, "reverse": int(case.reverse), "lookback": int(case.lookback)}
+    base["repeat"] = case.repeat
+    if case.chunk_tiles:
+        base["chunk_tiles"] = case.chunk_tiles
+    if case.misalign:
+        base[f"misalign_{case.misalign}"] = 1
+
+    fwd = folder / "fwd"
+    fwd.mkdir()
+    write_params(fwd, {**base, "pass": 0, "want_final": 1})
+    for name in ("a", "x", "initial"):
+        write(fwd, name, _np(x[name]))
+    run(exe, fwd)
+    if case.lookback and case.outer < 4:  # some predecessors in the same block
+        assert read(fwd, "spins")[0] > 0, "no look-back waited for a warp of its block"
+    assert_close(read(fwd, "h"), _np(want["h"]), "h")
+    assert_close(read(fwd, "final"), _np(want["final"]), "final state")
+
+    # The backward from the emulated forward's h.
+    bwd = folder / "bwd"
+    bwd.mkdir()
+    write_params(bwd, {**base, "pass": 1, "want_grad_initial": int(case.initial)})
+    for name in ("a", "grad_h", "grad_final", "initial"):
+        write(bwd, name, _np(x[name]))
+    write(bwd, "hidden", read(fwd, "h"))
+    run(exe, bwd)
+    for name in ("a", "x", "initial"):
+        if x[name] is not None:
+            assert_close(read(bwd, f"grad_{name}"), _np(want[f"grad_{name}"]), f"grad_{name}")
+
+
+CASES = {
+    # look-back, vector path (length a multiple of FS_ITEMS): whole chunks, a partial last tile,
+    # a last chunk whose second tile is empty
+    "lookback-4-chunks": Case(outer=2, length=4 * CHUNK),
+    "lookback-partial-tile-reverse": Case(outer=3, length=3 * CHUNK + 100, reverse=True),
+    "lookback-empty-last-tile": Case(outer=5, length=2 * CHUNK + 40, initial=False),
+    # scalar path: a length that is not a multiple of FS_ITEMS, or a misaligned tensor
+    "lookback-scalar": Case(outer=2, length=4 * CHUNK + 1, grad_final=False),
+    "lookback-scalar-reverse": Case(outer=4, length=2 * CHUNK + 3, reverse=True, initial=False, grad_final=False),
+    "lookback-misaligned-hidden": Case(outer=2, length=3 * CHUNK, misalign="hidden"),
+    "lookback-misaligned-x-reverse": Case(outer=1, length=3 * CHUNK, reverse=True, misalign="x"),
+    # one row: every chunk's predecessor is in its own block (spins until that warp publishes)
+    "lookback-one-row": Case(outer=1, length=41 * CHUNK + 7),
+    "lookback-one-row-reverse": Case(outer=1, length=9 * CHUNK, reverse=True, grad_final=False),
+    # rows not a multiple of the block's warps; smaller chunks than the kernel holds
+    "lookback-7-rows-one-tile-chunks": Case(outer=7, length=5 * CHUNK // 2 + 9, chunk_tiles=1),
+    # several launches on one scratch buffer
+    "lookback-repeated": Case(outer=3, length=6 * CHUNK, repeat=3),
+    # only chunk 0 publishes its end state: look-backs over several windows of 32 chunks
+    "aggregates-only": Case(outer=2, length=70 * CHUNK + 5, publish_state=False),
+    "aggregates-only-one-row-reverse": Case(outer=1, length=100 * CHUNK, reverse=True, publish_state=False),
+    # one warp per row (enough rows to fill a GPU): vector and scalar paths, a row shorter than a tile
+    "single-chunk": Case(outer=3, length=1000, lookback=False),
+    "single-chunk-scalar-reverse": Case(outer=5, length=1001, reverse=True, lookback=False, initial=False),
+    "single-chunk-short": Case(outer=6, length=5, lookback=False, grad_final=False),
+    "single-chunk-misaligned-a": Case(outer=2, length=512, lookback=False, misalign="a"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_emulated_scan_rows_kernels_match_a_loop(emulators: dict[bool, Path], tmp_path: Path, name: str) -> None:
+    run_case(CASES[name], emulators, tmp_path, seed=len(name))
