@@ -7,7 +7,7 @@
 // each, as the launcher does), and misalign_NAME 1 to place tensor NAME one element off a vector
 // boundary (the launcher then picks the scalar kernels, as it does for a length that is not a
 // multiple of FS_ITEMS). Look-back records start as NaN, so a record read before it is written
-// poisons the result. Besides the outputs it writes `spins`: how often spinning threads paused.
+// poisons the result.
 
 #include <cmath>
 
@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
     const long long outer = get("outer"), len = get("len"), pass = get("pass");
     const bool rev = get("reverse") != 0, lookback = get("lookback") != 0, bwd = pass != 0;
     const long long numel = outer * len;
-    const long long chunk_len = lookback ? get_or("chunk_tiles", FS_LOOKBACK_TILES) * FS_ROWS_TILE
+    const long long chunk_len = lookback ? get_or("chunk_tiles", FS_LOOKBACK_TILES) * FS_ROWS_TILE * FS_LOOKBACK_WARPS
                                          : (len + FS_ROWS_TILE - 1) / FS_ROWS_TILE * FS_ROWS_TILE;
     const long long n_chunks = (len + chunk_len - 1) / chunk_len;
     bool aligned = true;
@@ -73,15 +73,15 @@ int main(int argc, char** argv) {
     P.inner = 1;
     P.chunk_len = chunk_len;
     P.n_chunks = n_chunks;
-    const unsigned grid = (unsigned)((outer * n_chunks + FS_ROWS_WARPS - 1) / FS_ROWS_WARPS);
+    // One block per look-back chunk; one warp per row otherwise.
+    const unsigned grid = (unsigned)(lookback ? outer * n_chunks : (outer + FS_ROWS_WARPS - 1) / FS_ROWS_WARPS);
     for (long long i = 0; i < get_or("repeat", 1); ++i) {
         ticket = 0;
         std::fill(flags.begin(), flags.end(), 0u);
-        emu::launch(pick(bwd, lookback, rev, vec), P, grid, FS_ROWS_WARPS * FS_WARP);
+        emu::launch(pick(bwd, lookback, rev, vec), P, grid, (lookback ? FS_LOOKBACK_WARPS : FS_ROWS_WARPS) * FS_WARP);
     }
     save(bwd ? "grad_a" : "h", out0.values());
     save("grad_x", out1.values());
     save(bwd ? "grad_initial" : "final", final_out.values());
-    save("spins", {(double)emu::g_sleeps});
     return 0;
 }

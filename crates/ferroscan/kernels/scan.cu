@@ -11,16 +11,17 @@
 //   rows    (inner == 1): a lane owns K consecutive positions of a 32*K tile, scans them serially
 //           in registers, then the warp scans the lanes' maps. Enough rows to fill the GPU: one
 //           warp walks a whole row (`apply` kernels). Few long rows: single-pass decoupled
-//           look-back (`lookback` kernels; Merrill & Garland 2016): a warp owns one chunk of
-//           FS_LOOKBACK_TILES tiles. A block takes a ticket from a counter in scratch and its
-//           warps the next FS_ROWS_WARPS work items in chunk-major order (row = item % outer,
-//           chunk = item / outer), so a chunk only waits on chunks with smaller items, which
-//           are already running (forward progress whatever the scheduling). A warp loads its
-//           chunk into registers (every input element is read once), publishes the chunk's
+//           look-back (`lookback` kernels; Merrill & Garland 2016): a block owns one chunk of
+//           FS_LOOKBACK_WARPS * FS_LOOKBACK_TILES tiles, each warp a span of FS_LOOKBACK_TILES. A
+//           block takes a ticket from a counter in scratch: its work item in chunk-major order
+//           (row = item % outer, chunk = item / outer), so a chunk only waits on chunks with
+//           smaller items, which are already running (forward progress whatever the
+//           scheduling). The warps load their spans into registers (every input element is read
+//           once) and combine their maps in shared memory; warp 0 publishes the chunk's
 //           affine map s -> A*s + B (flag 1), folds its predecessors' published maps back to the
 //           nearest one that published its end state (flag 2; before chunk 0: the row's initial
-//           state), publishes its own end state S = A*s_in + B (flag 2), and rescans its
-//           registers from s_in. Status per (row, chunk): a 32-bit flag and (A, B, S) in acc_t;
+//           state), publishes its own end state S = A*s_in + B (flag 2), and shares s_in; each
+//           warp then rescans its registers from the state entering its span. Status per (row, chunk): a 32-bit flag and (A, B, S) in acc_t;
 //           the counter and the flags are zeroed before each launch (`ScratchLayout` in
 //           src/cuda/scan.rs). The end state is a value, not a map: the initial state is known.
 //   strided (inner  > 1): one thread per (outer, inner, chunk); consecutive threads own
@@ -35,12 +36,18 @@
 #define FS_ITEMS (32 / (int)sizeof(storage_t))
 #define FS_ROWS_TILE (FS_WARP * FS_ITEMS)
 #define FS_ROWS_WARPS 4
-// Tiles per look-back chunk, all held in registers (64 bytes of each input per lane for 4- and
-// 8-byte types, 32 for 16-bit ones, which take 16 float registers per input per tile). Mirrored
-// by `lookback_tiles` in src/cuda/scan.rs, which also reads an override from
+// Warps per look-back block (one chunk per block): a bigger chunk spreads the look-back's fixed
+// latency over more bytes. Mirrored by `lookback_warps` in src/cuda/scan.rs, which also reads
+// an override from FERROSCAN_KERNEL_DEFINES.
+#ifndef FS_LOOKBACK_WARPS
+#define FS_LOOKBACK_WARPS 8
+#endif
+// Tiles per warp of a look-back block, all held in registers (float32: 64 bytes of each input
+// per lane; 16-bit types take a float register per value, twice the registers, and still measure
+// best at 2). Mirrored by `lookback_tiles` in src/cuda/scan.rs, which also reads an override from
 // FERROSCAN_KERNEL_DEFINES, so that `FS_LOOKBACK_TILES=N` there changes both.
 #ifndef FS_LOOKBACK_TILES
-#define FS_LOOKBACK_TILES (sizeof(storage_t) == 2 ? 1 : 2)
+#define FS_LOOKBACK_TILES 2
 #endif
 // Back-off between polls of a predecessor's flag.
 #define FS_LOOKBACK_SLEEP_NS 32
@@ -274,51 +281,70 @@ __device__ __forceinline__ acc_t look_back(const ScanParams& P, i64 row, i64 chu
 template <bool BWD, bool DESC, bool VEC>
 __device__ __forceinline__ void scan_rows_lookback(const ScanParams& P) {
     constexpr int T = FS_LOOKBACK_TILES;
-    const int lane = threadIdx.x % FS_WARP;
-    // A block's ticket t gives its warps the chunk-major work items FS_ROWS_WARPS*t + warp.
+    const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
+    // A block's ticket is its chunk-major work item: the block's warps split the chunk into
+    // consecutive spans, combine their maps in shared memory, and warp 0 alone looks back.
     __shared__ unsigned long long block_ticket;
+    __shared__ AffineMap warp_maps[FS_LOOKBACK_WARPS];
+    __shared__ acc_t chunk_state_in;
     if (threadIdx.x == 0) block_ticket = atomicAdd(P.ticket, 1ull);
     __syncthreads();
-    const i64 item = (i64)block_ticket * FS_ROWS_WARPS + threadIdx.x / FS_WARP;
-    if (item >= P.outer * P.n_chunks) return;
+    const i64 item = (i64)block_ticket;
+    if (item >= P.outer * P.n_chunks) return;  // the whole block
     const i64 row = item % P.outer, chunk = item / P.outer;
     const i64 len = P.len, base = row * len;
-    const i64 u_begin = chunk * P.chunk_len;
-    const i64 u_end = min(len, u_begin + P.chunk_len);
+    const i64 chunk_begin = chunk * P.chunk_len;
+    const i64 chunk_end = min(len, chunk_begin + P.chunk_len);
+    // Whole tiles per warp; the launcher's chunk must fit the warps' registers.
+    constexpr int STRIDE = FS_LOOKBACK_WARPS * FS_ROWS_TILE;
+    const i64 span = (P.chunk_len + STRIDE - 1) / STRIDE * FS_ROWS_TILE;
+    if (span > T * FS_ROWS_TILE) __trap();
+    const i64 u_begin = min(chunk_end, chunk_begin + warp * span);
+    const i64 u_end = min(chunk_end, u_begin + span);
     const i64 record = row * P.n_chunks + chunk;
     const bool last = chunk == P.n_chunks - 1;
-
-    if (P.chunk_len > T * FS_ROWS_TILE) __trap();  // the launcher's chunk must fit the registers
 
     RowTile t[T];
 #pragma unroll
     for (int i = 0; i < T; ++i)
         load_tile<BWD, DESC, VEC>(P, base, u_end, u_begin + i * FS_ROWS_TILE + (i64)lane * FS_ITEMS, lane, t[i]);
     acc_t gate_before = (BWD && u_begin > 0) ? to_acc(P.gates[base + phys<DESC>(u_begin - 1, len)]) : acc_t(1);
-    AffineMap tile_map[T], chunk_map = identity_map();
+    AffineMap tile_map[T], warp_map = identity_map();
 #pragma unroll
     for (int i = 0; i < T; ++i) {
         tile_map[i] = scan_tile<BWD>(t[i], u_end, lane, gate_before);
-        chunk_map = compose(chunk_map, tile_map[i]);
+        warp_map = compose(warp_map, tile_map[i]);
     }
+    if (lane == 0) warp_maps[warp] = warp_map;
+    __syncthreads();
 
-    acc_t state;
-    if (chunk == 0) {
-        state = P.initial ? to_acc(P.initial[row]) : acc_t(0);
-    } else {
-        if (!last) publish(P, record, lane, chunk_map, acc_t(0), FS_FLAG_MAP);
-        state = look_back(P, row, chunk, lane);
+    if (warp == 0) {
+        AffineMap chunk_map = identity_map();
+#pragma unroll
+        for (int w = 0; w < FS_LOOKBACK_WARPS; ++w) chunk_map = compose(chunk_map, warp_maps[w]);
+        acc_t state_in;
+        if (chunk == 0) {
+            state_in = P.initial ? to_acc(P.initial[row]) : acc_t(0);
+        } else {
+            if (!last) publish(P, record, lane, chunk_map, acc_t(0), FS_FLAG_MAP);
+            state_in = look_back(P, row, chunk, lane);
+        }
+        if (!last && (FS_LOOKBACK_PUBLISH_STATE || chunk == 0))
+            publish(P, record, lane, chunk_map, apply(chunk_map, state_in), FS_FLAG_STATE);
+        if (lane == 0) chunk_state_in = state_in;
     }
-    if (!last && (FS_LOOKBACK_PUBLISH_STATE || chunk == 0))
-        publish(P, record, lane, chunk_map, apply(chunk_map, state), FS_FLAG_STATE);
+    __syncthreads();
 
+    acc_t state = chunk_state_in;
+    for (int w = 0; w < warp; ++w) state = apply(warp_maps[w], state);
     const acc_t h_initial = (BWD && P.aux_state) ? to_acc(P.aux_state[row]) : acc_t(0);
 #pragma unroll
     for (int i = 0; i < T; ++i) {
         store_tile<BWD, DESC, VEC>(P, base, u_end, lane, state, t[i], h_initial);
         state = apply(tile_map[i], state);
     }
-    if (last) store_final<BWD, DESC>(P, row, lane, state);
+    // The last warp's span ends the chunk (empty spans are identities).
+    if (last && warp == FS_LOOKBACK_WARPS - 1) store_final<BWD, DESC>(P, row, lane, state);
 }
 
 template <bool BWD, bool DESC, bool REDUCE>
@@ -403,7 +429,7 @@ __device__ __forceinline__ void scan_strided(const ScanParams& P) {
         scan_rows_##PASS##_apply_r##REV##SUFFIX(const ScanParams P) {                              \
         scan_rows<BWD, (BWD) != (REV), VEC>(P);                                                    \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FS_ROWS_WARPS * FS_WARP)                          \
+    extern "C" __global__ void __launch_bounds__(FS_LOOKBACK_WARPS * FS_WARP)                      \
         scan_rows_##PASS##_lookback_r##REV##SUFFIX(const ScanParams P) {                           \
         scan_rows_lookback<BWD, (BWD) != (REV), VEC>(P);                                           \
     }

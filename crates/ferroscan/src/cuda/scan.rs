@@ -146,14 +146,23 @@ pub fn items_per_lane(dtype: DType) -> usize {
     32 / dtype.size_bytes()
 }
 
-/// Tiles (of 32 lanes x [`items_per_lane`]) per chunk of the look-back kernels, all held in
-/// registers (`FS_LOOKBACK_TILES`): 2, or 1 for 16-bit types, whose values take a float register
-/// each. `FS_LOOKBACK_TILES=N` in `$FERROSCAN_KERNEL_DEFINES` (a tuning hook) changes both.
-pub fn lookback_tiles(dtype: DType) -> usize {
+/// Warps per look-back block (`FS_LOOKBACK_WARPS`, default 8): a block owns one chunk.
+/// `FS_LOOKBACK_WARPS=N` in `$FERROSCAN_KERNEL_DEFINES` (a tuning hook) changes both.
+pub fn lookback_warps() -> usize {
+    kernel_define("FS_LOOKBACK_WARPS")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&w| (1..=32).contains(&w))
+        .unwrap_or(8)
+}
+
+/// Tiles (of 32 lanes x [`items_per_lane`]) per warp of a look-back block (whose chunk is
+/// [`lookback_warps`] times that), all held in registers (`FS_LOOKBACK_TILES`, default 2).
+/// `FS_LOOKBACK_TILES=N` in `$FERROSCAN_KERNEL_DEFINES` (a tuning hook) changes both.
+pub fn lookback_tiles() -> usize {
     kernel_define("FS_LOOKBACK_TILES")
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&t| t >= 1)
-        .unwrap_or(if dtype.size_bytes() == 2 { 1 } else { 2 })
+        .unwrap_or(2)
 }
 
 impl ScanPlan {
@@ -162,9 +171,9 @@ impl ScanPlan {
         let len = shape.len.max(1);
         if shape.inner == 1 {
             // Rows fill the GPU: a warp per row. Else single-pass look-back over chunks of a
-            // fixed number of tiles (what the look-back kernels hold in registers).
+            // fixed number of tiles (what a look-back block's warps hold in registers).
             let tile = 32 * items_per_lane(dtype);
-            let chunk = tile * lookback_tiles(dtype);
+            let chunk = tile * lookback_tiles() * lookback_warps();
             let wanted = (sm_count * ROWS_WARPS_PER_SM).div_ceil(shape.outer.max(1));
             let chunk_len = if wanted > 1 && len > chunk {
                 chunk
@@ -320,11 +329,13 @@ unsafe fn launch(
         && shape_len % items_per_lane(dtype) == 0
         && data_addresses.iter().all(|&a| a % 16 == 0);
     let (work, per_block, threads) = match plan.mapping {
-        Mapping::Rows => (
+        // One warp per row, or one block per look-back chunk.
+        Mapping::Rows if plan.n_chunks > 1 => (
             params.outer as usize * plan.n_chunks,
-            ROWS_WARPS,
-            ROWS_WARPS * 32,
+            1,
+            lookback_warps() * 32,
         ),
+        Mapping::Rows => (params.outer as usize, ROWS_WARPS, ROWS_WARPS * 32),
         Mapping::Strided => (
             params.outer as usize * params.inner as usize * plan.n_chunks,
             STRIDED_THREADS,
@@ -695,30 +706,30 @@ mod tests {
         let kernel = SCAN_SOURCE.text;
         assert!(kernel.contains("#define FS_ITEMS (32 / (int)sizeof(storage_t))"));
         assert!(kernel.contains("#define FS_ROWS_WARPS 4"));
-        assert!(kernel.contains(
-            "#ifndef FS_LOOKBACK_TILES\n#define FS_LOOKBACK_TILES (sizeof(storage_t) == 2 ? 1 : 2)\n#endif"
-        ));
+        assert!(kernel.contains("#ifndef FS_LOOKBACK_WARPS\n#define FS_LOOKBACK_WARPS 8\n#endif"));
+        assert_eq!(lookback_warps(), 8);
+        assert!(kernel.contains("#ifndef FS_LOOKBACK_TILES\n#define FS_LOOKBACK_TILES 2\n#endif"));
         assert_eq!(ROWS_WARPS, 4);
         for (dtype, items, tiles) in [
-            (DType::F16, 16, 1),
-            (DType::BF16, 16, 1),
+            (DType::F16, 16, 2),
+            (DType::BF16, 16, 2),
             (DType::F32, 8, 2),
             (DType::F64, 4, 2),
         ] {
             assert_eq!(items_per_lane(dtype), items);
-            assert_eq!(lookback_tiles(dtype), tiles);
+            assert_eq!(lookback_tiles(), tiles);
         }
     }
 
     #[test]
     fn few_long_rows_use_the_look_back() {
-        // (1, 64, 2^20) as a time-last tensor: 64 rows; float32 chunks of 2 tiles of 256.
+        // (1, 64, 2^20) as a time-last tensor: 64 rows; float32 chunks of 8 warps x 2 tiles of 256.
         let s = shape(64, 1 << 20, 1);
         let plan = ScanPlan::new(SMS, DType::F32, &s);
         assert_eq!(plan.mapping, Mapping::Rows);
-        assert_eq!((plan.chunk_len, plan.n_chunks), (512, 2048));
+        assert_eq!((plan.chunk_len, plan.n_chunks), (4096, 256));
         assert_eq!(plan.phases(), &[Phase::LookBack]);
-        let records = 64 * 2048;
+        let records = 64 * 256;
         assert_eq!(
             plan.scratch_layout(DType::F32, &s),
             ScratchLayout {
@@ -729,20 +740,20 @@ mod tests {
                 total: 16 + 4 * records + 16 * records,
             }
         );
-        // float64: 2 tiles of 128, records of four doubles; bfloat16: 1 tile of 512.
+        // float64: 8 x 2 tiles of 128, records of four doubles; bfloat16: 8 x 2 tiles of 512.
         let plan = ScanPlan::new(SMS, DType::F64, &s);
-        assert_eq!((plan.chunk_len, plan.n_chunks), (256, 4096));
+        assert_eq!((plan.chunk_len, plan.n_chunks), (2048, 512));
         let layout = plan.scratch_layout(DType::F64, &s);
-        assert_eq!(layout.total, layout.maps + 32 * 64 * 4096);
+        assert_eq!(layout.total, layout.maps + 32 * 64 * 512);
         let plan = ScanPlan::new(SMS, DType::BF16, &s);
-        assert_eq!((plan.chunk_len, plan.n_chunks), (512, 2048));
-        assert_eq!(plan.scratch_bytes(DType::BF16, &s), 16 + 20 * records);
+        assert_eq!((plan.chunk_len, plan.n_chunks), (8192, 128));
+        assert_eq!(plan.scratch_bytes(DType::BF16, &s), 16 + 20 * (records / 2));
     }
 
     #[test]
     fn look_back_scratch_is_aligned_and_covers_every_record() {
         for dtype in [DType::F16, DType::BF16, DType::F32, DType::F64] {
-            for (outer, len) in [(1, 513), (3, 1000), (5, 4097), (4, 1 << 26)] {
+            for (outer, len) in [(1, 8193), (3, 16000), (5, 65537), (4, 1 << 26)] {
                 let s = shape(outer, len, 1);
                 let plan = ScanPlan::new(SMS, dtype, &s);
                 assert_eq!(plan.phases(), &[Phase::LookBack], "{dtype:?} {outer}x{len}");
@@ -776,11 +787,11 @@ mod tests {
         assert_eq!(plan.phases(), &[Phase::Apply]);
         assert_eq!(plan.scratch_bytes(DType::F32, &s), 0);
         // A row no longer than one chunk: nothing to split.
-        let s = shape(4, 512, 1);
+        let s = shape(4, 4096, 1);
         assert_eq!(ScanPlan::new(SMS, DType::F32, &s).n_chunks, 1);
-        let s = shape(4, 513, 1);
+        let s = shape(4, 4097, 1);
         let plan = ScanPlan::new(SMS, DType::F32, &s);
-        assert_eq!((plan.n_chunks, plan.chunk_len), (2, 512));
+        assert_eq!((plan.n_chunks, plan.chunk_len), (2, 4096));
         // A partial tile: the chunk is rounded up to whole tiles.
         let s = shape(100_000, 300, 1);
         assert_eq!(ScanPlan::new(SMS, DType::F32, &s).chunk_len, 512);
