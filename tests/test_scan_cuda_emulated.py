@@ -152,8 +152,8 @@ CASES = {
     # several launches on one scratch buffer
     "lookback-repeated": Case(outer=3, length=6 * CHUNK, repeat=3),
     # only chunk 0 publishes its end state: look-backs over several windows of 32 chunks
-    "aggregates-only": Case(outer=2, length=70 * CHUNK + 5, publish_state=False),
-    "aggregates-only-one-row-reverse": Case(outer=1, length=100 * CHUNK, reverse=True, publish_state=False),
+    "aggregates-only": Case(outer=2, length=40 * CHUNK + 5, publish_state=False),
+    "aggregates-only-one-row-reverse": Case(outer=1, length=66 * CHUNK, reverse=True, publish_state=False),
     # one warp per row (enough rows to fill a GPU): vector and scalar paths, a row shorter than a tile
     "single-chunk": Case(outer=3, length=1000, lookback=False),
     "single-chunk-scalar-reverse": Case(outer=5, length=1001, reverse=True, lookback=False, initial=False),
