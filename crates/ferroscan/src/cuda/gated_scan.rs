@@ -27,9 +27,11 @@ const WARPS: usize = 8;
 
 /// States each lane owns (`FS_GATED_LANE_STATES` in gated_scan.cu). 32- and 64-bit types: one.
 /// 16-bit types: two adjacent states (a warp's access then fills a 128-byte line; the kernel's
-/// default for them) when that still gives at least two blocks per multiprocessor, else one (the
-/// [`GATED_SCAN_ONE_STATE_SOURCE`] build), since then blocks, not line width, limit the loads in
-/// flight. `$FERROSCAN_GATED_LANE_STATES` (1 or 2) forces the 16-bit choice, for tuning and for
+/// default for them) when that still gives a block per multiprocessor, else one (the
+/// [`GATED_SCAN_ONE_STATE_SOURCE`] build), since then idle multiprocessors, not line width,
+/// limit the loads in flight. (H100, bfloat16 forward: (8,2048,1536), 192 blocks at two states:
+/// 84% of the roofline at two, 76% at one; (4,8192,1536), 96 blocks at two: 55% at two, 64% at
+/// one.) `$FERROSCAN_GATED_LANE_STATES` (1 or 2) forces the 16-bit choice, for tuning and for
 /// tests of both paths. The kernel build and the launch grid both follow this one answer.
 pub(super) fn lane_states(sm_count: usize, dtype: DType, shape: &ScanShape) -> usize {
     match dtype {
@@ -40,7 +42,7 @@ pub(super) fn lane_states(sm_count: usize, dtype: DType, shape: &ScanShape) -> u
                 .and_then(|v| v.parse::<usize>().ok());
             match forced {
                 Some(lanes @ (1 | 2)) => lanes,
-                _ if shape.state_numel().div_ceil(64) >= 2 * sm_count => 2,
+                _ if shape.state_numel().div_ceil(64) >= sm_count => 2,
                 _ => 1,
             }
         }
@@ -364,7 +366,7 @@ mod tests {
         assert!(GATED_SCAN_ONE_STATE_SOURCE
             .text
             .starts_with("#define FS_GATED_LANE_STATES 1\n"));
-        // 132 multiprocessors: two states per lane from 2 * 132 groups of 64 states.
+        // 132 multiprocessors: two states per lane from 132 groups of 64 states.
         let shape = |outer| ScanShape::new(outer, 16, 64).unwrap();
         for (dtype, few, many) in [
             (DType::F16, 1, 2),
