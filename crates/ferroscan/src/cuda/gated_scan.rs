@@ -374,10 +374,10 @@ mod tests {
             (DType::F32, 1, 1),
             (DType::F64, 1, 1),
         ] {
-            assert_eq!(lane_states(132, dtype, &shape(263)), few);
-            assert_eq!(lane_states(132, dtype, &shape(264)), many);
+            assert_eq!(lane_states(132, dtype, &shape(131)), few);
+            assert_eq!(lane_states(132, dtype, &shape(132)), many);
             assert_eq!(
-                source(dtype, lane_states(132, dtype, &shape(264))),
+                source(dtype, lane_states(132, dtype, &shape(132))),
                 GATED_SCAN_SOURCE
             );
         }
