@@ -103,3 +103,9 @@ class ScanLayout:
             return s2.view(self.state_shape)
         memory_state_shape = [self.state_shape[i] for i in self.state_order]
         return s2.view(memory_state_shape).permute(_inverse(self.state_order))
+
+
+def laid_out_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` (``like``'s shape) with ``like``'s strides: itself, or a copy (e.g. an incoming
+    gradient for an output that the kernels wrote in an input's memory order)."""
+    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)

@@ -44,7 +44,7 @@ from .._checks import (
     normalize_dim,
 )
 from ._dispatch import needs_custom_op
-from ._layout import ScanLayout
+from ._layout import ScanLayout, laid_out_like
 from .scan import scan
 
 Tensor = torch.Tensor
@@ -55,8 +55,8 @@ Tensor = torch.Tensor
 # ---------------------------------------------------------------------------------------------
 
 
-def _checkpoint_shape(x: Tensor) -> tuple[int, int]:
-    outer, length, inner = x.shape
+def _checkpoint_shape(shape: tuple[int, int, int]) -> tuple[int, int]:
+    outer, length, inner = shape
     spacing = _native.GATED_CHECKPOINT_SPACING
     return (length + spacing - 1) // spacing, outer * inner
 
@@ -65,24 +65,30 @@ def _checkpoint_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _shape3(x: Tensor) -> tuple[int, int, int]:
+    return (x.shape[0], x.shape[1], x.shape[2])
+
+
 def _fused_forward_impl(
     x: Tensor, a: Tensor, b: Optional[Tensor], c: Optional[Tensor], initial: Optional[Tensor],
-    reverse: bool, save_checkpoints: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Runs the fused forward kernel: returns ``(y, h_final, checkpoints)``."""
+    reverse: bool, save_checkpoints: bool, shape: tuple[int, int, int], final: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Runs the fused forward kernel: returns ``(y, checkpoints)``, ``y`` laid out like ``x``, and
+    writes the final state into ``final`` when given.
+
+    The inputs' storage (``initial``, ``final``: ``(outer, inner)``) is C-contiguous as
+    ``shape = (outer, len, inner)``, whatever their logical shape (a permuted view qualifies)."""
     y = torch.empty_like(x)
-    final = x.new_empty((x.shape[0], x.shape[2]))
-    shape = (x.shape[0], x.shape[1], x.shape[2])
     if save_checkpoints:
-        checkpoints = torch.empty(_checkpoint_shape(x), dtype=_checkpoint_dtype(x), device=x.device)
+        checkpoints = torch.empty(_checkpoint_shape(shape), dtype=_checkpoint_dtype(x), device=x.device)
     else:
         checkpoints = x.new_empty(0, dtype=_checkpoint_dtype(x))
     p = _backend.address
     _native.cuda_gated_scan_forward(
-        x.device.index, _backend.cuda_stream(x), _backend.dtype_name(x), shape, reverse,
+        x.get_device(), _backend.cuda_stream(x), _backend.dtype_name(x), shape, reverse,
         p(x), p(a), p(b), p(c), p(initial), p(y), p(final), p(checkpoints) if save_checkpoints else 0,
     )  # fmt: skip
-    return y, final, checkpoints
+    return y, checkpoints
 
 
 @torch.library.custom_op("ferroscan::gated_scan_fwd", mutates_args=())
@@ -90,7 +96,9 @@ def _gated_fwd(
     x: Tensor, a: Tensor, b: Optional[Tensor], c: Optional[Tensor], initial: Optional[Tensor],
     reverse: bool, save_checkpoints: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    return _fused_forward_impl(x, a, b, c, initial, reverse, save_checkpoints)
+    final = x.new_empty((x.shape[0], x.shape[2]))
+    y, checkpoints = _fused_forward_impl(x, a, b, c, initial, reverse, save_checkpoints, _shape3(x), final)
+    return y, final, checkpoints
 
 
 @_gated_fwd.register_fake
@@ -98,29 +106,29 @@ def _gated_fwd_fake(
     x: Tensor, a: Tensor, b: Optional[Tensor], c: Optional[Tensor], initial: Optional[Tensor],
     reverse: bool, save_checkpoints: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    shape = _checkpoint_shape(x) if save_checkpoints else (0,)
+    shape = _checkpoint_shape(_shape3(x)) if save_checkpoints else (0,)
     checkpoints = x.new_empty(shape, dtype=_checkpoint_dtype(x))
     return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2])), checkpoints
 
 
 def _fused_backward_impl(
     x: Tensor, a: Tensor, b: Optional[Tensor], c: Optional[Tensor], checkpoints: Tensor,
-    grad_y: Tensor, grad_final: Optional[Tensor], reverse: bool, want_initial: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Runs the recomputing backward kernel: ``(dx, da, db, dc, dh0)`` (empty when not wanted)."""
+    grad_y: Tensor, grad_final: Optional[Tensor], reverse: bool, shape: tuple[int, int, int],
+    grad_initial: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+    """Runs the recomputing backward kernel: ``(dx, da, db, dc)`` laid out like ``x`` (``db``,
+    ``dc``: None without ``b``, ``c``), and ``dh0`` into ``grad_initial`` when given. Storage
+    rules as for :func:`_fused_forward_impl` (``grad_y`` is laid out like ``x``)."""
     grad_x, grad_a = torch.empty_like(x), torch.empty_like(x)
-    grad_b = torch.empty_like(x) if b is not None else x.new_empty(0)
-    grad_c = torch.empty_like(x) if c is not None else x.new_empty(0)
-    grad_initial = x.new_empty((x.shape[0], x.shape[2])) if want_initial else x.new_empty(0)
-    shape = (x.shape[0], x.shape[1], x.shape[2])
+    grad_b = None if b is None else torch.empty_like(x)
+    grad_c = None if c is None else torch.empty_like(x)
     p = _backend.address
     _native.cuda_gated_scan_backward(
-        x.device.index, _backend.cuda_stream(x), _backend.dtype_name(x), shape, reverse,
+        x.get_device(), _backend.cuda_stream(x), _backend.dtype_name(x), shape, reverse,
         p(x), p(a), p(b), p(c), p(checkpoints), p(grad_y), p(grad_final),
-        p(grad_x), p(grad_a), p(grad_b) if b is not None else 0, p(grad_c) if c is not None else 0,
-        p(grad_initial) if want_initial else 0,
+        p(grad_x), p(grad_a), p(grad_b), p(grad_c), p(grad_initial),
     )  # fmt: skip
-    return grad_x, grad_a, grad_b, grad_c, grad_initial
+    return grad_x, grad_a, grad_b, grad_c
 
 
 @torch.library.custom_op("ferroscan::gated_scan_bwd", mutates_args=())
@@ -128,7 +136,13 @@ def _gated_bwd(
     x: Tensor, a: Tensor, b: Optional[Tensor], c: Optional[Tensor], checkpoints: Tensor,
     grad_y: Tensor, grad_final: Optional[Tensor], reverse: bool, want_initial: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    return _fused_backward_impl(x, a, b, c, checkpoints, grad_y, grad_final, reverse, want_initial)
+    grad_initial = x.new_empty((x.shape[0], x.shape[2]) if want_initial else 0)
+    gx, ga, gb, gc = _fused_backward_impl(
+        x, a, b, c, checkpoints, grad_y, grad_final, reverse, _shape3(x), grad_initial if want_initial else None
+    )
+    # Absent gradients as empty tensors (a custom op returns no None), each its own: outputs
+    # must not alias one another.
+    return gx, ga, x.new_empty(0) if gb is None else gb, x.new_empty(0) if gc is None else gc, grad_initial
 
 
 @_gated_bwd.register_fake
@@ -152,58 +166,76 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.set_materialize_grads(False)
 
 
-def _gradients(ctx: torch.autograd.function.FunctionCtx, grad_y: Optional[Tensor],
-               grad_final: Optional[Tensor], backward_op: object) -> tuple:  # fmt: skip
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Optional[Tensor], grad_final: Optional[Tensor],
+              _grad_checkpoints: Optional[Tensor]) -> tuple:  # fmt: skip
     x, a, b, c, checkpoints = ctx.saved_tensors
     grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous()
     grad_final = None if grad_final is None else grad_final.contiguous()
-    gx, ga, gb, gc, gh0 = backward_op(x, a, b, c, checkpoints, grad_y, grad_final, ctx.reverse, ctx.want_initial)
+    gx, ga, gb, gc, gh0 = _gated_bwd(x, a, b, c, checkpoints, grad_y, grad_final, ctx.reverse, ctx.want_initial)
     return (
         gx, ga, gb if b is not None else None, gc if c is not None else None,
         gh0 if ctx.want_initial else None, None, None,
     )  # fmt: skip
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Optional[Tensor], grad_final: Optional[Tensor],
-              _grad_checkpoints: Optional[Tensor]) -> tuple:  # fmt: skip
-    return _gradients(ctx, grad_y, grad_final, _gated_bwd)
-
-
 _gated_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerGated(torch.autograd.Function):
-    """The custom ops' forward and backward for plain eager mode, without the dispatcher's cost."""
+    """The custom ops' kernels for plain eager mode, without the dispatcher's cost and without
+    reshaping views (each a node in the backward graph): with ``layout.in_place`` the kernels
+    take the caller's tensors as they are (see :class:`ferroscan.ops.scan._EagerScan`)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, a: Tensor, b: Optional[Tensor],
-                c: Optional[Tensor], initial: Optional[Tensor], reverse: bool,
-                save_checkpoints: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        out = _fused_forward_impl(x, a, b, c, initial, reverse, save_checkpoints)
-        _setup_context(ctx, (x, a, b, c, initial, reverse, save_checkpoints), out)
-        ctx.mark_non_differentiable(out[2])
-        return out
+                c: Optional[Tensor], initial: Optional[Tensor], reverse: bool, layout: ScanLayout,
+                return_final: bool) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+        final = layout.new_state(x) if return_final else None
+        y, checkpoints = _fused_forward_impl(
+            x, a, b, c, layout.flatten_state(initial), reverse, True, layout.shape3, final
+        )
+        ctx.save_for_backward(x, a, b, c, checkpoints)
+        ctx.reverse, ctx.layout, ctx.want_initial = reverse, layout, initial is not None
+        ctx.set_materialize_grads(False)
+        return y, final
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Optional[Tensor], grad_final: Optional[Tensor],
-                 _grad_checkpoints: Optional[Tensor]) -> tuple:  # fmt: skip
-        return _gradients(ctx, grad_y, grad_final, _fused_backward_impl)
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Optional[Tensor],
+                 grad_final: Optional[Tensor]) -> tuple:  # fmt: skip
+        x, a, b, c, checkpoints = ctx.saved_tensors
+        layout: ScanLayout = ctx.layout
+        grad_y = torch.zeros_like(x) if grad_y is None else laid_out_like(grad_y, x)
+        grad_initial = layout.new_state(x) if ctx.want_initial else None
+        gx, ga, gb, gc = _fused_backward_impl(
+            x, a, b, c, checkpoints, grad_y, layout.flatten_state(grad_final), ctx.reverse, layout.shape3, grad_initial
+        )
+        return gx, ga, gb, gc, grad_initial, None, None, None
 
 
 def _run_fused(
-    x: Tensor, a: Tensor, b: Optional[Tensor], c: Optional[Tensor], initial: Optional[Tensor], reverse: bool
-) -> tuple[Tensor, Tensor]:
-    """``(y, h_final)`` by the fused kernels: the custom op when tracing, else the eager path."""
+    x: Tensor, a: Tensor, b: Optional[Tensor], c: Optional[Tensor], initial: Optional[Tensor], reverse: bool,
+    layout: ScanLayout, return_final: bool,
+) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+    """``(y, h_final or None)`` shaped like the inputs, by the fused kernels: the custom op when
+    tracing, else the eager path."""
     tensors = [t for t in (x, a, b, c, initial) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    flat = layout.flatten
     if needs_custom_op(tensors):
-        y, final, _ = torch.ops.ferroscan.gated_scan_fwd(x, a, b, c, initial, reverse, needs_grad)
-    elif needs_grad:
-        y, final, _ = _EagerGated.apply(x, a, b, c, initial, reverse, True)
+        y, final, _ = torch.ops.ferroscan.gated_scan_fwd(
+            flat(x), flat(a), None if b is None else flat(b), None if c is None else flat(c),
+            layout.flatten_state(initial), reverse, needs_grad,
+        )  # fmt: skip
+        return layout.restore(y), layout.restore_state(final)
+    if not layout.in_place:  # copies in the logical order; the result is restored below
+        x, a, b, c = flat(x), flat(a), None if b is None else flat(b), None if c is None else flat(c)
+    if needs_grad:
+        y, final = _EagerGated.apply(x, a, b, c, initial, reverse, layout, return_final)
     else:
-        y, final, _ = _fused_forward_impl(x, a, b, c, initial, reverse, False)
-    return y, final
+        final = layout.new_state(x) if return_final else None
+        y, _ = _fused_forward_impl(x, a, b, c, layout.flatten_state(initial), reverse, False, layout.shape3, final)
+    return (y if layout.in_place else layout.restore(y)), final
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,13 +298,8 @@ def gated_scan(
     initial = check_state(initial, "initial", state_shape, x, "x")
     layout = ScanLayout(x, dim, *(t for t in (gates, in_gates, out_gates) if t is not None))
     if x.is_cuda and layout.shape3[2] > 1 and out_dtype in (None, x.dtype):
-        flat = layout.flatten
-        y, final = _run_fused(
-            flat(x), flat(gates), None if in_gates is None else flat(in_gates),
-            None if out_gates is None else flat(out_gates), layout.flatten_state(initial), reverse,
-        )  # fmt: skip
-        y = layout.restore(y)
-        return (y, layout.restore_state(final)) if return_final else y
+        y, final = _run_fused(x, gates, in_gates, out_gates, initial, reverse, layout, return_final)
+        return (y, final) if return_final else y
     return _composed(x, gates, in_gates, out_gates, dim, reverse, initial, return_final, out_dtype)
 
 

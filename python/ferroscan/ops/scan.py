@@ -35,7 +35,7 @@ from .._checks import (
     normalize_dim,
 )
 from ._dispatch import needs_custom_op
-from ._layout import ScanLayout
+from ._layout import ScanLayout, laid_out_like
 
 Tensor = torch.Tensor
 
@@ -165,11 +165,6 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Te
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _laid_out_like(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` (``like``'s shape) with ``like``'s strides: itself, or a copy."""
-    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
-
-
 class _EagerScan(torch.autograd.Function):
     """The same kernels as the custom ops, for eager mode without their Python dispatch cost and
     without reshaping views (each a node in the backward graph): with ``layout.in_place`` the
@@ -194,7 +189,7 @@ class _EagerScan(torch.autograd.Function):
                  grad_final: Optional[Tensor]) -> tuple:  # fmt: skip
         gates, hidden, initial = ctx.saved_tensors
         layout: ScanLayout = ctx.layout
-        grad_hidden = torch.zeros_like(hidden) if grad_hidden is None else _laid_out_like(grad_hidden, hidden)
+        grad_hidden = torch.zeros_like(hidden) if grad_hidden is None else laid_out_like(grad_hidden, hidden)
         grad_final = layout.flatten_state(grad_final)
         grad_initial = None if initial is None else layout.new_state(hidden)
         grad_gates, grad_tokens = _backward_impl(
