@@ -294,9 +294,8 @@ def gated_scan(
     if out_dtype is not None and out_dtype not in DTYPE_NAMES:
         raise TypeError(f"out_dtype must be one of float16, bfloat16, float32, float64, got {out_dtype}")
     dim = normalize_dim(dim, x.dim())
-    state_shape = [s for d, s in enumerate(x.shape) if d != dim]
-    initial = check_state(initial, "initial", state_shape, x, "x")
     layout = ScanLayout(x, dim, *(t for t in (gates, in_gates, out_gates) if t is not None))
+    initial = check_state(initial, "initial", layout.state_shape, x, "x")
     if x.is_cuda and layout.shape3[2] > 1 and out_dtype in (None, x.dtype):
         y, final = _run_fused(x, gates, in_gates, out_gates, initial, reverse, layout, return_final)
         return (y, final) if return_final else y

@@ -269,11 +269,11 @@ def scan(
     if not isinstance(reverse, bool):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     dim = normalize_dim(dim, tokens.dim())
+    layout = ScanLayout(tokens, dim, gates)
     if initial is not None:
-        state_shape = [s for d, s in enumerate(tokens.shape) if d != dim]
-        initial = check_state(initial, "initial", state_shape, tokens, "tokens")
+        initial = check_state(initial, "initial", layout.state_shape, tokens, "tokens")
 
-    hidden, final = _run_forward(gates, tokens, initial, reverse, ScanLayout(tokens, dim, gates), return_final)
+    hidden, final = _run_forward(gates, tokens, initial, reverse, layout, return_final)
     return (hidden, final) if return_final else hidden
 
 

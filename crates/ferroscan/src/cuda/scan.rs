@@ -328,15 +328,15 @@ unsafe fn launch(
     let vectorized = plan.mapping == Mapping::Rows
         && shape_len % items_per_lane(dtype) == 0
         && data_addresses.iter().all(|&a| a % 16 == 0);
-    let (work, per_block, threads) = match plan.mapping {
-        // One warp per row, or one block per look-back chunk.
-        Mapping::Rows if plan.n_chunks > 1 => (
+    let (work, per_block, threads) = match (plan.mapping, plan.phases()) {
+        // One block per look-back chunk, or one warp per row.
+        (_, [Phase::LookBack]) => (
             params.outer as usize * plan.n_chunks,
             1,
             lookback_warps() * 32,
         ),
-        Mapping::Rows => (params.outer as usize, ROWS_WARPS, ROWS_WARPS * 32),
-        Mapping::Strided => (
+        (Mapping::Rows, _) => (params.outer as usize, ROWS_WARPS, ROWS_WARPS * 32),
+        (Mapping::Strided, _) => (
             params.outer as usize * params.inner as usize * plan.n_chunks,
             STRIDED_THREADS,
             STRIDED_THREADS,
