@@ -4,7 +4,10 @@ Compiles with NVRTC (no GPU needed) the way ``src/cuda/compile.rs`` does, adding
 ``--ptxas-options=-v``; for tuning occupancy without a device run.
 
     .venv/bin/python scripts/kernel_resources.py selective_scan.cu --dtype float32 \
-        [--define FS_SEL_COMPLEX=0 --define FS_SEL_PASS=0] [--arch 90] [--filter fwd]
+        [--define FS_SEL_COMPLEX=0 --define FS_SEL_PASS=0] [--arch 90] [--filter fwd] [--sass out.sass]
+
+``--sass`` also writes the disassembly, for counting the instructions of a hot loop (needs
+``pip install nvidia-cuda-nvdisasm``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import argparse
 import ctypes
 import glob
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 KERNELS = Path(__file__).resolve().parents[1] / "crates" / "ferroscan" / "kernels"
@@ -31,7 +36,7 @@ def load_nvrtc() -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-def compile_log(text: str, options: list[str]) -> str:
+def compile_log(text: str, options: list[str], cubin_path: Path | None = None) -> str:
     nvrtc = load_nvrtc()
     prog = ctypes.c_void_p()
     if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), b"kernel.cu", 0, None, None):
@@ -44,7 +49,21 @@ def compile_log(text: str, options: list[str]) -> str:
     nvrtc.nvrtcGetProgramLog(prog, log)
     if status:
         sys.exit(log.value.decode())
+    if cubin_path is not None:
+        nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetCUBIN(prog, cubin)
+        cubin_path.write_bytes(cubin.raw)
     return log.value.decode()
+
+
+def write_sass(cubin: Path, out: Path) -> None:
+    """Disassembles ``cubin`` into ``out`` with nvdisasm (PyPI ``nvidia-cuda-nvdisasm``)."""
+    found = glob.glob(str(Path(sys.prefix) / "lib" / "python3*" / "site-packages" / "nvidia" / "*" / "bin" / "nvdisasm"))
+    if not found:
+        sys.exit("nvdisasm not found: pip install nvidia-cuda-nvdisasm")
+    out.write_text(subprocess.run([found[0], "-c", str(cubin)], check=True, capture_output=True,
+                                  text=True).stdout)
 
 
 def main() -> None:
@@ -54,13 +73,18 @@ def main() -> None:
     parser.add_argument("--arch", default="90")
     parser.add_argument("--define", action="append", default=[], help="NAME=VALUE, prepended as #define")
     parser.add_argument("--filter", default="", help="only kernels whose name contains this")
+    parser.add_argument("--sass", type=Path, help="also write the disassembly (SASS) of every kernel here")
     args = parser.parse_args()
     common = (KERNELS / "common.cuh").read_text().replace("#pragma once", "")
     text = (KERNELS / args.source).read_text().replace('#include "common.cuh"', common)
     defines = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in args.define)
     options = [f"--gpu-architecture=sm_{args.arch}", "--std=c++17", f"-DFS_DTYPE={DTYPE_CODES[args.dtype]}",
                "--ptxas-options=-v"]
-    log = compile_log(defines + text, options)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin" if args.sass else None
+        log = compile_log(defines + text, options, cubin)
+        if cubin is not None:
+            write_sass(cubin, args.sass)
     kernel = None
     for line in log.splitlines():
         m = re.search(r"Compiling entry function '(\w+)'", line)

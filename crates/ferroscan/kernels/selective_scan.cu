@@ -60,7 +60,16 @@
 #ifndef FS_SEL_FWD_PREFETCH
 #define FS_SEL_FWD_PREFETCH 1
 #endif
+// Forward steps per y reduction over a channel's lanes (0: min(P, 8)), and how many such groups
+// the step loop unrolls.
+#ifndef FS_SEL_FWD_GROUP
+#define FS_SEL_FWD_GROUP 0
+#endif
+#ifndef FS_SEL_FWD_UNROLL
+#define FS_SEL_FWD_UNROLL 1
+#endif
 #define FS_SEL_LOG2E 1.4426950408889634
+#define FS_SEL_LN2 0.6931471805599453
 #define FS_SEL_SOFTPLUS_THRESHOLD 20.0f
 
 // Element strides of a tensor, outermost axis first (passed by value: no local-memory copies).
@@ -130,7 +139,25 @@ __device__ __forceinline__ acc_t fexp2(acc_t x) {
 #endif
 }
 
-__device__ __forceinline__ acc_t sigmoid_(acc_t x) { return acc_t(1) / (acc_t(1) + exp(-x)); }
+__device__ __forceinline__ acc_t flog2(acc_t x) {
+#if FS_DTYPE == 3
+    return log2(x);
+#else
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
+// 1 / (1 + e^-x), with the hardware's approximate exp2 and division outside float64 (relative
+// error a few ulp; a large negative x gives 0, not NaN).
+__device__ __forceinline__ acc_t sigmoid_(acc_t x) {
+#if FS_DTYPE == 3
+    return acc_t(1) / (acc_t(1) + exp(-x));
+#else
+    return __fdividef(1.0f, 1.0f + fexp2(-x * (float)FS_SEL_LOG2E));
+#endif
+}
 
 #if FS_SEL_COMPLEX
 struct num_t {
@@ -254,59 +281,88 @@ __device__ __forceinline__ int fresh_tid() {
 #endif
 }
 
+// Rows and steps of a tile starting at channel c0 and step t0 that lie inside the tensor.
+__device__ __forceinline__ int tile_rows(i64 c0, i64 ct, i64 dim) { return (int)min(ct, dim - c0); }
+template <int T>
+__device__ __forceinline__ int tile_steps(i64 t0, i64 len) { return (int)min((i64)T, len - t0); }
+
 // A ROWS x T tile of a (batch, dim, time) tensor held in registers: slot i of a thread is element
 // e = tid + i·THREADS of the tile, with consecutive threads on the axis of unit stride. Because T
-// and ROWS divide THREADS, a thread's slots are evenly spaced along the other axis, so one running
-// pointer serves them all (per-slot 64-bit addresses would be loop-invariant and the compiler would
-// keep every one in registers). Values are zero outside the tensor (channel c >= ct or past dim,
-// step past len).
+// and ROWS divide THREADS, slot i sits at (channel, step) = (c + i·dc, t + i·dt) for per-thread
+// origins (c, t) and constant steps (dc, dt): one running pointer serves all slots, and every
+// index is 32-bit arithmetic the compiler folds per slot. Values are zero outside the tensor
+// (channel c >= ct or past dim, step past len). Full tiles (all but the edges) skip the checks.
 template <int ROWS, int T>
 struct TileRegs {
     static_assert(FS_SEL_THREADS % T == 0 && FS_SEL_THREADS % ROWS == 0, "slots evenly spaced");
-    static constexpr int K = (ROWS * T + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
+    static constexpr int E = ROWS * T;
+    static constexpr int K = (E + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
     storage_t v[K];
     bool time_fast;
 
-    __device__ __forceinline__ bool slot(int i, int& c, int& t) const {
-        const int e = fresh_tid() + i * FS_SEL_THREADS;
+    __device__ __forceinline__ void origin(int& c, int& t, int& dc, int& dt) const {
+        const unsigned e = fresh_tid();
         c = time_fast ? e / T : e % ROWS;
         t = time_fast ? e % T : e / ROWS;
-        return e < ROWS * T;
+        dc = time_fast ? FS_SEL_THREADS / T : 0;
+        dt = time_fast ? 0 : FS_SEL_THREADS / ROWS;
+    }
+    // Whether slot i of this thread lies in the tile (only the last can fall past it).
+    static __device__ __forceinline__ bool exists(int i) {
+        return E % FS_SEL_THREADS == 0 || i < K - 1 || (int)fresh_tid() + i * FS_SEL_THREADS < E;
     }
     __device__ __forceinline__ void load(const storage_t* src, Strides<3> st, i64 b, i64 c0, i64 ct, i64 dim,
                                          i64 t0, i64 len) {
         time_fast = st.s[2] == 1 || st.s[1] != 1;
-        int c, t;
-        slot(0, c, t);
-        const int dc = time_fast ? FS_SEL_THREADS / T : 0, dt = time_fast ? 0 : FS_SEL_THREADS / ROWS;
-        const i64 rows = min((i64)ct, dim - c0), steps = len - t0;
+        int c, t, dc, dt;
+        origin(c, t, dc, dt);
+        const int rows = tile_rows(c0, ct, dim), steps = tile_steps<T>(t0, len);
         const storage_t* p = src + b * st.s[0] + (c0 + c) * st.s[1] + (t0 + t) * st.s[2];
         const i64 step = dc * st.s[1] + dt * st.s[2];
+        if (rows == ROWS && steps == T) {
 #pragma unroll
-        for (int i = 0; i < K; ++i) {
-            const bool in = fresh_tid() + i * FS_SEL_THREADS < ROWS * T && c + i * dc < rows && t + i * dt < steps;
-            v[i] = in ? *p : storage_t(0);
-            p += step;
+            for (int i = 0; i < K; ++i, p += step) v[i] = exists(i) ? *p : storage_t(0);
+        } else {
+#pragma unroll
+            for (int i = 0; i < K; ++i, p += step)
+                v[i] = exists(i) && c + i * dc < rows && t + i * dt < steps ? *p : storage_t(0);
         }
     }
     // Calls f(c, t, value, inside) for every element of the tile.
     template <class F>
     __device__ __forceinline__ void each(i64 c0, i64 ct, i64 dim, i64 t0, i64 len, F f) const {
+        int c, t, dc, dt;
+        origin(c, t, dc, dt);
+        const int rows = tile_rows(c0, ct, dim), steps = tile_steps<T>(t0, len);
 #pragma unroll
         for (int i = 0; i < K; ++i) {
-            int c, t;
-            if (slot(i, c, t)) f(c, t, to_acc(v[i]), c < ct && c0 + c < dim && t0 + t < len);
+            const int ci = c + i * dc, ti = t + i * dt;
+            if (exists(i)) f(ci, ti, to_acc(v[i]), ci < rows && ti < steps);
         }
     }
 };
 
+// The elements of a ROWS x T tile a thread writes out, consecutive threads along time (the unit
+// stride of every (batch, dim, L) output): channel c + i·DC and step t for slot i < K.
+template <int ROWS, int T>
+struct OutSlots {
+    static constexpr int DC = FS_SEL_THREADS / T;
+    static constexpr int K = (ROWS * T + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
+    int c, t;
+    __device__ __forceinline__ OutSlots() : c((int)fresh_tid() / T), t((int)fresh_tid() % T) {}
+    __device__ __forceinline__ bool exists(int i) const { return (ROWS * T) % FS_SEL_THREADS == 0 || c + i * DC < ROWS; }
+};
+
 // Steps t0..t0+T of a variable B/C (group g of batch b) in registers, stored to shared memory as
-// dst[(t·NP + n)·parts + part]; zeros past N or past len.
+// dst[(t·NP + n)·parts + part]; zeros past N or past len. Along time (the usual layout), slot i
+// is (n + i·DN, step and part fixed), as TileRegs; along states, the general slot formula.
 template <int NP, int T>
 struct BcRegs {
     static constexpr int PT = FS_SEL_PARTS;
     static constexpr int E = NP * T * PT;
     static constexpr int K = (E + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
+    static constexpr int DN = FS_SEL_THREADS / (T * PT);  // time-fast: states between slots
+    static_assert(FS_SEL_THREADS % (T * PT) == 0 && E % FS_SEL_THREADS == 0, "time-fast slots evenly spaced");
     storage_t v[K];
     bool time_fast;
 
@@ -329,6 +385,17 @@ struct BcRegs {
                                          i64 len) {
         time_fast = st.s[3] == 1 || st.s[2] != 1;
         const storage_t* base = src + b * st.s[0] + g * st.s[1];
+        if (time_fast) {
+            int n, t, part;
+            slot(0, n, t, part);
+            const int states = (int)n_states;
+            const bool step_in = t0 + t < len;
+            const storage_t* p = base + n * st.s[2] + ((t0 + t) * PT + part) * st.s[3];
+            const i64 step = DN * st.s[2];
+#pragma unroll
+            for (int i = 0; i < K; ++i, p += step) v[i] = step_in && n + i * DN < states ? *p : storage_t(0);
+            return;
+        }
 #pragma unroll
         for (int i = 0; i < K; ++i) {
             int n, t, part;
@@ -337,6 +404,14 @@ struct BcRegs {
         }
     }
     __device__ __forceinline__ void store(acc_t* dst) const {
+        if (time_fast) {
+            int n, t, part;
+            slot(0, n, t, part);
+            acc_t* q = dst + (t * NP + n) * PT + part;
+#pragma unroll
+            for (int i = 0; i < K; ++i) q[i * DN * PT] = to_acc(v[i]);
+            return;
+        }
 #pragma unroll
         for (int i = 0; i < K; ++i) {
             int n, t, part;
@@ -366,17 +441,14 @@ __device__ __forceinline__ num_t bc_at(const acc_t* s, int t, int n) {
 
 // B (or C) of lane l's S states at step t: from the staged tile when variable (`var` non-null),
 // with 16-byte shared-memory loads where the values fill them, else the constant weights.
-template <int NP, int S>
-__device__ __forceinline__ void lane_bc(const void* var, const acc_t* tile, int t, int l, const num_t (&constant)[S],
-                                        num_t (&out)[S]) {
-    if (!var) {
+template <int NP, int S, bool VAR>
+__device__ __forceinline__ void lane_bc_of(const acc_t* tile, int t, int l, const num_t (&constant)[S], num_t (&out)[S]) {
+    constexpr int PT = FS_SEL_PARTS, M = S * PT;
+    if constexpr (!VAR) {
 #pragma unroll
         for (int s = 0; s < S; ++s) out[s] = constant[s];
-        return;
-    }
-    constexpr int PT = FS_SEL_PARTS, M = S * PT;
 #if FS_DTYPE != 3
-    if constexpr (M % 4 == 0 && NP % 4 == 0) {
+    } else if constexpr (M % 4 == 0 && NP % 4 == 0) {
         acc_t r[M];
         const float4* v = reinterpret_cast<const float4*>(tile + (t * NP + l * S) * PT);
 #pragma unroll
@@ -389,15 +461,34 @@ __device__ __forceinline__ void lane_bc(const void* var, const acc_t* tile, int 
         }
 #pragma unroll
         for (int s = 0; s < S; ++s) out[s] = nmake(r[s * PT], PT == 2 ? r[s * PT + PT - 1] : acc_t(0));
-        return;
-    }
 #endif
+    } else {
 #pragma unroll
-    for (int s = 0; s < S; ++s) out[s] = bc_at<NP>(tile, t, l * S + s);
+        for (int s = 0; s < S; ++s) out[s] = bc_at<NP>(tile, t, l * S + s);
+    }
 }
 
+// As lane_bc_of, variable or constant as `var` says.
+template <int NP, int S>
+__device__ __forceinline__ void lane_bc(bool var, const acc_t* tile, int t, int l, const num_t (&constant)[S],
+                                        num_t (&out)[S]) {
+    if (var)
+        lane_bc_of<NP, S, true>(tile, t, l, constant, out);
+    else
+        lane_bc_of<NP, S, false>(tile, t, l, constant, out);
+}
+
+// log(1 + e^r), r past the threshold as is (as mamba). Outside float64 with approximate exp2/log2:
+// log1p(e) = log(u)·e/(u - 1) for u = 1 + e rounded, which cancels u's rounding error (and is e
+// when u rounds to 1), so small results keep their relative accuracy.
 __device__ __forceinline__ acc_t softplus_(acc_t r) {
-    return r <= acc_t(FS_SEL_SOFTPLUS_THRESHOLD) ? log1p(exp(r)) : r;
+    if (r > acc_t(FS_SEL_SOFTPLUS_THRESHOLD)) return r;
+#if FS_DTYPE == 3
+    return log1p(exp(r));
+#else
+    const float e = fexp2(r * (float)FS_SEL_LOG2E), u = 1.0f + e;
+    return u == 1.0f ? e : flog2(u) * (float)FS_SEL_LN2 * __fdividef(e, u - 1.0f);
+#endif
 }
 
 // The per-thread constants of a channel's states: A (and A with log2(e) folded in), constant
@@ -460,6 +551,61 @@ struct BwdPlan {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// The T steps of a forward chunk staged in shared memory (Δ in s_dt, u in s_u, variable B/C in
+// s_b/s_c), with B and C variable (VB, VC) or constant fixed at compile time: no per-step selection.
+// Leaves y + D·u of each step in s_dt. `ck` is this thread's first checkpoint slot (null when none
+// are saved); checkpoints fall on the starts of KS-step stretches.
+template <int P, int S, int T, int ROW, bool VB, bool VC>
+__device__ __forceinline__ void fwd_steps(const SelParams& Q, const Weights<S>& w, num_t (&h)[S], acc_t* s_dt,
+                                          const acc_t* s_u, const acc_t* s_b, const acc_t* s_c, int c, int l, int lane,
+                                          acc_t* ck, i64 t0, int steps, acc_t d_skip) {
+    constexpr int NP = P * S;
+    constexpr int G = FS_SEL_FWD_GROUP > 0 ? FS_SEL_FWD_GROUP : P < 8 ? P : 8;  // steps per y reduction
+    constexpr int CNT = RsCount<G, P>::value;                                   // y values a lane keeps
+    constexpr int KS = T < FS_SEL_CK ? T : FS_SEL_CK;
+    static_assert(T % KS == 0 && KS % G == 0 && FS_SEL_CK % KS == 0, "chunk of whole groups; checkpoints on stretch starts");
+    const int n_own = (int)min((i64)S, Q.dstate - (i64)l * S);  // this lane's states below N
+#pragma unroll 1
+    for (int k0 = 0; k0 < T; k0 += KS) {
+        if (ck && (t0 + k0) % FS_SEL_CK == 0 && k0 < steps) {
+            const i64 base = (t0 + k0) / FS_SEL_CK * Q.dstate;
+#pragma unroll
+            for (int s = 0; s < S; ++s)
+                if (s < n_own) nstore(ck, base + s, h[s]);
+        }
+#pragma unroll FS_SEL_FWD_UNROLL
+        for (int k = k0; k < k0 + KS; k += G) {
+            acc_t yv[G];
+#pragma unroll
+            for (int j = 0; j < G; ++j) {
+                const int t = k + j;
+                const acc_t dt = s_dt[c * ROW + t];
+                const acc_t du = dt * s_u[c * ROW + t];
+                num_t bv[S], cv[S];
+                lane_bc_of<NP, S, VB>(s_b, t, l, w.b, bv);
+                lane_bc_of<NP, S, VC>(s_c, t, l, w.c, cv);
+                acc_t y = 0;
+#pragma unroll
+                for (int s = 0; s < S; ++s) {
+                    h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv[s], du));
+                    y += nre(nmul(cv[s], h[s]));
+                }
+                yv[j] = y;
+            }
+            // Every lane of the channel has read Δ of these steps (their y depend on it): the lane
+            // that finishes step t may overwrite Δ[t] with y[t].
+            const int off = reduce_scatter<1, P, G>(yv, lane);
+            if (G >= P || l < G) {
+#pragma unroll
+                for (int i = 0; i < CNT; ++i) {
+                    const int t = k + off + i;
+                    s_dt[c * ROW + t] = yv[i] * FS_SEL_OUT_FACTOR + d_skip * s_u[c * ROW + t];
+                }
+            }
+        }
+    }
+}
+
 template <int P, int S>
 __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
     using Plan = FwdPlan<P, S>;
@@ -468,8 +614,6 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
     constexpr int ROWS = FS_SEL_THREADS / P;
     constexpr int NP = P * S;
     constexpr int ROW = T + 1;  // odd row length: the channels of a warp hit distinct banks
-    constexpr int G = P < 8 ? P : 8;
-    static_assert(T % G == 0, "chunk of whole reduction groups");
     __shared__ acc_t s_dt[ROWS * ROW];  // Δ, then y before the gate
     __shared__ acc_t s_u[ROWS * ROW];
     __shared__ acc_t s_z[ROWS * ROW];
@@ -495,17 +639,23 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
         h[s] = (active && n < N && Q.initial) ? nload(Q.initial, row * N + n) : nzero();
     }
     const acc_t d_skip = (active && Q.D) ? Q.D[d] : acc_t(0);
+    acc_t* ck = (Q.ckpt && active) ? Q.ckpt + (row * Q.n_ck * N + l * S) * FS_SEL_PARTS : nullptr;
 
     for (int cc = tid; cc < ROWS; cc += FS_SEL_THREADS)
         s_bias[cc] = (Q.bias && cc < Q.ct && c0 + cc < Q.dim) ? Q.bias[c0 + cc] : acc_t(0);
     TileRegs<ROWS, T> r_dt, r_u, r_z;
     BcRegs<NP, T> r_b, r_c;
+    // Variable B and C go through registers a chunk ahead only while they take few of them (the
+    // wide configurations would spill); otherwise they are staged when their chunk starts.
+    constexpr bool PREFETCH_BC = FS_SEL_FWD_PREFETCH && BcRegs<NP, T>::K <= 16;
     auto fetch = [&](i64 t0) {
         r_dt.load(Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, t0, L);
         r_u.load(Q.u, Q.u_s, b, c0, Q.ct, Q.dim, t0, L);
         if (Q.z) r_z.load(Q.z, Q.z_s, b, c0, Q.ct, Q.dim, t0, L);
-        if (Q.b_var) r_b.load(Q.b_var, Q.b_s, b, gb, N, t0, L);
-        if (Q.c_var) r_c.load(Q.c_var, Q.c_s, b, gc, N, t0, L);
+        if constexpr (PREFETCH_BC) {
+            if (Q.b_var) r_b.load(Q.b_var, Q.b_s, b, gb, N, t0, L);
+            if (Q.c_var) r_c.load(Q.c_var, Q.c_s, b, gc, N, t0, L);
+        }
     };
     if (FS_SEL_FWD_PREFETCH) fetch(0);
 
@@ -518,57 +668,43 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
         });
         r_u.each(c0, Q.ct, Q.dim, t0, L, [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
         if (Q.z) r_z.each(c0, Q.ct, Q.dim, t0, L, [&](int cc, int t, acc_t v, bool) { s_z[cc * ROW + t] = v; });
-        if (Q.b_var) r_b.store(s_b);
-        if (Q.c_var) r_c.store(s_c);
+        if constexpr (PREFETCH_BC) {
+            if (Q.b_var) r_b.store(s_b);
+            if (Q.c_var) r_c.store(s_c);
+        } else {
+            if (Q.b_var) stage_bc<NP, T>(Q.b_var, Q.b_s, b, gb, N, t0, L, s_b);
+            if (Q.c_var) stage_bc<NP, T>(Q.c_var, Q.c_s, b, gc, N, t0, L, s_c);
+        }
         __syncthreads();
         if (FS_SEL_FWD_PREFETCH && t0 + T < L) fetch(t0 + T);  // in flight while this chunk is computed
 
-        const int ck_phase = (int)(t0 % FS_SEL_CK), steps = (int)min((i64)T, L - t0);
-#pragma unroll 1
-        for (int k = 0; k < T; k += G) {
-            acc_t yv[G];
-#pragma unroll
-            for (int j = 0; j < G; ++j) {
-                const int t = k + j;
-                if (Q.ckpt && active && (ck_phase + t) % FS_SEL_CK == 0 && t < steps) {
-                    const i64 base = (row * Q.n_ck + (t0 + t) / FS_SEL_CK) * N;
-#pragma unroll
-                    for (int s = 0; s < S; ++s)
-                        if ((i64)l * S + s < N) nstore(Q.ckpt, base + l * S + s, h[s]);
-                }
-                const acc_t dt = s_dt[c * ROW + t];
-                const acc_t du = dt * s_u[c * ROW + t];
-                num_t bv[S], cv[S];
-                lane_bc<NP, S>(Q.b_var, s_b, t, l, w.b, bv);
-                lane_bc<NP, S>(Q.c_var, s_c, t, l, w.c, cv);
-                acc_t y = 0;
-#pragma unroll
-                for (int s = 0; s < S; ++s) {
-                    h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv[s], du));
-                    y += nre(nmul(cv[s], h[s]));
-                }
-                yv[j] = y;
-            }
-            // Every lane of the channel has read Δ of these steps (their y depend on it): the
-            // lane that finishes step t may overwrite Δ[t] with y[t].
-            const int off = reduce_scatter<1, P, G>(yv, lane);
-            if (l < G) {
-                const int t = k + off;
-                s_dt[c * ROW + t] = yv[0] * FS_SEL_OUT_FACTOR + d_skip * s_u[c * ROW + t];
-            }
+        // The steps, with B and C variable or constant fixed at compile time.
+        const int steps = tile_steps<T>(t0, L);
+#define FS_SEL_FWD_STEPS(VB, VC) \
+    fwd_steps<P, S, T, ROW, VB, VC>(Q, w, h, s_dt, s_u, s_b, s_c, c, l, lane, ck, t0, steps, d_skip)
+        if (Q.b_var) {
+            if (Q.c_var) FS_SEL_FWD_STEPS(true, true);
+            else FS_SEL_FWD_STEPS(true, false);
+        } else {
+            if (Q.c_var) FS_SEL_FWD_STEPS(false, true);
+            else FS_SEL_FWD_STEPS(false, false);
         }
+#undef FS_SEL_FWD_STEPS
         __syncthreads();
 
-        for (int e = tid; e < ROWS * T; e += FS_SEL_THREADS) {
-            const int cc = e / T, t = e % T;
-            const i64 dd = c0 + cc, tg = t0 + t;
-            if (cc < Q.ct && dd < Q.dim && tg < L) {
-                acc_t y = s_dt[cc * ROW + t];
+        const OutSlots<ROWS, T> o;
+        const int rows = tile_rows(c0, Q.ct, Q.dim);
+        storage_t* dst = Q.out + (b * Q.dim + c0 + o.c) * L + t0 + o.t;
+#pragma unroll
+        for (int i = 0; i < o.K; ++i) {
+            const int cc = o.c + i * o.DC;
+            if (o.exists(i) && cc < rows && o.t < steps) {
+                acc_t y = s_dt[cc * ROW + o.t];
                 if (Q.z) {
-                    const acc_t zz = s_z[cc * ROW + t];
+                    const acc_t zz = s_z[cc * ROW + o.t];
                     y *= zz * sigmoid_(zz);
                 }
-                Q.out[(b * Q.dim + dd) * L + tg] = from_acc(y);
+                dst[i * o.DC * L] = from_acc(y);
             }
         }
     }
@@ -590,8 +726,27 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
 // Backward
 // ---------------------------------------------------------------------------------------------
 
+// The backward's shared memory, declared once per kernel (each instantiation of selective_bwd
+// declaring its own would multiply the block's footprint).
 template <int P, int S>
-__device__ __forceinline__ void selective_bwd(const SelParams& Q) {
+struct BwdShared {
+    using Plan = BwdPlan<P, S>;
+    static constexpr int ROWS = FS_SEL_THREADS / P, NP = P * S, PT = FS_SEL_PARTS, ROW = FS_SEL_CK + 1;
+    acc_t dt[ROW * ROWS];  // Δ, then ∂(delta + bias)
+    acc_t u[ROW * ROWS];   // u, then ∂u
+    acc_t g[ROW * ROWS];   // ∂y = dout·silu(z)
+    acc_t q[ROW * ROWS];   // dout·silu'(z), then ∂z
+    alignas(16) acc_t b[Plan::TS * NP * PT];
+    alignas(16) acc_t c[Plan::TS * NP * PT];
+    acc_t slot[(Plan::R > 1 ? Plan::R - 1 : 1) * FS_SEL_THREADS * S * PT];
+    acc_t red[FS_SEL_WARPS * Plan::TR * 2 * NP * PT];
+    acc_t bias[ROWS];
+};
+
+// BOTH_VAR: B and C variable, fixed at compile time (Mamba's case, which spares it the registers
+// and selections of constant weights); otherwise read from Q at run time.
+template <int P, int S, bool BOTH_VAR>
+__device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S>& sm) {
     using Plan = BwdPlan<P, S>;
     static_assert(Plan::fits, "backward shared memory over budget");
     constexpr int TS = Plan::TS, R = Plan::R, G = Plan::G, TR = Plan::TR;
@@ -601,15 +756,15 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
     constexpr int ROW = FS_SEL_CK + 1;
     constexpr int MV = 2 * S * PT;  // ∂B and ∂C values of a thread for one step
     static_assert(TS % G == 0 && TS % TR == 0 && FS_SEL_CK % TS == 0, "window of whole groups");
-    __shared__ acc_t s_dt[ROW * ROWS];  // Δ, then ∂(delta + bias)
-    __shared__ acc_t s_u[ROW * ROWS];   // u, then ∂u
-    __shared__ acc_t s_g[ROW * ROWS];   // ∂y = dout·silu(z)
-    __shared__ acc_t s_q[ROW * ROWS];   // dout·silu'(z), then ∂z
-    alignas(16) __shared__ acc_t s_b[TS * NP * PT];
-    alignas(16) __shared__ acc_t s_c[TS * NP * PT];
-    __shared__ acc_t s_slot[(R > 1 ? R - 1 : 1) * FS_SEL_THREADS * S * PT];
-    __shared__ acc_t s_red[FS_SEL_WARPS * TR * 2 * NP * PT];
-    __shared__ acc_t s_bias[ROWS];
+    acc_t* s_dt = sm.dt;
+    acc_t* s_u = sm.u;
+    acc_t* s_g = sm.g;
+    acc_t* s_q = sm.q;
+    acc_t* s_b = sm.b;
+    acc_t* s_c = sm.c;
+    acc_t* s_slot = sm.slot;
+    acc_t* s_red = sm.red;
+    acc_t* s_bias = sm.bias;
 
     const int tid = threadIdx.x, lane = tid % FS_WARP, warp = tid / FS_WARP;
     const int c = tid / P, l = tid % P;
@@ -619,7 +774,7 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
     const i64 N = Q.dstate, L = Q.len, row = b * Q.dim + d;
     const i64 gb = Q.b_groups ? c0 / (Q.dim / Q.b_groups) : 0;
     const i64 gc = Q.c_groups ? c0 / (Q.dim / Q.c_groups) : 0;
-    const bool var_bc = Q.b_var || Q.c_var;
+    const bool vb = BOTH_VAR || Q.b_var, vc = BOTH_VAR || Q.c_var, var_bc = vb || vc;
 
     Weights<S> w;
     w.load(Q, d, l, active);
@@ -647,8 +802,8 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
         r_g.load(Q.dout, Q.dout_s, b, c0, Q.ct, Q.dim, ts0, L);
         if (Q.z) r_z.load(Q.z, Q.z_s, b, c0, Q.ct, Q.dim, ts0, L);
         if constexpr (R == 1) {
-            if (Q.b_var) r_b.load(Q.b_var, Q.b_s, b, gb, N, ts0, L);
-            if (Q.c_var) r_c.load(Q.c_var, Q.c_s, b, gc, N, ts0, L);
+            if (vb) r_b.load(Q.b_var, Q.b_s, b, gb, N, ts0, L);
+            if (vc) r_c.load(Q.c_var, Q.c_s, b, gc, N, ts0, L);
         }
 #pragma unroll
         for (int s = 0; s < S; ++s) {
@@ -669,8 +824,8 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
         r_u.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
         r_g.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t v, bool) { s_g[cc * ROW + t] = v; });
         if constexpr (R == 1) {
-            if (Q.b_var) r_b.store(s_b);
-            if (Q.c_var) r_c.store(s_c);
+            if (vb) r_b.store(s_b);
+            if (vc) r_c.store(s_c);
         }
         if (Q.z) {
             __syncthreads();  // z's slots may lie on other threads than dout's (other strides)
@@ -693,7 +848,7 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
 #pragma unroll 1
             for (int win = 0; win < R - 1; ++win) {
                 __syncthreads();  // staged tiles complete; s_b free
-                if (Q.b_var) stage_bc<NP, TS>(Q.b_var, Q.b_s, b, gb, N, ts0 + win * TS, L, s_b);
+                if (vb) stage_bc<NP, TS>(Q.b_var, Q.b_s, b, gb, N, ts0 + win * TS, L, s_b);
                 __syncthreads();
 #pragma unroll
                 for (int j = 0; j < TS; ++j) {
@@ -701,7 +856,7 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
                     const acc_t dt = s_dt[c * ROW + t];
                     const acc_t du = dt * s_u[c * ROW + t];
                     num_t bv[S];
-                    lane_bc<NP, S>(Q.b_var, s_b, j, l, w.b, bv);
+                    lane_bc<NP, S>(vb, s_b, j, l, w.b, bv);
 #pragma unroll
                     for (int s = 0; s < S; ++s) h[s] = nadd(nmul(ndecay(dt, w.a2[s]), h[s]), nscale(bv[s], du));
                 }
@@ -715,8 +870,8 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
             const int tw = win * TS;  // the window's first step in the segment
             __syncthreads();          // staged tiles complete; s_b, s_c free
             if constexpr (R > 1) {  // (a one-window segment has its B and C staged already)
-                if (Q.b_var) stage_bc<NP, TS>(Q.b_var, Q.b_s, b, gb, N, ts0 + tw, L, s_b);
-                if (Q.c_var) stage_bc<NP, TS>(Q.c_var, Q.c_s, b, gc, N, ts0 + tw, L, s_c);
+                if (vb) stage_bc<NP, TS>(Q.b_var, Q.b_s, b, gb, N, ts0 + tw, L, s_b);
+                if (vc) stage_bc<NP, TS>(Q.c_var, Q.c_s, b, gc, N, ts0 + tw, L, s_c);
             }
             __syncthreads();
 
@@ -740,8 +895,8 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
                         const acc_t dt = s_dt[c * ROW + t];
                         const acc_t du = dt * s_u[c * ROW + t];
                         num_t bv[S], cv[S];
-                        lane_bc<NP, S>(Q.b_var, s_b, k + j, l, w.b, bv);
-                        lane_bc<NP, S>(Q.c_var, s_c, k + j, l, w.c, cv);
+                        lane_bc<NP, S>(vb, s_b, k + j, l, w.b, bv);
+                        lane_bc<NP, S>(vc, s_c, k + j, l, w.c, cv);
                         acc_t y = 0;
 #pragma unroll
                         for (int s = 0; s < S; ++s) {
@@ -775,8 +930,8 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
                     acc_t du_acc = 0, dd_acc = 0;
                     acc_t mv[MV];  // this thread's ∂B (first S·parts) and ∂C contributions
                     num_t bvs[S], cvs[S];
-                    lane_bc<NP, S>(Q.b_var, s_b, jj, l, w.b, bvs);
-                    lane_bc<NP, S>(Q.c_var, s_c, jj, l, w.c, cvs);
+                    lane_bc<NP, S>(vb, s_b, jj, l, w.b, bvs);
+                    lane_bc<NP, S>(vc, s_c, jj, l, w.c, cvs);
 #pragma unroll
                     for (int s = 0; s < S; ++s) {
                         const num_t cv = cvs[s], bv = bvs[s];
@@ -792,8 +947,8 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
                         grad_a[s] = nadd(grad_a[s], nscale(wv, dt));
                         dd_acc += nre(nmul(nconj(w.a[s]), wv));
                         carry[s] = nmul(nconj(dec), g);
-                        if (!Q.b_var) grad_b[s] = nadd(grad_b[s], gbv);
-                        if (!Q.c_var) grad_c[s] = nadd(grad_c[s], gcv);
+                        if (!vb) grad_b[s] = nadd(grad_b[s], gbv);
+                        if (!vc) grad_c[s] = nadd(grad_c[s], gcv);
 #pragma unroll
                         for (int p = 0; p < PT; ++p) {
                             mv[s * PT + p] = npart(gbv, p);
@@ -861,15 +1016,17 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
         }
         __syncthreads();
         // The segment's ∂u, ∂delta, ∂z.
-        const i64 steps = min((i64)FS_SEL_CK, L - ts0);
-        for (int e = tid; e < ROWS * FS_SEL_CK; e += FS_SEL_THREADS) {
-            const int cc = e / FS_SEL_CK, t = e % FS_SEL_CK;
-            const i64 dd = c0 + cc;
-            if (cc < Q.ct && dd < Q.dim && t < steps) {
-                const i64 at = (b * Q.dim + dd) * L + ts0 + t;
-                Q.du[at] = from_acc(s_u[cc * ROW + t]);
-                Q.ddelta[at] = from_acc(s_dt[cc * ROW + t]);
-                if (Q.dz) Q.dz[at] = from_acc(s_q[cc * ROW + t]);
+        const OutSlots<ROWS, FS_SEL_CK> o;
+        const int rows = tile_rows(c0, Q.ct, Q.dim), steps = tile_steps<FS_SEL_CK>(ts0, L);
+        const i64 at = (b * Q.dim + c0 + o.c) * L + ts0 + o.t;
+#pragma unroll
+        for (int i = 0; i < o.K; ++i) {
+            const int cc = o.c + i * o.DC;
+            if (o.exists(i) && cc < rows && o.t < steps) {
+                const i64 e = at + i * o.DC * L;
+                Q.du[e] = from_acc(s_u[cc * ROW + o.t]);
+                Q.ddelta[e] = from_acc(s_dt[cc * ROW + o.t]);
+                if (Q.dz) Q.dz[e] = from_acc(s_q[cc * ROW + o.t]);
             }
         }
     }
@@ -902,7 +1059,11 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q) {
 #define FS_SEL_BWD_KERNEL(P, S)                                                                     \
     extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS, FS_SEL_BWD_MIN_BLOCKS) selective_bwd_p##P##_s##S(const SelParams Q) { \
         if constexpr (BwdPlan<P, S>::fits) {                                                         \
-            selective_bwd<P, S>(Q);                                                                  \
+            __shared__ BwdShared<P, S> sm;                                                           \
+            if (Q.b_var && Q.c_var)                                                                  \
+                selective_bwd<P, S, true>(Q, sm);                                                    \
+            else                                                                                     \
+                selective_bwd<P, S, false>(Q, sm);                                                   \
         } else {                                                                                     \
             __trap(); /* not offered by the launcher for this element type */                       \
         }                                                                                            \
