@@ -25,9 +25,12 @@ KERNELS = Path(__file__).resolve().parents[1] / "crates" / "ferroscan" / "kernel
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}  # FS_DTYPE, common.cuh
 
 
+# Where NVIDIA's PyPI wheels (nvidia-cuda-nvrtc, nvidia-cuda-nvdisasm) put their files.
+NVIDIA_WHEELS = Path(sys.prefix) / "lib" / "python3*" / "site-packages" / "nvidia" / "*"
+
+
 def load_nvrtc() -> ctypes.CDLL:
-    site = Path(sys.prefix) / "lib" / "python3*" / "site-packages"
-    found = glob.glob(str(site / "nvidia" / "*" / "lib" / "libnvrtc.so.*"))
+    found = glob.glob(str(NVIDIA_WHEELS / "lib" / "libnvrtc.so.*"))
     if not found:
         sys.exit("libnvrtc not found: pip install nvidia-cuda-nvrtc==13.0.88")
     lib = Path(sorted(found)[0])
@@ -59,11 +62,12 @@ def compile_log(text: str, options: list[str], cubin_path: Path | None = None) -
 
 def write_sass(cubin: Path, out: Path) -> None:
     """Disassembles ``cubin`` into ``out`` with nvdisasm (PyPI ``nvidia-cuda-nvdisasm``)."""
-    found = glob.glob(str(Path(sys.prefix) / "lib" / "python3*" / "site-packages" / "nvidia" / "*" / "bin" / "nvdisasm"))
+    found = glob.glob(
+        str(Path(sys.prefix) / "lib" / "python3*" / "site-packages" / "nvidia" / "*" / "bin" / "nvdisasm")
+    )
     if not found:
         sys.exit("nvdisasm not found: pip install nvidia-cuda-nvdisasm")
-    out.write_text(subprocess.run([found[0], "-c", str(cubin)], check=True, capture_output=True,
-                                  text=True).stdout)
+    out.write_text(subprocess.run([found[0], "-c", str(cubin)], check=True, capture_output=True, text=True).stdout)
 
 
 def main() -> None:
@@ -78,8 +82,12 @@ def main() -> None:
     common = (KERNELS / "common.cuh").read_text().replace("#pragma once", "")
     text = (KERNELS / args.source).read_text().replace('#include "common.cuh"', common)
     defines = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in args.define)
-    options = [f"--gpu-architecture=sm_{args.arch}", "--std=c++17", f"-DFS_DTYPE={DTYPE_CODES[args.dtype]}",
-               "--ptxas-options=-v"]
+    options = [
+        f"--gpu-architecture=sm_{args.arch}",
+        "--std=c++17",
+        f"-DFS_DTYPE={DTYPE_CODES[args.dtype]}",
+        "--ptxas-options=-v",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin" if args.sass else None
         log = compile_log(defines + text, options, cubin)
@@ -94,8 +102,10 @@ def main() -> None:
         if m and kernel and args.filter in kernel:
             spills = re.findall(r"(\d+) bytes spill (stores|loads)", log.split(kernel, 2)[-1])[:2]
             smem = re.search(r"(\d+) bytes smem", line)
-            print(f"{kernel:40s} regs {m.group(1):>4}  smem {smem.group(1) if smem else 0:>6}  "
-                  f"spill {'/'.join(s[0] for s in spills) or '0/0'}")
+            print(
+                f"{kernel:40s} regs {m.group(1):>4}  smem {smem.group(1) if smem else 0:>6}  "
+                f"spill {'/'.join(s[0] for s in spills) or '0/0'}"
+            )
 
 
 if __name__ == "__main__":
