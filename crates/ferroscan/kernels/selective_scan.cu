@@ -482,13 +482,29 @@ __device__ __forceinline__ void lane_bc(bool var, const acc_t* tile, int t, int 
 // log1p(e) = log(u)·e/(u - 1) for u = 1 + e rounded, which cancels u's rounding error (and is e
 // when u rounds to 1), so small results keep their relative accuracy.
 __device__ __forceinline__ acc_t softplus_(acc_t r) {
-    if (r > acc_t(FS_SEL_SOFTPLUS_THRESHOLD)) return r;
 #if FS_DTYPE == 3
-    return log1p(exp(r));
+    return r > acc_t(FS_SEL_SOFTPLUS_THRESHOLD) ? r : log1p(exp(r));
 #else
-    const float e = fexp2(r * (float)FS_SEL_LOG2E), u = 1.0f + e;
-    return u == 1.0f ? e : flog2(u) * (float)FS_SEL_LN2 * __fdividef(e, u - 1.0f);
+    // Every branch computed and selected: no divergent branches per element.
+    const float e = fexp2(fminf(r, FS_SEL_SOFTPLUS_THRESHOLD) * (float)FS_SEL_LOG2E), u = 1.0f + e;
+    const float p = u == 1.0f ? e : flog2(u) * (float)FS_SEL_LN2 * __fdividef(e, u - 1.0f);
+    return r > FS_SEL_SOFTPLUS_THRESHOLD ? r : p;
 #endif
+}
+
+// Δ = delta + bias of a tile in registers (softplus'd when asked) to s_dt, rows ROW apart; zero
+// outside the tensor. The softplus choice is made once per tile, not per element.
+template <int ROW, int ROWS, int T>
+__device__ __forceinline__ void stage_delta(const TileRegs<ROWS, T>& r, const SelParams& Q, const acc_t* s_bias,
+                                            acc_t* s_dt, i64 c0, i64 t0) {
+    if (Q.softplus)
+        r.each(c0, Q.ct, Q.dim, t0, Q.len, [&](int cc, int t, acc_t v, bool in) {
+            s_dt[cc * ROW + t] = in ? softplus_(v + s_bias[cc]) : acc_t(0);
+        });
+    else
+        r.each(c0, Q.ct, Q.dim, t0, Q.len, [&](int cc, int t, acc_t v, bool in) {
+            s_dt[cc * ROW + t] = in ? v + s_bias[cc] : acc_t(0);
+        });
 }
 
 // The per-thread constants of a channel's states: A (and A with log2(e) folded in), constant
@@ -662,10 +678,7 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
     for (i64 t0 = 0; t0 < L; t0 += T) {
         if (!FS_SEL_FWD_PREFETCH) fetch(t0);
         __syncthreads();  // s_bias written; the previous chunk's output read from shared memory
-        r_dt.each(c0, Q.ct, Q.dim, t0, L, [&](int cc, int t, acc_t v, bool in) {
-            const acc_t r = v + s_bias[cc];
-            s_dt[cc * ROW + t] = !in ? acc_t(0) : Q.softplus ? softplus_(r) : r;
-        });
+        stage_delta<ROW>(r_dt, Q, s_bias, s_dt, c0, t0);
         r_u.each(c0, Q.ct, Q.dim, t0, L, [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
         if (Q.z) r_z.each(c0, Q.ct, Q.dim, t0, L, [&](int cc, int t, acc_t v, bool) { s_z[cc * ROW + t] = v; });
         if constexpr (PREFETCH_BC) {
@@ -817,10 +830,7 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
     for (i64 seg = Q.n_ck - 1; seg >= 0; --seg) {
         const i64 ts0 = seg * FS_SEL_CK;
         __syncthreads();  // s_bias written; the previous segment's results are written out
-        r_dt.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t v, bool in) {
-            const acc_t r = v + s_bias[cc];
-            s_dt[cc * ROW + t] = !in ? acc_t(0) : Q.softplus ? softplus_(r) : r;
-        });
+        stage_delta<ROW>(r_dt, Q, s_bias, s_dt, c0, ts0);
         r_u.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
         r_g.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t v, bool) { s_g[cc * ROW + t] = v; });
         if constexpr (R == 1) {
