@@ -129,25 +129,22 @@ static_assert(sizeof(SelReduceParams) == 112, "SelReduceParams must match Select
 // Real or complex numbers
 // ---------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ acc_t fexp2(acc_t x) {
+// Base-2 exp and log: exact in float64, else the hardware's approximations (flushing subnormals).
 #if FS_DTYPE == 3
-    return exp2(x);
+__device__ __forceinline__ acc_t fexp2(acc_t x) { return exp2(x); }
+__device__ __forceinline__ acc_t flog2(acc_t x) { return log2(x); }
 #else
+__device__ __forceinline__ acc_t fexp2(acc_t x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
-#endif
 }
-
 __device__ __forceinline__ acc_t flog2(acc_t x) {
-#if FS_DTYPE == 3
-    return log2(x);
-#else
     float y;
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
-#endif
 }
+#endif
 
 // 1 / (1 + e^-x), with the hardware's approximate exp2 and division outside float64 (relative
 // error a few ulp; a large negative x gives 0, not NaN).
