@@ -60,14 +60,6 @@
 #ifndef FS_SEL_FWD_PREFETCH
 #define FS_SEL_FWD_PREFETCH 1
 #endif
-// Forward steps per y reduction over a channel's lanes (0: min(P, 8)), and how many such groups
-// the step loop unrolls.
-#ifndef FS_SEL_FWD_GROUP
-#define FS_SEL_FWD_GROUP 0
-#endif
-#ifndef FS_SEL_FWD_UNROLL
-#define FS_SEL_FWD_UNROLL 1
-#endif
 #define FS_SEL_LOG2E 1.4426950408889634
 #define FS_SEL_LN2 0.6931471805599453
 #define FS_SEL_SOFTPLUS_THRESHOLD 20.0f
@@ -573,8 +565,7 @@ __device__ __forceinline__ void fwd_steps(const SelParams& Q, const Weights<S>& 
                                           const acc_t* s_u, const acc_t* s_b, const acc_t* s_c, int c, int l, int lane,
                                           acc_t* ck, i64 t0, int steps, acc_t d_skip) {
     constexpr int NP = P * S;
-    constexpr int G = FS_SEL_FWD_GROUP > 0 ? FS_SEL_FWD_GROUP : P < 8 ? P : 8;  // steps per y reduction
-    constexpr int CNT = RsCount<G, P>::value;                                   // y values a lane keeps
+    constexpr int G = P < 8 ? P : 8;  // steps per y reduction over the channel's lanes
     constexpr int KS = T < FS_SEL_CK ? T : FS_SEL_CK;
     static_assert(T % KS == 0 && KS % G == 0 && FS_SEL_CK % KS == 0, "chunk of whole groups; checkpoints on stretch starts");
     const int n_own = (int)min((i64)S, Q.dstate - (i64)l * S);  // this lane's states below N
@@ -586,7 +577,7 @@ __device__ __forceinline__ void fwd_steps(const SelParams& Q, const Weights<S>& 
             for (int s = 0; s < S; ++s)
                 if (s < n_own) nstore(ck, base + s, h[s]);
         }
-#pragma unroll FS_SEL_FWD_UNROLL
+#pragma unroll 1
         for (int k = k0; k < k0 + KS; k += G) {
             acc_t yv[G];
 #pragma unroll
@@ -608,12 +599,9 @@ __device__ __forceinline__ void fwd_steps(const SelParams& Q, const Weights<S>& 
             // Every lane of the channel has read Δ of these steps (their y depend on it): the lane
             // that finishes step t may overwrite Δ[t] with y[t].
             const int off = reduce_scatter<1, P, G>(yv, lane);
-            if (G >= P || l < G) {
-#pragma unroll
-                for (int i = 0; i < CNT; ++i) {
-                    const int t = k + off + i;
-                    s_dt[c * ROW + t] = yv[i] * FS_SEL_OUT_FACTOR + d_skip * s_u[c * ROW + t];
-                }
+            if (l < G) {
+                const int t = k + off;
+                s_dt[c * ROW + t] = yv[0] * FS_SEL_OUT_FACTOR + d_skip * s_u[c * ROW + t];
             }
         }
     }
