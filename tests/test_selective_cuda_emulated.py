@@ -223,7 +223,8 @@ CASES = {
     "real-N16-P8-S2-channels-last": Case(lanes=8, states=2, b_groups=1, c_groups=1, channels_last=True, length=50),
     "real-N12-P8-S2-constant": Case(dstate=12, lanes=8, states=2, length=23),
     "complex-N16-P8-S2": Case(complex_=True, lanes=8, states=2, b_groups=1, c_groups=1, length=21),
-    "real-N16-full-tiles": Case(dim=32, length=150, b_groups=1, c_groups=1),  # whole tiles take unchecked loads
+    "real-N16-full-tiles": Case(dim=32, length=150, b_groups=1, c_groups=1),  # whole tiles: 16-byte vectors
+    "complex-N16-full-tiles": Case(complex_=True, dim=32, length=128, b_groups=1, c_groups=2),  # 16-byte vectors
     "real-N16-full-tiles-channels-last": Case(dim=32, length=130, b_groups=1, c_groups=2, channels_last=True),
     "real-L1": Case(length=1, b_groups=1, c_groups=1),
     "real-L0": Case(length=0, b_groups=1),

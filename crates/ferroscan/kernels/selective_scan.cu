@@ -275,76 +275,274 @@ __device__ __forceinline__ int tile_rows(i64 c0, i64 ct, i64 dim) { return (int)
 template <int T>
 __device__ __forceinline__ int tile_steps(i64 t0, i64 len) { return (int)min((i64)T, len - t0); }
 
-// A ROWS x T tile of a (batch, dim, time) tensor held in registers: slot i of a thread is element
-// e = tid + i·THREADS of the tile, with consecutive threads on the axis of unit stride. Because T
-// and ROWS divide THREADS, slot i sits at (channel, step) = (c + i·dc, t + i·dt) for per-thread
-// origins (c, t) and constant steps (dc, dt): one running pointer serves all slots, and every
-// index is 32-bit arithmetic the compiler folds per slot. Values are zero outside the tensor
-// (channel c >= ct or past dim, step past len). Full tiles (all but the edges) skip the checks.
+// Storage elements per 16-byte vector: the consecutive steps one vector load or store moves.
+#define FS_SEL_VEC (16 / (int)sizeof(storage_t))
+
+// Whether every run of FS_SEL_VEC elements starting at a multiple of FS_SEL_VEC along the last
+// axis of a tensor at p is one aligned 16-byte vector: unit stride there, the other strides
+// multiples of the vector, and p aligned.
+template <int R>
+__device__ __forceinline__ bool vector_ready(const storage_t* p, const Strides<R>& st) {
+    bool ok = st.s[R - 1] == 1 && reinterpret_cast<unsigned long long>(p) % 16 == 0;
+#pragma unroll
+    for (int k = 0; k < R - 1; ++k) ok = ok && st.s[k] % FS_SEL_VEC == 0;
+    return ok;
+}
+
+// A thread's register share of a staged tile: KS scalar slots (a value per word, two words in
+// float64), or KV 16-byte vector slots packed as loaded (four words each, FS_SEL_VEC values), in
+// the same words: a tile uses one layout at a time.
+template <int KS, int KV>
+struct SlotWords {
+    static constexpr int WPS = sizeof(storage_t) > 4 ? 2 : 1;
+    static constexpr int NW = KS * WPS > KV * 4 ? KS * WPS : KV * 4;
+    unsigned w[NW];
+
+    __device__ __forceinline__ void set(int i, storage_t x) {
+#if FS_DTYPE == 0 || FS_DTYPE == 1
+        w[i] = x;
+#elif FS_DTYPE == 2
+        w[i] = __float_as_uint(x);
+#else
+        w[2 * i] = (unsigned)__double2loint(x);
+        w[2 * i + 1] = (unsigned)__double2hiint(x);
+#endif
+    }
+    __device__ __forceinline__ acc_t get(int i) const {
+#if FS_DTYPE == 0 || FS_DTYPE == 1
+        return to_acc((storage_t)w[i]);
+#else
+        return packed(i);
+#endif
+    }
+    __device__ __forceinline__ void load_vector(int i, const storage_t* p) {
+        const uint4 x = *reinterpret_cast<const uint4*>(p);
+        w[4 * i] = x.x;
+        w[4 * i + 1] = x.y;
+        w[4 * i + 2] = x.z;
+        w[4 * i + 3] = x.w;
+    }
+    __device__ __forceinline__ void zero_vector(int i) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) w[4 * i + k] = 0;
+    }
+    // Value j of vector slot i.
+    __device__ __forceinline__ acc_t vget(int i, int j) const { return packed(i * FS_SEL_VEC + j); }
+
+  private:
+    // Value k of the words read as packed storage.
+    __device__ __forceinline__ acc_t packed(int k) const {
+#if FS_DTYPE == 0 || FS_DTYPE == 1
+        return to_acc((storage_t)(w[k / 2] >> (16 * (k % 2))));
+#elif FS_DTYPE == 2
+        return __uint_as_float(w[k]);
+#else
+        return __hiloint2double((int)w[2 * k + 1], (int)w[2 * k]);
+#endif
+    }
+};
+
+// Writes v[0..FS_SEL_VEC), rounded to storage, as the 16-byte vector at p.
+__device__ __forceinline__ void store_vector(storage_t* p, const acc_t* v) {
+    unsigned w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+#if FS_DTYPE == 0 || FS_DTYPE == 1
+        w[k] = (unsigned)from_acc(v[2 * k]) | ((unsigned)from_acc(v[2 * k + 1]) << 16);
+#elif FS_DTYPE == 2
+        w[k] = __float_as_uint(v[k]);
+#else
+        w[k] = (unsigned)(k % 2 ? __double2hiint(v[k / 2]) : __double2loint(v[k / 2]));
+#endif
+    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// V consecutive values of a shared-memory row, moved as one: 128-bit accesses (the address must be
+// a multiple of the run's size in bytes, or of 16).
+template <int V>
+struct alignas(16) AccRun {
+    static_assert(V * sizeof(acc_t) % 16 == 0, "a run is whole 16-byte vectors");
+    acc_t x[V];
+};
+template <int V>
+__device__ __forceinline__ AccRun<V> lds_run(const acc_t* p) {
+    return *reinterpret_cast<const AccRun<V>*>(p);
+}
+
+// Row length (in values) of the (channel, step) tiles staged in shared memory for T steps: 4 times
+// an odd number, so that a row's runs of 4 are 16-byte aligned and the 8 channels of a warp (4
+// lanes or more each, reading one step) hit distinct banks.
+template <int T>
+struct StagedRow {
+    static_assert(T % 8 == 0, "T + 4 is an odd multiple of 4");
+    static constexpr int value = T + 4;
+};
+
+// How a thread's slots of a tile are laid out.
+enum TileMode { TILE_TIME = 0, TILE_CHANNELS = 1, TILE_VECTORS = 2 };
+
+// A ROWS x T tile of a (batch, dim, time) tensor held in registers, its slots laid out one of three
+// ways (consecutive threads always on the axis of unit stride):
+//  - TILE_VECTORS (whole tiles of a vector_ready tensor): vector slot i is the V = FS_SEL_VEC steps
+//    from (c + i·DCV, t), one 16-byte load;
+//  - TILE_TIME / TILE_CHANNELS: scalar slot i is element e = tid + i·THREADS of the tile; because
+//    T and ROWS divide THREADS, it sits at (c + i·dc, t + i·dt) for per-thread origins (c, t) and
+//    constant steps (dc, dt), so one running pointer serves all slots with 32-bit offsets the
+//    compiler folds.
+// Values are zero outside the tensor (channel c >= ct or past dim, step past len). Full tiles skip
+// the bounds checks.
 template <int ROWS, int T>
 struct TileRegs {
     static_assert(FS_SEL_THREADS % T == 0 && FS_SEL_THREADS % ROWS == 0, "slots evenly spaced");
     static constexpr int E = ROWS * T;
-    static constexpr int K = (E + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
-    storage_t v[K];
-    bool time_fast;
+    static constexpr int K = (E + FS_SEL_THREADS - 1) / FS_SEL_THREADS;  // scalar slots
+    static constexpr int V = FS_SEL_VEC;
+    static constexpr int RV = T / V;                                      // vectors per row
+    static_assert(T % V == 0 && FS_SEL_THREADS % RV == 0, "whole vectors, evenly spaced");
+    static constexpr int KV = (E / V + FS_SEL_THREADS - 1) / FS_SEL_THREADS;  // vector slots
+    static constexpr int DCV = FS_SEL_THREADS / RV;                       // channels between vector slots
+    // Vectors only where every thread has whole vector slots: smaller tiles would need more
+    // registers for them than for scalars.
+    static constexpr bool VECTORS = (E / V) % FS_SEL_THREADS == 0;
+    SlotWords<K, VECTORS ? KV : 0> r;
+    int mode;
 
     __device__ __forceinline__ void origin(int& c, int& t, int& dc, int& dt) const {
         const unsigned e = fresh_tid();
+        const bool time_fast = mode == TILE_TIME;
         c = time_fast ? e / T : e % ROWS;
         t = time_fast ? e % T : e / ROWS;
         dc = time_fast ? FS_SEL_THREADS / T : 0;
         dt = time_fast ? 0 : FS_SEL_THREADS / ROWS;
     }
-    // Whether slot i of this thread lies in the tile (only the last can fall past it).
+    // Whether scalar slot i of this thread lies in the tile (only the last can fall past it).
     static __device__ __forceinline__ bool exists(int i) {
         return E % FS_SEL_THREADS == 0 || i < K - 1 || (int)fresh_tid() + i * FS_SEL_THREADS < E;
     }
+    // Whether vector slot i of this thread lies in the tile, and where it starts.
+    static __device__ __forceinline__ bool vexists(int i) {
+        return (E / V) % FS_SEL_THREADS == 0 || i < KV - 1 || (int)fresh_tid() + i * FS_SEL_THREADS < E / V;
+    }
+    static __device__ __forceinline__ void vorigin(int& c, int& t) {
+        c = (int)fresh_tid() / RV;
+        t = (int)fresh_tid() % RV * V;
+    }
     __device__ __forceinline__ void load(const storage_t* src, Strides<3> st, i64 b, i64 c0, i64 ct, i64 dim,
                                          i64 t0, i64 len) {
-        time_fast = st.s[2] == 1 || st.s[1] != 1;
+        const int rows = tile_rows(c0, ct, dim), steps = tile_steps<T>(t0, len);
+        const bool full = rows == ROWS && steps == T;
+        if constexpr (VECTORS) {
+            if (full && vector_ready(src, st)) {
+                mode = TILE_VECTORS;
+                int c, t;
+                vorigin(c, t);
+                const storage_t* p = src + b * st.s[0] + (c0 + c) * st.s[1] + t0 + t;
+                const i64 step = DCV * st.s[1];
+#pragma unroll
+                for (int i = 0; i < KV; ++i, p += step) r.load_vector(i, p);
+                return;
+            }
+        }
+        mode = st.s[2] == 1 || st.s[1] != 1 ? TILE_TIME : TILE_CHANNELS;
         int c, t, dc, dt;
         origin(c, t, dc, dt);
-        const int rows = tile_rows(c0, ct, dim), steps = tile_steps<T>(t0, len);
         const storage_t* p = src + b * st.s[0] + (c0 + c) * st.s[1] + (t0 + t) * st.s[2];
         const i64 step = dc * st.s[1] + dt * st.s[2];
-        if (rows == ROWS && steps == T) {
+        if (full) {
 #pragma unroll
-            for (int i = 0; i < K; ++i, p += step) v[i] = exists(i) ? *p : storage_t(0);
+            for (int i = 0; i < K; ++i, p += step) r.set(i, exists(i) ? *p : storage_t(0));
         } else {
 #pragma unroll
             for (int i = 0; i < K; ++i, p += step)
-                v[i] = exists(i) && c + i * dc < rows && t + i * dt < steps ? *p : storage_t(0);
+                r.set(i, exists(i) && c + i * dc < rows && t + i * dt < steps ? *p : storage_t(0));
         }
     }
     // Calls f(c, t, value, inside) for every element of the tile.
     template <class F>
     __device__ __forceinline__ void each(i64 c0, i64 ct, i64 dim, i64 t0, i64 len, F f) const {
+        if constexpr (VECTORS) {
+            if (mode == TILE_VECTORS) {
+                int c, t;
+                vorigin(c, t);
+#pragma unroll
+                for (int i = 0; i < KV; ++i)
+#pragma unroll
+                    for (int j = 0; j < V; ++j) f(c + i * DCV, t + j, r.vget(i, j), true);
+                return;
+            }
+        }
         int c, t, dc, dt;
         origin(c, t, dc, dt);
         const int rows = tile_rows(c0, ct, dim), steps = tile_steps<T>(t0, len);
 #pragma unroll
         for (int i = 0; i < K; ++i) {
             const int ci = c + i * dc, ti = t + i * dt;
-            if (exists(i)) f(ci, ti, to_acc(v[i]), ci < rows && ti < steps);
+            if (exists(i)) f(ci, ti, r.get(i), ci < rows && ti < steps);
         }
+    }
+    // Stores the tile to dst[c·ROW + t] as transform(c, value), and zero outside the tensor;
+    // vector slots as 128-bit stores (ROW a multiple of 4 keeps them aligned).
+    template <int ROW, class F>
+    __device__ __forceinline__ void stage(acc_t* dst, i64 c0, i64 ct, i64 dim, i64 t0, i64 len, F transform) const {
+        static_assert(ROW % 4 == 0, "aligned rows");
+        if constexpr (VECTORS) {
+            if (mode == TILE_VECTORS) {
+                int c, t;
+                vorigin(c, t);
+#pragma unroll
+                for (int i = 0; i < KV; ++i) {
+                    const int ci = c + i * DCV;
+                    AccRun<V> run;
+#pragma unroll
+                    for (int j = 0; j < V; ++j) run.x[j] = transform(ci, r.vget(i, j));
+                    *reinterpret_cast<AccRun<V>*>(dst + ci * ROW + t) = run;
+                }
+                return;
+            }
+        }
+        each(c0, ct, dim, t0, len,
+             [&](int ci, int ti, acc_t x, bool in) { dst[ci * ROW + ti] = in ? transform(ci, x) : acc_t(0); });
     }
 };
 
-// The elements of a ROWS x T tile a thread writes out, consecutive threads along time (the unit
-// stride of every (batch, dim, L) output): channel c + i·DC and step t for slot i < K.
-template <int ROWS, int T>
-struct OutSlots {
-    static constexpr int DC = FS_SEL_THREADS / T;
-    static constexpr int K = (ROWS * T + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
-    int c, t;
-    __device__ __forceinline__ OutSlots() : c((int)fresh_tid() / T), t((int)fresh_tid() % T) {}
-    __device__ __forceinline__ bool exists(int i) const { return (ROWS * T) % FS_SEL_THREADS == 0 || c + i * DC < ROWS; }
-};
+// Writes a ROWS x T tile of a contiguous (batch, dim, L) output whose element (b, c0, t0) is
+// dst[0]: value(c, t) for every element inside (rows x steps of it). Consecutive threads go along
+// time; a whole tile of an output whose rows start on 16-byte boundaries goes out as 16-byte
+// vectors of V = FS_SEL_VEC steps, else element by element.
+template <int ROWS, int T, class F>
+__device__ __forceinline__ void write_tile(storage_t* dst, i64 L, int rows, int steps, F value) {
+    using Tile = TileRegs<ROWS, T>;
+    constexpr int V = Tile::V;
+    if (rows == ROWS && steps == T && L % V == 0 && reinterpret_cast<unsigned long long>(dst) % 16 == 0) {
+        int c, t;
+        Tile::vorigin(c, t);
+        storage_t* p = dst + c * L + t;
+#pragma unroll
+        for (int i = 0; i < Tile::KV; ++i) {
+            if (!Tile::vexists(i)) continue;
+            acc_t x[V];
+#pragma unroll
+            for (int j = 0; j < V; ++j) x[j] = value(c + i * Tile::DCV, t + j);
+            store_vector(p + i * Tile::DCV * L, x);
+        }
+        return;
+    }
+    constexpr int DC = FS_SEL_THREADS / T;
+    const int c = (int)fresh_tid() / T, t = (int)fresh_tid() % T;
+    storage_t* p = dst + c * L + t;
+#pragma unroll
+    for (int i = 0; i < Tile::K; ++i) {
+        const int ci = c + i * DC;
+        if (Tile::exists(i) && ci < rows && t < steps) p[i * DC * L] = from_acc(value(ci, t));
+    }
+}
 
 // Steps t0..t0+T of a variable B/C (group g of batch b) in registers, stored to shared memory as
-// dst[(t·NP + n)·parts + part]; zeros past N or past len. Along time (the usual layout), slot i
-// is (n + i·DN, step and part fixed), as TileRegs; along states, the general slot formula.
+// dst[(t·NP + n)·parts + part]; zeros past N or past len. Slots as TileRegs', the rows being states
+// and the columns (step, part) pairs: 16-byte vectors along time for whole chunks of a
+// vector_ready tensor (see vslot); else scalar slots along time (the usual layout: slot i is
+// (n + i·DN, step and part fixed)), or along states (the general slot formula).
 template <int NP, int T>
 struct BcRegs {
     static constexpr int PT = FS_SEL_PARTS;
@@ -352,14 +550,27 @@ struct BcRegs {
     static constexpr int K = (E + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
     static constexpr int DN = FS_SEL_THREADS / (T * PT);  // time-fast: states between slots
     static_assert(FS_SEL_THREADS % (T * PT) == 0 && E % FS_SEL_THREADS == 0, "time-fast slots evenly spaced");
-    storage_t v[K];
-    bool time_fast;
+    static constexpr int V = FS_SEL_VEC;
+    static_assert((T * PT) % V == 0, "whole vectors");
+    static constexpr int KV = (E / V + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
+    static constexpr bool VECTORS = (E / V) % FS_SEL_THREADS == 0;  // as TileRegs
+    SlotWords<K, VECTORS ? KV : 0> r;
+    int mode;
 
-    // Slot i as (n, t, part), consecutive threads on the axis of unit stride.
+    // Vector slot i as its state n and first (step, part) column tp. Consecutive threads take
+    // consecutive states (then the next vector of each): their scattered stores to shared memory
+    // then fall on distinct banks, which consecutive columns of one state would not.
+    static __device__ __forceinline__ void vslot(int i, int& n, int& tp) {
+        const int e = (int)fresh_tid() + i * FS_SEL_THREADS;
+        n = e % NP;
+        tp = e / NP * V;
+    }
+
+    // Scalar slot i as (n, t, part), consecutive threads on the axis of unit stride.
     __device__ __forceinline__ bool slot(int i, int& n, int& t, int& part) const {
         const int e = fresh_tid() + i * FS_SEL_THREADS;
         int tp;
-        if (time_fast) {
+        if (mode == TILE_TIME) {
             n = e / (T * PT);
             tp = e % (T * PT);
         } else {
@@ -372,39 +583,70 @@ struct BcRegs {
     }
     __device__ __forceinline__ void load(const storage_t* src, Strides<4> st, i64 b, i64 g, i64 n_states, i64 t0,
                                          i64 len) {
-        time_fast = st.s[3] == 1 || st.s[2] != 1;
         const storage_t* base = src + b * st.s[0] + g * st.s[1];
-        if (time_fast) {
+        const int states = (int)n_states;
+        if constexpr (VECTORS) {
+            if (t0 + T <= len && vector_ready(src, st)) {
+                mode = TILE_VECTORS;
+                const storage_t* p = base + t0 * PT;
+#pragma unroll
+                for (int i = 0; i < KV; ++i) {
+                    int n, tp;
+                    vslot(i, n, tp);
+                    if (n < states)
+                        r.load_vector(i, p + n * st.s[2] + tp);
+                    else
+                        r.zero_vector(i);
+                }
+                return;
+            }
+        }
+        mode = st.s[3] == 1 || st.s[2] != 1 ? TILE_TIME : TILE_CHANNELS;
+        if (mode == TILE_TIME) {
             int n, t, part;
             slot(0, n, t, part);
-            const int states = (int)n_states;
             const bool step_in = t0 + t < len;
             const storage_t* p = base + n * st.s[2] + ((t0 + t) * PT + part) * st.s[3];
             const i64 step = DN * st.s[2];
 #pragma unroll
-            for (int i = 0; i < K; ++i, p += step) v[i] = step_in && n + i * DN < states ? *p : storage_t(0);
+            for (int i = 0; i < K; ++i, p += step) r.set(i, step_in && n + i * DN < states ? *p : storage_t(0));
             return;
         }
 #pragma unroll
         for (int i = 0; i < K; ++i) {
             int n, t, part;
             const bool in = slot(i, n, t, part) && n < n_states && t0 + t < len;
-            v[i] = in ? base[n * st.s[2] + ((t0 + t) * PT + part) * st.s[3]] : storage_t(0);
+            r.set(i, in ? base[n * st.s[2] + ((t0 + t) * PT + part) * st.s[3]] : storage_t(0));
         }
     }
     __device__ __forceinline__ void store(acc_t* dst) const {
-        if (time_fast) {
+        if constexpr (VECTORS) {
+            if (mode == TILE_VECTORS) {
+#pragma unroll
+                for (int i = 0; i < KV; ++i) {
+                    int n, tp;
+                    vslot(i, n, tp);
+#pragma unroll
+                    for (int j = 0; j < V; ++j) {
+                        const int t = (tp + j) / PT, part = (tp + j) % PT;
+                        dst[(t * NP + n) * PT + part] = r.vget(i, j);
+                    }
+                }
+                return;
+            }
+        }
+        if (mode == TILE_TIME) {
             int n, t, part;
             slot(0, n, t, part);
             acc_t* q = dst + (t * NP + n) * PT + part;
 #pragma unroll
-            for (int i = 0; i < K; ++i) q[i * DN * PT] = to_acc(v[i]);
+            for (int i = 0; i < K; ++i) q[i * DN * PT] = r.get(i);
             return;
         }
 #pragma unroll
         for (int i = 0; i < K; ++i) {
             int n, t, part;
-            if (slot(i, n, t, part)) dst[(t * NP + n) * PT + part] = to_acc(v[i]);
+            if (slot(i, n, t, part)) dst[(t * NP + n) * PT + part] = r.get(i);
         }
     }
 };
@@ -487,13 +729,17 @@ template <int ROW, int ROWS, int T>
 __device__ __forceinline__ void stage_delta(const TileRegs<ROWS, T>& r, const SelParams& Q, const acc_t* s_bias,
                                             acc_t* s_dt, i64 c0, i64 t0) {
     if (Q.softplus)
-        r.each(c0, Q.ct, Q.dim, t0, Q.len, [&](int cc, int t, acc_t v, bool in) {
-            s_dt[cc * ROW + t] = in ? softplus_(v + s_bias[cc]) : acc_t(0);
-        });
+        r.template stage<ROW>(s_dt, c0, Q.ct, Q.dim, t0, Q.len,
+                              [&](int cc, acc_t v) { return softplus_(v + s_bias[cc]); });
     else
-        r.each(c0, Q.ct, Q.dim, t0, Q.len, [&](int cc, int t, acc_t v, bool in) {
-            s_dt[cc * ROW + t] = in ? v + s_bias[cc] : acc_t(0);
-        });
+        r.template stage<ROW>(s_dt, c0, Q.ct, Q.dim, t0, Q.len, [&](int cc, acc_t v) { return v + s_bias[cc]; });
+}
+
+// A tile in registers to shared memory as it is (zeros outside the tensor).
+template <int ROW, int ROWS, int T>
+__device__ __forceinline__ void stage_plain(const TileRegs<ROWS, T>& r, const SelParams& Q, acc_t* dst, i64 c0,
+                                            i64 t0) {
+    r.template stage<ROW>(dst, c0, Q.ct, Q.dim, t0, Q.len, [](int, acc_t v) { return v; });
 }
 
 // The per-thread constants of a channel's states: A (and A with log2(e) folded in), constant
@@ -520,7 +766,7 @@ struct Weights {
 // ---------------------------------------------------------------------------------------------
 
 #define FS_SEL_FWD_BYTES(P, S, T) \
-    ((3 * (FS_SEL_THREADS / (P)) * ((T) + 1) + (FS_SEL_THREADS / (P)) + 2 * (T) * (P) * (S) * FS_SEL_PARTS) * (int)sizeof(acc_t))
+    ((3 * (FS_SEL_THREADS / (P)) * ((T) + 4) + (FS_SEL_THREADS / (P)) + 2 * (T) * (P) * (S) * FS_SEL_PARTS) * (int)sizeof(acc_t))
 
 template <int P, int S>
 struct FwdPlan {
@@ -533,7 +779,7 @@ struct FwdPlan {
 
 #define FS_SEL_TS(S) (FS_SEL_HREGS / ((S) * FS_SEL_PARTS) < FS_SEL_CK ? FS_SEL_HREGS / ((S) * FS_SEL_PARTS) : FS_SEL_CK)
 #define FS_SEL_BWD_BYTES(P, S, TR)                                                                        \
-    ((4 * (FS_SEL_THREADS / (P)) * (FS_SEL_CK + 1) + (FS_SEL_THREADS / (P)) + 2 * FS_SEL_TS(S) * (P) * (S) * FS_SEL_PARTS +         \
+    ((4 * (FS_SEL_THREADS / (P)) * (FS_SEL_CK + 4) + (FS_SEL_THREADS / (P)) + 2 * FS_SEL_TS(S) * (P) * (S) * FS_SEL_PARTS +         \
       (FS_SEL_CK / FS_SEL_TS(S) > 1 ? FS_SEL_CK / FS_SEL_TS(S) - 1 : 1) * FS_SEL_THREADS * (S) * FS_SEL_PARTS + \
       FS_SEL_WARPS * (TR) * 2 * (P) * (S) * FS_SEL_PARTS) *                                                \
      (int)sizeof(acc_t))
@@ -580,11 +826,12 @@ __device__ __forceinline__ void fwd_steps(const SelParams& Q, const Weights<S>& 
 #pragma unroll 1
         for (int k = k0; k < k0 + KS; k += G) {
             acc_t yv[G];
+            const AccRun<G> dts = lds_run<G>(s_dt + c * ROW + k), us = lds_run<G>(s_u + c * ROW + k);
 #pragma unroll
             for (int j = 0; j < G; ++j) {
                 const int t = k + j;
-                const acc_t dt = s_dt[c * ROW + t];
-                const acc_t du = dt * s_u[c * ROW + t];
+                const acc_t dt = dts.x[j];
+                const acc_t du = dt * us.x[j];
                 num_t bv[S], cv[S];
                 lane_bc_of<NP, S, VB>(s_b, t, l, w.b, bv);
                 lane_bc_of<NP, S, VC>(s_c, t, l, w.c, cv);
@@ -614,10 +861,10 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
     constexpr int T = Plan::T;
     constexpr int ROWS = FS_SEL_THREADS / P;
     constexpr int NP = P * S;
-    constexpr int ROW = T + 1;  // odd row length: the channels of a warp hit distinct banks
-    __shared__ acc_t s_dt[ROWS * ROW];  // Δ, then y before the gate
-    __shared__ acc_t s_u[ROWS * ROW];
-    __shared__ acc_t s_z[ROWS * ROW];
+    constexpr int ROW = StagedRow<T>::value;
+    alignas(16) __shared__ acc_t s_dt[ROWS * ROW];  // Δ, then y before the gate
+    alignas(16) __shared__ acc_t s_u[ROWS * ROW];
+    alignas(16) __shared__ acc_t s_z[ROWS * ROW];
     alignas(16) __shared__ acc_t s_b[T * NP * FS_SEL_PARTS];
     alignas(16) __shared__ acc_t s_c[T * NP * FS_SEL_PARTS];
     __shared__ acc_t s_bias[ROWS];
@@ -664,8 +911,8 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
         if (!FS_SEL_FWD_PREFETCH) fetch(t0);
         __syncthreads();  // s_bias written; the previous chunk's output read from shared memory
         stage_delta<ROW>(r_dt, Q, s_bias, s_dt, c0, t0);
-        r_u.each(c0, Q.ct, Q.dim, t0, L, [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
-        if (Q.z) r_z.each(c0, Q.ct, Q.dim, t0, L, [&](int cc, int t, acc_t v, bool) { s_z[cc * ROW + t] = v; });
+        stage_plain<ROW>(r_u, Q, s_u, c0, t0);
+        if (Q.z) stage_plain<ROW>(r_z, Q, s_z, c0, t0);
         if constexpr (PREFETCH_BC) {
             if (Q.b_var) r_b.store(s_b);
             if (Q.c_var) r_c.store(s_c);
@@ -690,21 +937,15 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
 #undef FS_SEL_FWD_STEPS
         __syncthreads();
 
-        const OutSlots<ROWS, T> o;
+        storage_t* dst = Q.out + (b * Q.dim + c0) * L + t0;
         const int rows = tile_rows(c0, Q.ct, Q.dim);
-        storage_t* dst = Q.out + (b * Q.dim + c0 + o.c) * L + t0 + o.t;
-#pragma unroll
-        for (int i = 0; i < o.K; ++i) {
-            const int cc = o.c + i * o.DC;
-            if (o.exists(i) && cc < rows && o.t < steps) {
-                acc_t y = s_dt[cc * ROW + o.t];
-                if (Q.z) {
-                    const acc_t zz = s_z[cc * ROW + o.t];
-                    y *= zz * sigmoid_(zz);
-                }
-                dst[i * o.DC * L] = from_acc(y);
-            }
-        }
+        if (Q.z)
+            write_tile<ROWS, T>(dst, L, rows, steps, [&](int cc, int t) {
+                const acc_t y = s_dt[cc * ROW + t], zz = s_z[cc * ROW + t];
+                return y * (zz * sigmoid_(zz));
+            });
+        else
+            write_tile<ROWS, T>(dst, L, rows, steps, [&](int cc, int t) { return s_dt[cc * ROW + t]; });
     }
     if (Q.last && active) {
 #pragma unroll
@@ -729,11 +970,11 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
 template <int P, int S>
 struct BwdShared {
     using Plan = BwdPlan<P, S>;
-    static constexpr int ROWS = FS_SEL_THREADS / P, NP = P * S, PT = FS_SEL_PARTS, ROW = FS_SEL_CK + 1;
-    acc_t dt[ROW * ROWS];  // Δ, then ∂(delta + bias)
-    acc_t u[ROW * ROWS];   // u, then ∂u
-    acc_t g[ROW * ROWS];   // ∂y = dout·silu(z)
-    acc_t q[ROW * ROWS];   // dout·silu'(z), then ∂z
+    static constexpr int ROWS = FS_SEL_THREADS / P, NP = P * S, PT = FS_SEL_PARTS, ROW = StagedRow<FS_SEL_CK>::value;
+    alignas(16) acc_t dt[ROW * ROWS];  // Δ, then ∂(delta + bias)
+    alignas(16) acc_t u[ROW * ROWS];   // u, then ∂u
+    alignas(16) acc_t g[ROW * ROWS];   // ∂y = dout·silu(z)
+    alignas(16) acc_t q[ROW * ROWS];   // dout·silu'(z), then ∂z
     alignas(16) acc_t b[Plan::TS * NP * PT];
     alignas(16) acc_t c[Plan::TS * NP * PT];
     acc_t slot[(Plan::R > 1 ? Plan::R - 1 : 1) * FS_SEL_THREADS * S * PT];
@@ -751,7 +992,7 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
     constexpr int ROWS = FS_SEL_THREADS / P;
     constexpr int NP = P * S;
     constexpr int PT = FS_SEL_PARTS;
-    constexpr int ROW = FS_SEL_CK + 1;
+    constexpr int ROW = BwdShared<P, S>::ROW;
     constexpr int MV = 2 * S * PT;  // ∂B and ∂C values of a thread for one step
     static_assert(TS % G == 0 && TS % TR == 0 && FS_SEL_CK % TS == 0, "window of whole groups");
     acc_t* s_dt = sm.dt;
@@ -816,8 +1057,8 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
         const i64 ts0 = seg * FS_SEL_CK;
         __syncthreads();  // s_bias written; the previous segment's results are written out
         stage_delta<ROW>(r_dt, Q, s_bias, s_dt, c0, ts0);
-        r_u.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t v, bool) { s_u[cc * ROW + t] = v; });
-        r_g.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t v, bool) { s_g[cc * ROW + t] = v; });
+        stage_plain<ROW>(r_u, Q, s_u, c0, ts0);
+        stage_plain<ROW>(r_g, Q, s_g, c0, ts0);
         if constexpr (R == 1) {
             if (vb) r_b.store(s_b);
             if (vc) r_c.store(s_c);
@@ -1011,19 +1252,12 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
         }
         __syncthreads();
         // The segment's ∂u, ∂delta, ∂z.
-        const OutSlots<ROWS, FS_SEL_CK> o;
         const int rows = tile_rows(c0, Q.ct, Q.dim), steps = tile_steps<FS_SEL_CK>(ts0, L);
-        const i64 at = (b * Q.dim + c0 + o.c) * L + ts0 + o.t;
-#pragma unroll
-        for (int i = 0; i < o.K; ++i) {
-            const int cc = o.c + i * o.DC;
-            if (o.exists(i) && cc < rows && o.t < steps) {
-                const i64 e = at + i * o.DC * L;
-                Q.du[e] = from_acc(s_u[cc * ROW + o.t]);
-                Q.ddelta[e] = from_acc(s_dt[cc * ROW + o.t]);
-                if (Q.dz) Q.dz[e] = from_acc(s_q[cc * ROW + o.t]);
-            }
-        }
+        const i64 at = (b * Q.dim + c0) * L + ts0;
+        write_tile<ROWS, FS_SEL_CK>(Q.du + at, L, rows, steps, [&](int cc, int t) { return s_u[cc * ROW + t]; });
+        write_tile<ROWS, FS_SEL_CK>(Q.ddelta + at, L, rows, steps, [&](int cc, int t) { return s_dt[cc * ROW + t]; });
+        if (Q.dz)
+            write_tile<ROWS, FS_SEL_CK>(Q.dz + at, L, rows, steps, [&](int cc, int t) { return s_q[cc * ROW + t]; });
     }
 
     // Per-channel results: ∂h0, and the partial parameter gradients of this (batch, channel).
