@@ -42,7 +42,6 @@
 #endif
 
 #define FS_SEL_THREADS 128
-#define FS_SEL_WARPS (FS_SEL_THREADS / FS_WARP)
 #define FS_SEL_CK 16                  // CHECKPOINT_STEPS in src/selective.rs
 #ifndef FS_SEL_SMEM
 #define FS_SEL_SMEM (48 * 1024)  // static shared memory per block (host emulation may raise it)
@@ -781,7 +780,7 @@ struct FwdPlan {
 #define FS_SEL_BWD_BYTES(P, S, TR)                                                                        \
     ((4 * (FS_SEL_THREADS / (P)) * (FS_SEL_CK + 4) + (FS_SEL_THREADS / (P)) + 2 * FS_SEL_TS(S) * (P) * (S) * FS_SEL_PARTS +         \
       (FS_SEL_CK / FS_SEL_TS(S) > 1 ? FS_SEL_CK / FS_SEL_TS(S) - 1 : 1) * FS_SEL_THREADS * (S) * FS_SEL_PARTS + \
-      FS_SEL_WARPS * (TR) * 2 * (P) * (S) * FS_SEL_PARTS) *                                                \
+      (TR) * 2 * FS_SEL_THREADS * (S) * FS_SEL_PARTS) *                                                \
      (int)sizeof(acc_t))
 
 template <int P, int S>
@@ -978,9 +977,47 @@ struct BwdShared {
     alignas(16) acc_t b[Plan::TS * NP * PT];
     alignas(16) acc_t c[Plan::TS * NP * PT];
     acc_t slot[(Plan::R > 1 ? Plan::R - 1 : 1) * FS_SEL_THREADS * S * PT];
-    acc_t red[FS_SEL_WARPS * Plan::TR * 2 * NP * PT];
+    alignas(16) acc_t red[Plan::TR * 2 * ROWS * NP * PT];  // [step][∂B or ∂C][channel][state, part]
     acc_t bias[ROWS];
 };
+
+// ∂B and ∂C of TR steps from t (global step), parked in `red` as [step][∂B or ∂C][channel][state,
+// part] by every channel of the block: summed over the channels in channel order (runs of 4
+// values; with fewer runs than threads, SPLIT threads share a run's channels and add their sums
+// by shuffles) and written to this tile's slots of part_b / part_c.
+template <int P, int S, int TR>
+__device__ __forceinline__ void sum_parked_bc(const SelParams& Q, const acc_t* red, i64 b, i64 tile, i64 t) {
+    constexpr int PT = FS_SEL_PARTS, ROWS = FS_SEL_THREADS / P, W = P * S * PT;  // values per channel
+    constexpr int RUNS = TR * 2 * W / 4;
+    constexpr int SPLIT = RUNS >= FS_SEL_THREADS ? 1 : FS_SEL_THREADS / RUNS;
+    static_assert(W % 4 == 0 && ROWS % SPLIT == 0 && SPLIT <= FS_WARP, "whole runs, channels split evenly");
+    const int tid = fresh_tid();
+    for (int e = tid / SPLIT; e < RUNS; e += FS_SEL_THREADS / SPLIT) {
+        const int share = tid % SPLIT;
+        const int row = e / (W / 4), q = e % (W / 4) * 4;  // row = step·2 + which
+        const acc_t* src = red + (row * ROWS + share * (ROWS / SPLIT)) * W + q;
+        AccRun<4> sum = lds_run<4>(src);
+#pragma unroll
+        for (int cc = 1; cc < ROWS / SPLIT; ++cc) {
+            const AccRun<4> x = lds_run<4>(src + cc * W);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) sum.x[k] += x.x[k];
+        }
+#pragma unroll
+        for (int d = 1; d < SPLIT; d <<= 1)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) sum.x[k] += __shfl_xor_sync(FS_FULL_MASK, sum.x[k], d);
+        const i64 tg = t + row / 2;
+        acc_t* dst = row % 2 ? Q.part_c : Q.part_b;
+        if (share != 0 || !dst || tg >= Q.len) continue;
+        // Value k of the run is state q/PT + k/PT, part k%PT (q is a multiple of 4, so of PT).
+        const i64 span = Q.len * PT;
+        acc_t* out = dst + ((b * Q.tiles + tile) * Q.dstate + q / PT) * span + tg * PT;
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+            if (q / PT + k / PT < Q.dstate) out[k / PT * span + k % PT] = sum.x[k];
+    }
+}
 
 // BOTH_VAR: B and C variable, fixed at compile time (Mamba's case, which spares it the registers
 // and selections of constant weights); otherwise read from Q at run time.
@@ -1163,7 +1200,9 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
                     const acc_t dt = s_dt[c * ROW + t];
                     const acc_t uu = s_u[c * ROW + t];
                     const acc_t gy = s_g[c * ROW + t] * FS_SEL_OUT_FACTOR;
-                    acc_t du_acc = 0, dd_acc = 0;
+                    const acc_t du = dt * uu;
+                    // ∂u = Δ·Σ re(B̄ g) and ∂Δ = u·Σ re(B̄ g) + Σ re(Ā w): the sums first.
+                    acc_t through_b = 0, through_a = 0;
                     acc_t mv[MV];  // this thread's ∂B (first S·parts) and ∂C contributions
                     num_t bvs[S], cvs[S];
                     lane_bc<NP, S>(vb, s_b, jj, l, w.b, bvs);
@@ -1173,16 +1212,13 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
                         const num_t cv = cvs[s], bv = bvs[s];
                         const num_t g = nadd(nscale(nconj(cv), gy), carry[s]);
                         const num_t hp = jj > 0 ? hr[jj > 0 ? jj - 1 : 0][s] : h_start[s];
-                        const num_t dec = ndecay(dt, w.a2[s]);
                         const num_t gcv = nscale(nconj(hr[jj][s]), gy);
-                        const num_t gbv = nscale(g, dt * uu);
-                        const acc_t through_b = nre(nmul(nconj(bv), g));
-                        du_acc += dt * through_b;
-                        dd_acc += uu * through_b;
-                        const num_t wv = nmul(nmul(nconj(dec), g), nconj(hp));
+                        const num_t gbv = nscale(g, du);
+                        through_b += nre(nmul(nconj(bv), g));
+                        carry[s] = nmul(nconj(ndecay(dt, w.a2[s])), g);
+                        const num_t wv = nmul(carry[s], nconj(hp));
                         grad_a[s] = nadd(grad_a[s], nscale(wv, dt));
-                        dd_acc += nre(nmul(nconj(w.a[s]), wv));
-                        carry[s] = nmul(nconj(dec), g);
+                        through_a += nre(nmul(nconj(w.a[s]), wv));
                         if (!vb) grad_b[s] = nadd(grad_b[s], gbv);
                         if (!vc) grad_c[s] = nadd(grad_c[s], gcv);
 #pragma unroll
@@ -1191,36 +1227,30 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
                             mv[S * PT + s * PT + p] = npart(gcv, p);
                         }
                     }
-                    dv[2 * j] = du_acc;
-                    dv[2 * j + 1] = dd_acc;
+                    dv[2 * j] = dt * through_b;
+                    dv[2 * j + 1] = uu * through_b + through_a;
                     if (var_bc) {
-                        // Sum over the channels of the warp, then park the warp's sums.
-                        const int off = reduce_scatter<P, FS_WARP, MV>(mv, lane);
-                        constexpr int CNT = RsCount<MV, FS_WARP / P>::value;
-                        if (lane / P < MV) {
+                        // Park this thread's values (summed over the block's channels below).
+                        acc_t* park = s_red + ((jj % TR * 2) * ROWS + c) * (NP * PT) + l * S * PT;
 #pragma unroll
-                            for (int i = 0; i < CNT; ++i) {
-                                const int o = off + i;
-                                const int which = o / (S * PT), s = (o / PT) % S, part = o % PT;
-                                s_red[((warp * TR + jj % TR) * 2 + which) * NP * PT + (l * S + s) * PT + part] = mv[i];
+                        for (int which = 0; which < 2; ++which) {
+                            if constexpr ((S * PT) % 4 == 0) {
+#pragma unroll
+                                for (int q = 0; q < S * PT; q += 4) {
+                                    AccRun<4> run;
+#pragma unroll
+                                    for (int k4 = 0; k4 < 4; ++k4) run.x[k4] = mv[which * S * PT + q + k4];
+                                    *reinterpret_cast<AccRun<4>*>(park + which * ROWS * NP * PT + q) = run;
+                                }
+                            } else {
+#pragma unroll
+                                for (int q = 0; q < S * PT; ++q) park[which * ROWS * NP * PT + q] = mv[which * S * PT + q];
                             }
                         }
                         if (jj % TR == 0) {
-                            // Steps jj..jj+TR are parked by every warp: sum them over warps, in order.
+                            // Steps jj..jj+TR are parked by every channel: sum them over channels.
                             __syncthreads();
-                            constexpr int E = TR * 2 * NP * PT;
-                            for (int e = tid; e < E; e += FS_SEL_THREADS) {
-                                const int tr = e / (2 * NP * PT), which = (e / (NP * PT)) % 2;
-                                const int n = (e / PT) % NP, part = e % PT;
-                                const i64 tg = ts0 + tw + jj + tr;
-                                acc_t* dst = which ? Q.part_c : Q.part_b;
-                                if (dst && n < N && tg < L) {
-                                    acc_t sum = 0;
-#pragma unroll
-                                    for (int wp = 0; wp < FS_SEL_WARPS; ++wp) sum += s_red[wp * E + e];
-                                    dst[((b * Q.tiles + tile) * N + n) * (L * PT) + tg * PT + part] = sum;
-                                }
-                            }
+                            sum_parked_bc<P, S, TR>(Q, s_red, b, tile, ts0 + tw + jj);
                             __syncthreads();
                         }
                     }
