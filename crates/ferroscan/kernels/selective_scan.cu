@@ -552,9 +552,15 @@ struct BcRegs {
     static constexpr int V = FS_SEL_VEC;
     static_assert((T * PT) % V == 0, "whole vectors");
     static constexpr int KV = (E / V + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
-    static constexpr bool VECTORS = (E / V) % FS_SEL_THREADS == 0;  // as TileRegs
+    // Vectors where they fill whole warps: a few more registers than scalars when they do not
+    // fill every thread, but staging scalars along time would cost 8-way bank conflicts.
+    static constexpr bool VECTORS = (E / V) % FS_WARP == 0;
     SlotWords<K, VECTORS ? KV : 0> r;
     int mode;
+
+    static __device__ __forceinline__ bool vexists(int i) {
+        return (E / V) % FS_SEL_THREADS == 0 || i < KV - 1 || (int)fresh_tid() + i * FS_SEL_THREADS < E / V;
+    }
 
     // Vector slot i as its state n and first (step, part) column tp. Consecutive threads take
     // consecutive states (then the next vector of each): their scattered stores to shared memory
@@ -592,7 +598,7 @@ struct BcRegs {
                 for (int i = 0; i < KV; ++i) {
                     int n, tp;
                     vslot(i, n, tp);
-                    if (n < states)
+                    if (n < states && vexists(i))
                         r.load_vector(i, p + n * st.s[2] + tp);
                     else
                         r.zero_vector(i);
@@ -625,6 +631,7 @@ struct BcRegs {
                 for (int i = 0; i < KV; ++i) {
                     int n, tp;
                     vslot(i, n, tp);
+                    if (!vexists(i)) continue;
 #pragma unroll
                     for (int j = 0; j < V; ++j) {
                         const int t = (tp + j) / PT, part = (tp + j) % PT;
@@ -982,7 +989,7 @@ struct BwdShared {
 };
 
 // ∂B and ∂C of TR steps from t (global step), parked in `red` as [step][∂B or ∂C][channel][state,
-// part] by every channel of the block: summed over the channels in channel order (runs of 4
+// part] by every channel of the block: summed over the channels in a fixed order (runs of 4
 // values; with fewer runs than threads, SPLIT threads share a run's channels and add their sums
 // by shuffles) and written to this tile's slots of part_b / part_c.
 template <int P, int S, int TR>
@@ -995,11 +1002,13 @@ __device__ __forceinline__ void sum_parked_bc(const SelParams& Q, const acc_t* r
     for (int e = tid / SPLIT; e < RUNS; e += FS_SEL_THREADS / SPLIT) {
         const int share = tid % SPLIT;
         const int row = e / (W / 4), q = e % (W / 4) * 4;  // row = step·2 + which
-        const acc_t* src = red + (row * ROWS + share * (ROWS / SPLIT)) * W + q;
+        // Share k takes channels k, k + SPLIT, ...: the threads of a run then read neighbouring
+        // channels, on distinct banks.
+        const acc_t* src = red + (row * ROWS + share) * W + q;
         AccRun<4> sum = lds_run<4>(src);
 #pragma unroll
         for (int cc = 1; cc < ROWS / SPLIT; ++cc) {
-            const AccRun<4> x = lds_run<4>(src + cc * W);
+            const AccRun<4> x = lds_run<4>(src + cc * SPLIT * W);
 #pragma unroll
             for (int k = 0; k < 4; ++k) sum.x[k] += x.x[k];
         }
