@@ -90,6 +90,30 @@ __device__ __forceinline__ AffineMap shfl_map(AffineMap m, int src_lane) {
     return AffineMap{__shfl_sync(FS_FULL_MASK, m.a, src_lane), __shfl_sync(FS_FULL_MASK, m.b, src_lane)};
 }
 
+// Value i of 32-bit words holding storage values packed (two per word for the 16-bit types, two
+// words per value for float64), and its rounded replacement; constant indices keep the words in
+// registers.
+__device__ __forceinline__ acc_t unpack_value(const unsigned* w, int i) {
+#if FS_DTYPE == 0 || FS_DTYPE == 1
+    return to_acc((storage_t)((w[i / 2] >> (16 * (i % 2))) & 0xffffu));
+#elif FS_DTYPE == 2
+    return __uint_as_float(w[i]);
+#else
+    return __hiloint2double((int)w[2 * i + 1], (int)w[2 * i]);
+#endif
+}
+__device__ __forceinline__ void pack_value(unsigned* w, int i, acc_t v) {
+#if FS_DTYPE == 0 || FS_DTYPE == 1
+    unsigned h = from_acc(v);
+    w[i / 2] = (i % 2) ? ((w[i / 2] & 0xffffu) | (h << 16)) : ((w[i / 2] & 0xffff0000u) | h);
+#elif FS_DTYPE == 2
+    w[i] = __float_as_uint(v);
+#else
+    w[2 * i] = (unsigned)__double2loint(v);
+    w[2 * i + 1] = (unsigned)__double2hiint(v);
+#endif
+}
+
 // Vectorized access to K consecutive elements held in 32-bit words, constant indices only
 // (so the words stay in registers).
 template <int K>
@@ -111,24 +135,6 @@ struct Run {
 #pragma unroll
         for (int i = 0; i < WORDS / 4; ++i) v[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
     }
-    __device__ __forceinline__ acc_t get(int i) const {
-#if FS_DTYPE == 0 || FS_DTYPE == 1
-        return to_acc((storage_t)((w[i / 2] >> (16 * (i % 2))) & 0xffffu));
-#elif FS_DTYPE == 2
-        return __uint_as_float(w[i]);
-#else
-        return __hiloint2double((int)w[2 * i + 1], (int)w[2 * i]);
-#endif
-    }
-    __device__ __forceinline__ void set(int i, acc_t v) {
-#if FS_DTYPE == 0 || FS_DTYPE == 1
-        unsigned h = from_acc(v);
-        w[i / 2] = (i % 2) ? ((w[i / 2] & 0xffffu) | (h << 16)) : ((w[i / 2] & 0xffff0000u) | h);
-#elif FS_DTYPE == 2
-        w[i] = __float_as_uint(v);
-#else
-        w[2 * i] = (unsigned)__double2loint(v);
-        w[2 * i + 1] = (unsigned)__double2hiint(v);
-#endif
-    }
+    __device__ __forceinline__ acc_t get(int i) const { return unpack_value(w, i); }
+    __device__ __forceinline__ void set(int i, acc_t v) { pack_value(w, i, v); }
 };

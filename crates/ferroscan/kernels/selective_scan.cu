@@ -297,21 +297,19 @@ struct SlotWords {
     static constexpr int NW = KS * WPS > KV * 4 ? KS * WPS : KV * 4;
     unsigned w[NW];
 
+    // Scalar slot i: one value per word for the 16-bit types (unpacked), else as packed.
     __device__ __forceinline__ void set(int i, storage_t x) {
 #if FS_DTYPE == 0 || FS_DTYPE == 1
         w[i] = x;
-#elif FS_DTYPE == 2
-        w[i] = __float_as_uint(x);
 #else
-        w[2 * i] = (unsigned)__double2loint(x);
-        w[2 * i + 1] = (unsigned)__double2hiint(x);
+        pack_value(w, i, x);
 #endif
     }
     __device__ __forceinline__ acc_t get(int i) const {
 #if FS_DTYPE == 0 || FS_DTYPE == 1
         return to_acc((storage_t)w[i]);
 #else
-        return packed(i);
+        return unpack_value(w, i);
 #endif
     }
     __device__ __forceinline__ void load_vector(int i, const storage_t* p) {
@@ -326,35 +324,15 @@ struct SlotWords {
         for (int k = 0; k < 4; ++k) w[4 * i + k] = 0;
     }
     // Value j of vector slot i.
-    __device__ __forceinline__ acc_t vget(int i, int j) const { return packed(i * FS_SEL_VEC + j); }
-
-  private:
-    // Value k of the words read as packed storage.
-    __device__ __forceinline__ acc_t packed(int k) const {
-#if FS_DTYPE == 0 || FS_DTYPE == 1
-        return to_acc((storage_t)(w[k / 2] >> (16 * (k % 2))));
-#elif FS_DTYPE == 2
-        return __uint_as_float(w[k]);
-#else
-        return __hiloint2double((int)w[2 * k + 1], (int)w[2 * k]);
-#endif
-    }
+    __device__ __forceinline__ acc_t vget(int i, int j) const { return unpack_value(w, i * FS_SEL_VEC + j); }
 };
 
 // Writes v[0..FS_SEL_VEC), rounded to storage, as the 16-byte vector at p.
 __device__ __forceinline__ void store_vector(storage_t* p, const acc_t* v) {
-    unsigned w[4];
+    Run<FS_SEL_VEC> r;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-#if FS_DTYPE == 0 || FS_DTYPE == 1
-        w[k] = (unsigned)from_acc(v[2 * k]) | ((unsigned)from_acc(v[2 * k + 1]) << 16);
-#elif FS_DTYPE == 2
-        w[k] = __float_as_uint(v[k]);
-#else
-        w[k] = (unsigned)(k % 2 ? __double2hiint(v[k / 2]) : __double2loint(v[k / 2]));
-#endif
-    }
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    for (int j = 0; j < FS_SEL_VEC; ++j) r.set(j, v[j]);
+    r.store(p);
 }
 
 // V consecutive values of a shared-memory row, moved as one: 128-bit accesses (the address must be
