@@ -25,9 +25,9 @@
 // registers (TS = 64 / (S·parts): windows are walked last first, their starting states found by a
 // forward sweep through the earlier windows), then run the adjoint recurrence backwards through the
 // window. Per-(channel, step) sums over states (∂u, ∂Δ, y for ∂z) are reduce-scattered over the P
-// lanes; per-(step, state) sums over channels (∂B, ∂C when variable) are reduce-scattered over the
-// channels of a warp, summed over the warps in shared memory in warp order, and written per tile
-// to scratch, which `selective_reduce_bc` sums over the tiles of a group in tile order. Per-channel
+// lanes; per-(step, state) sums over channels (∂B, ∂C when variable) are parked per channel in
+// shared memory, summed over the block's channels in a fixed order every few steps, and written per
+// tile to scratch, which `selective_reduce_bc` sums over the tiles of a group in tile order. Per-channel
 // parameter gradients (∂A, ∂D, ∂delta_bias, constant ∂B/∂C) accumulate in registers, go to scratch
 // per (batch, channel), and `selective_reduce_params` sums them over the batch in order. No
 // atomics anywhere: the gradients are bit-identical from run to run.
@@ -356,6 +356,14 @@ struct StagedRow {
     static constexpr int value = T + 4;
 };
 
+// Whether slot i of this thread (element tid + i·THREADS of COUNT) exists: only the last slot of a
+// thread can fall past COUNT.
+template <int COUNT>
+__device__ __forceinline__ bool slot_exists(int i) {
+    constexpr int SLOTS = (COUNT + FS_SEL_THREADS - 1) / FS_SEL_THREADS;
+    return COUNT % FS_SEL_THREADS == 0 || i < SLOTS - 1 || (int)fresh_tid() + i * FS_SEL_THREADS < COUNT;
+}
+
 // How a thread's slots of a tile are laid out.
 enum TileMode { TILE_TIME = 0, TILE_CHANNELS = 1, TILE_VECTORS = 2 };
 
@@ -393,14 +401,10 @@ struct TileRegs {
         dc = time_fast ? FS_SEL_THREADS / T : 0;
         dt = time_fast ? 0 : FS_SEL_THREADS / ROWS;
     }
-    // Whether scalar slot i of this thread lies in the tile (only the last can fall past it).
-    static __device__ __forceinline__ bool exists(int i) {
-        return E % FS_SEL_THREADS == 0 || i < K - 1 || (int)fresh_tid() + i * FS_SEL_THREADS < E;
-    }
-    // Whether vector slot i of this thread lies in the tile, and where it starts.
-    static __device__ __forceinline__ bool vexists(int i) {
-        return (E / V) % FS_SEL_THREADS == 0 || i < KV - 1 || (int)fresh_tid() + i * FS_SEL_THREADS < E / V;
-    }
+    // Whether scalar / vector slot i of this thread lies in the tile.
+    static __device__ __forceinline__ bool exists(int i) { return slot_exists<E>(i); }
+    static __device__ __forceinline__ bool vexists(int i) { return slot_exists<E / V>(i); }
+    // Where vector slot 0 of this thread starts (slot i is DCV·i channels further).
     static __device__ __forceinline__ void vorigin(int& c, int& t) {
         c = (int)fresh_tid() / RV;
         t = (int)fresh_tid() % RV * V;
@@ -536,9 +540,7 @@ struct BcRegs {
     SlotWords<K, VECTORS ? KV : 0> r;
     int mode;
 
-    static __device__ __forceinline__ bool vexists(int i) {
-        return (E / V) % FS_SEL_THREADS == 0 || i < KV - 1 || (int)fresh_tid() + i * FS_SEL_THREADS < E / V;
-    }
+    static __device__ __forceinline__ bool vexists(int i) { return slot_exists<E / V>(i); }
 
     // Vector slot i as its state n and first (step, part) column tp. Consecutive threads take
     // consecutive states (then the next vector of each): their scattered stores to shared memory
@@ -1029,7 +1031,7 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
     acc_t* s_red = sm.red;
     acc_t* s_bias = sm.bias;
 
-    const int tid = threadIdx.x, lane = tid % FS_WARP, warp = tid / FS_WARP;
+    const int tid = threadIdx.x, lane = tid % FS_WARP;
     const int c = tid / P, l = tid % P;
     const i64 b = blockIdx.x / Q.tiles, tile = blockIdx.x % Q.tiles, c0 = tile * Q.ct;
     const i64 d = c0 + c;
