@@ -2,7 +2,8 @@ r"""The CUDA gated-scan block kernels (``kernels/gated_scan.cu``), run on the CP
 emulation of CUDA (``tests/cuda_emulation/cuda_host_shim.h``; see
 ``test_selective_cuda_emulated.py``), against a float64 loop written here.
 
-The kernels are compiled by g++ in float64 with ``FS_GATED_LANE_STATES`` forced, mostly to 2: on
+The kernels are compiled by g++ in float64 with ``FS_GATED_LANE_STATES`` forced, mostly to 2 (and
+``FS_GATED_WARPS`` to each of the launcher's builds of 4, 8 and 16 warps per block): on
 a GPU two states per lane is what 16-bit types run (one vector access per lane when a lane's two
 states are adjacent and aligned, scalar accesses otherwise), and float64 would otherwise get 1.
 ``gated_harness.cpp`` launches a pass as ``src/cuda/gated_scan.rs`` does. Each case checks the
@@ -31,14 +32,22 @@ pytestmark = pytest.mark.skipif(GXX is None, reason="the CUDA host emulation nee
 SPACING = 8  # FS_GATED_SEG: steps between checkpoints
 
 
+# (states per lane, warps per block): the builds the cases below use.
+BUILDS = [(1, 8), (2, 8), (2, 4), (1, 16)]
+
+
 @pytest.fixture(scope="session")
-def emulators(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    """The harness for 1 and 2 states per lane, built once per session."""
+def emulators(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], Path]:
+    """The harness for each of ``BUILDS``, built once per session."""
     out = tmp_path_factory.mktemp("cuda_emulation_gated")
+
+    def text(states: int, warps: int) -> str:
+        defines = {"FS_DTYPE": 3, "FS_GATED_LANE_STATES": states, "FS_GATED_WARPS": warps}
+        return source("gated_scan.cu", defines, "gated_harness.cpp")
+
     return {
-        states: build(out, f"gated_ls{states}", source("gated_scan.cu", {"FS_DTYPE": 3, "FS_GATED_LANE_STATES": states},
-                                                         "gated_harness.cpp"))  # fmt: skip
-        for states in (1, 2)
+        (states, warps): build(out, f"gated_ls{states}_w{warps}", text(states, warps))
+        for states, warps in BUILDS
     }
 
 
@@ -54,6 +63,7 @@ class Case:
     grad_final: bool = True
     misalign: Optional[str] = None  # a tensor the harness places one element off a vector boundary
     lane_states: int = 2
+    warps: int = 8  # per block (a build of gated_scan.cu each; the launcher picks 4, 8 or 16)
 
 
 def _inputs(case: Case, seed: int) -> dict[str, Optional[torch.Tensor]]:
@@ -110,8 +120,8 @@ def _np(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     return None if t is None else t.detach().contiguous().flatten().numpy()
 
 
-def run_case(case: Case, emulators: dict[int, Path], folder: Path, seed: int) -> None:
-    exe = emulators[case.lane_states]
+def run_case(case: Case, emulators: dict[tuple[int, int], Path], folder: Path, seed: int) -> None:
+    exe = emulators[(case.lane_states, case.warps)]
     x = _inputs(case, seed)
     base = {"outer": case.outer, "len": case.length, "inner": case.inner, "reverse": int(case.reverse)}
     if case.misalign:
@@ -181,9 +191,13 @@ CASES = {
     # one state per lane (what float32 and float64 run on a GPU)
     "one-per-lane": Case(outer=2, length=70, inner=40, lane_states=1),
     "one-per-lane-odd-reverse": Case(outer=3, length=19, inner=33, reverse=True, has_c=False, lane_states=1),
+    # blocks of 4 and 16 warps (windows of 32 and 128 steps)
+    "four-warps": Case(outer=2, length=75, inner=40, warps=4),
+    "four-warps-reverse-odd": Case(outer=3, length=41, inner=33, reverse=True, has_b=False, warps=4),
+    "sixteen-warps-one-per-lane": Case(outer=2, length=300, inner=40, lane_states=1, warps=16),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_emulated_gated_kernels_match_a_loop(emulators: dict[int, Path], tmp_path: Path, name: str) -> None:
+def test_emulated_gated_kernels_match_a_loop(emulators: dict[tuple[int, int], Path], tmp_path: Path, name: str) -> None:
     run_case(CASES[name], emulators, tmp_path, seed=len(name))

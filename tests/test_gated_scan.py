@@ -362,6 +362,22 @@ def test_half_precision(device: str, dtype: torch.dtype, length: int) -> None:
         check(inputs, dim=dim, reverse=reverse, return_final=True, seed=9, what=f"{dtype} {layout} L={length}")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("warps", ["4", "8", "16"])
+@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("bc", ["bc", "none"])
+def test_every_warps_build(dtype: torch.dtype, warps: str, bc: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each build of 4, 8 and 16 warps per block (FERROSCAN_GATED_WARPS; the launcher picks one
+    per pass and shape), with two states per lane in bfloat16: values and gradients over several
+    windows of time, a partial last window and a partial last group of states, both directions."""
+    monkeypatch.setenv("FERROSCAN_GATED_WARPS", warps)
+    if dtype == BF16:
+        monkeypatch.setenv("FERROSCAN_GATED_LANE_STATES", "2")
+    for reverse in (False, True):
+        inputs = make_inputs((3, 301, 40), 1, dtype, "cuda", seed=int(warps) + reverse, bc=bc, initial=True)
+        check(inputs, dim=1, reverse=reverse, return_final=True, seed=5, what=f"{dtype} warps={warps} {bc}")
+
+
 @pytest.mark.usefixtures("half_lane_states")
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("bc", ["none", "b", "c"])
@@ -399,6 +415,24 @@ def test_broadcast_gates(device: str, dtype: torch.dtype) -> None:
     shapes = {"a": (1, 50, 3), "b": (3,), "c": (2, 1, 3)}
     inputs = make_inputs((2, 50, 3), 1, dtype, device, seed=23, initial=True, shapes=shapes)
     check(inputs, dim=1, reverse=False, return_final=True, seed=24, what="broadcast")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_infinity_survives_underflowing_gates(device: str, reverse: bool) -> None:
+    """A state that became infinite stays infinite through gates whose product over a stretch
+    underflows to zero, as a step-by-step loop keeps it (inf * 1e-6 is inf at every step): the
+    CUDA kernels combine stretches of 8 steps and more, whose gate products are 0 here, and must
+    not turn 0 * inf into NaN."""
+    shape = (2, 300, 40)
+    x = torch.zeros(shape, device=device)
+    a = torch.full(shape, 1e-6, device=device)
+    hit = 5 if not reverse else 294
+    x[:, hit] = float("inf")
+    y, final = ferroscan.gated_scan(x, a, reverse=reverse, return_final=True)
+    after = torch.arange(300, device=device) >= hit if not reverse else torch.arange(300, device=device) <= hit
+    assert y[:, after].isposinf().all(), "infinite from the step that received inf on"
+    assert torch.equal(y[:, ~after], torch.zeros_like(y[:, ~after])), "zero before it"
+    assert final.isposinf().all()
 
 
 def test_zero_length(device: str) -> None:

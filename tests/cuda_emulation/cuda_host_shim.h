@@ -32,6 +32,7 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 
+using std::isfinite;
 using std::isinf;
 using std::max;
 using std::min;

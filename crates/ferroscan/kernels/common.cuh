@@ -50,6 +50,20 @@ __device__ __forceinline__ storage_t from_acc(acc_t v) {
 #endif
 }
 
+#if FS_DTYPE == 0 || FS_DTYPE == 1
+// Two values rounded to the 16-bit type in one conversion, `lo` in the low half: the same
+// round-to-nearest-even as `from_acc` on each.
+__device__ __forceinline__ unsigned pack_pair(acc_t lo, acc_t hi) {
+    unsigned r;
+#if FS_DTYPE == 0
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+#endif
+
 // An affine map s -> a*s + b: what a stretch of a linear recurrence does to its incoming state.
 struct AffineMap {
     acc_t a, b;

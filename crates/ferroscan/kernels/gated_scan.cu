@@ -25,7 +25,11 @@
 
 #include "common.cuh"
 
+// Warps per block: 4, 8 or 16, one build each (`KernelSource`s in src/cuda/compile.rs; the
+// launcher picks a build per pass and shape, see `warps` in src/cuda/gated_scan.rs).
+#ifndef FS_GATED_WARPS
 #define FS_GATED_WARPS 8
+#endif
 #define FS_GATED_SEG 8  // steps per warp per window; also the checkpoint spacing
 
 // States per lane. With 16-bit storage one state per lane makes a warp's access 64 bytes, half a
@@ -84,6 +88,18 @@ struct alignas(FS_GATED_LS * sizeof(storage_t)) LaneVals {
 #endif
 static_assert(sizeof(LaneVals) == FS_GATED_LS * sizeof(storage_t), "a lane's values are one vector");
 
+// The lane's values rounded from accumulator values (two 16-bit values in one conversion).
+__device__ __forceinline__ LaneVals rounded(const acc_t (&v)[FS_GATED_LS]) {
+    LaneVals r;
+#if FS_GATED_LS == 2 && (FS_DTYPE == 0 || FS_DTYPE == 1)
+    r.w = pack_pair(v[0], v[1]);
+#else
+#pragma unroll
+    for (int i = 0; i < FS_GATED_LS; ++i) r.put(i, from_acc(v[i]));
+#endif
+    return r;
+}
+
 __device__ __forceinline__ LaneVals splat(storage_t v) {
     LaneVals r;
 #pragma unroll
@@ -136,47 +152,72 @@ __device__ __forceinline__ i64 gated_at(const GatedLane& l, i64 u, int i) {
     return l.base[i] + (DESC ? l.len - 1 - u : u) * l.inner;
 }
 
-// Where the lane's elements at position u are (`at`, for its states that exist and u < len:
-// `inside`), worked out once per position for every tensor. VEC: only state 0's, the lane's
-// vector (used only where `l.vec`).
-struct Spot {
-    bool inside[FS_GATED_LS];
+// Where the lane's elements are at one position, moved one position at a time: every tensor has
+// the same (outer, len, inner) layout, so one cursor serves all of them, and a step is an add
+// (the per-position multiplies and bound checks of 64-bit indices cost more instructions than
+// the arithmetic of the scan itself in 16-bit types).
+template <bool DESC>
+struct Cursor {
     i64 at[FS_GATED_LS];
+    i64 step;
+    __device__ __forceinline__ Cursor(const GatedLane& l, i64 u) {
+        step = DESC ? -l.inner : l.inner;
+#pragma unroll
+        for (int i = 0; i < FS_GATED_LS; ++i) at[i] = gated_at<DESC>(l, u, i);
+    }
+    __device__ __forceinline__ void next() {
+#pragma unroll
+        for (int i = 0; i < FS_GATED_LS; ++i) at[i] += step;
+    }
+    __device__ __forceinline__ void prev() {
+#pragma unroll
+        for (int i = 0; i < FS_GATED_LS; ++i) at[i] -= step;
+    }
 };
 
-template <bool VEC, bool DESC>
-__device__ __forceinline__ Spot spot_at(const GatedLane& l, i64 u) {
-    Spot s;
-#pragma unroll
-    for (int i = 0; i < (VEC ? 1 : FS_GATED_LS); ++i) {
-        s.inside[i] = (VEC ? l.owned == FS_GATED_LS : i < l.owned) && u < l.len;
-        s.at[i] = s.inside[i] ? gated_at<DESC>(l, u, i) : 0;
-    }
-    return s;
+// How many of the SEG positions from u0 on are inside the sequence (0 when none).
+__device__ __forceinline__ int positions_inside(const GatedLane& l, i64 u0, int seg) {
+    const i64 left = l.len - u0;
+    return left <= 0 ? 0 : (left < seg ? (int)left : seg);
 }
 
-// The lane's values of `p` at `s` (`fill` where there is no element).
-template <bool VEC>
-__device__ __forceinline__ LaneVals load_at(const storage_t* p, const Spot& s, storage_t fill) {
-    if constexpr (VEC) {
-        return s.inside[0] ? *reinterpret_cast<const LaneVals*>(p + s.at[0]) : splat(fill);
+// How a lane reaches a segment's elements: FULL, one vector per position with no checks (the lane
+// owns all its states, `l.vec`, and the whole segment is inside the sequence: every segment but
+// the edges); VECTOR, one vector per position where inside; SCALAR, element by element.
+enum Reach { FULL, VECTOR, SCALAR };
+
+template <bool DESC>
+__device__ __forceinline__ Reach reach_of(const GatedLane& l, int inside, int seg) {
+    if (FS_GATED_LS != 1 && !l.vec) return SCALAR;
+    return (inside == seg && l.owned == FS_GATED_LS) ? FULL : VECTOR;
+}
+
+// The lane's values of `p` at the cursor (`fill` where there is no element: past the sequence,
+// `live` false, or a state the lane does not own).
+template <Reach R, bool DESC>
+__device__ __forceinline__ LaneVals load_at(const storage_t* p, const GatedLane& l, const Cursor<DESC>& c,
+                                            bool live, storage_t fill) {
+    if constexpr (R == FULL) {
+        return *reinterpret_cast<const LaneVals*>(p + c.at[0]);
+    } else if constexpr (R == VECTOR) {
+        return (live && l.owned == FS_GATED_LS) ? *reinterpret_cast<const LaneVals*>(p + c.at[0]) : splat(fill);
     } else {
         LaneVals r;
 #pragma unroll
-        for (int i = 0; i < FS_GATED_LS; ++i) r.put(i, s.inside[i] ? p[s.at[i]] : fill);
+        for (int i = 0; i < FS_GATED_LS; ++i) r.put(i, (live && i < l.owned) ? p[c.at[i]] : fill);
         return r;
     }
 }
 
-// Stores the lane's values at position u of its existing states; u < len.
-template <bool DESC>
-__device__ __forceinline__ void store_at(storage_t* p, const GatedLane& l, i64 u, LaneVals v) {
-    if (FS_GATED_LS == 1 || l.vec) {
-        *reinterpret_cast<LaneVals*>(p + gated_at<DESC>(l, u, 0)) = v;
+// Stores the lane's values at the cursor, of its existing states; the position is inside.
+template <Reach R, bool DESC>
+__device__ __forceinline__ void store_at(storage_t* p, const GatedLane& l, const Cursor<DESC>& c, LaneVals v) {
+    if (R != SCALAR) {
+        *reinterpret_cast<LaneVals*>(p + c.at[0]) = v;
     } else {
 #pragma unroll
         for (int i = 0; i < FS_GATED_LS; ++i)
-            if (i < l.owned) p[gated_at<DESC>(l, u, i)] = v.at(i);
+            if (i < l.owned) p[c.at[i]] = v.at(i);
     }
 }
 
@@ -192,27 +233,51 @@ template <bool DESC, bool HAS_B, bool HAS_C>
 struct ForwardSegment {
     LaneVals ra[FS_GATED_SEG], rx[FS_GATED_SEG], rb[FS_GATED_SEG], rc[FS_GATED_SEG];
 
-    template <bool VEC>
-    __device__ __forceinline__ void load_as(const GatedParams& P, const GatedLane& l, i64 u0) {
+    template <Reach R>
+    __device__ __forceinline__ void load_as(const GatedParams& P, const GatedLane& l, i64 u0, int inside) {
         const storage_t one = from_acc(acc_t(1)), zero = from_acc(acc_t(0));
+        Cursor<DESC> at(l, u0);
 #pragma unroll
-        for (int k = 0; k < FS_GATED_SEG; ++k) {
-            const Spot at = spot_at<VEC, DESC>(l, u0 + k);
-            ra[k] = load_at<VEC>(P.a, at, one);
-            rx[k] = load_at<VEC>(P.x, at, zero);
-            if (HAS_B) rb[k] = load_at<VEC>(P.b, at, one);
-            if (HAS_C) rc[k] = load_at<VEC>(P.c, at, one);
+        for (int k = 0; k < FS_GATED_SEG; ++k, at.next()) {
+            const bool live = k < inside;
+            ra[k] = load_at<R>(P.a, l, at, live, one);
+            rx[k] = load_at<R>(P.x, l, at, live, zero);
+            if (HAS_B) rb[k] = load_at<R>(P.b, l, at, live, one);
+            if (HAS_C) rc[k] = load_at<R>(P.c, l, at, live, one);
         }
     }
     __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
-        if (FS_GATED_LS == 1 || l.vec) load_as<true>(P, l, u0);
-        else load_as<false>(P, l, u0);
+        const int inside = positions_inside(l, u0, FS_GATED_SEG);
+        switch (reach_of<DESC>(l, inside, FS_GATED_SEG)) {
+            case FULL: load_as<FULL>(P, l, u0, inside); break;
+            case VECTOR: load_as<VECTOR>(P, l, u0, inside); break;
+            default: load_as<SCALAR>(P, l, u0, inside);
+        }
     }
     __device__ __forceinline__ acc_t g(int k, int i) const { return to_acc(ra[k].at(i)); }
     __device__ __forceinline__ acc_t tok(int k, int i) const {
         return HAS_B ? to_acc(rb[k].at(i)) * to_acc(rx[k].at(i)) : to_acc(rx[k].at(i));
     }
     __device__ __forceinline__ acc_t out(int k, int i, acc_t h) const { return HAS_C ? to_acc(rc[k].at(i)) * h : h; }
+
+    // Steps the segment's `inside` positions from `h` (the state entering it; left as the state
+    // after its last position) and stores y.
+    template <Reach R>
+    __device__ __forceinline__ void emit(const GatedParams& P, const GatedLane& l, i64 u0, int inside,
+                                         acc_t (&h)[FS_GATED_LS]) const {
+        Cursor<DESC> at(l, u0);
+#pragma unroll
+        for (int k = 0; k < FS_GATED_SEG; ++k, at.next()) {
+            if (R != FULL && k >= inside) break;
+            acc_t y[FS_GATED_LS];
+#pragma unroll
+            for (int i = 0; i < FS_GATED_LS; ++i) {
+                h[i] = g(k, i) * h[i] + tok(k, i);
+                y[i] = out(k, i, h[i]);
+            }
+            store_at<R>(P.y, l, at, rounded(y));
+        }
+    }
 };
 
 // What a backward segment reads: the forward's inputs, dL/dy, the gate one step past the segment,
@@ -225,19 +290,21 @@ struct BackwardSegment {
     acc_t checkpoint[FS_GATED_LS];
     static_assert(!STORED_H || (!HAS_B && !HAS_C), "a stored h comes from the plain scan");
 
-    template <bool VEC>
-    __device__ __forceinline__ void load_as(const GatedParams& P, const GatedLane& l, i64 u0) {
+    template <Reach R>
+    __device__ __forceinline__ void load_as(const GatedParams& P, const GatedLane& l, i64 u0, int inside) {
         const storage_t one = from_acc(acc_t(1)), zero = from_acc(acc_t(0));
+        Cursor<DESC> at(l, u0);
 #pragma unroll
-        for (int k = 0; k < FS_GATED_SEG; ++k) {
-            const Spot at = spot_at<VEC, DESC>(l, u0 + k);
-            ra[k] = load_at<VEC>(P.a, at, one);
-            rx[k] = load_at<VEC>(STORED_H ? P.hidden : P.x, at, zero);
-            if (HAS_B) rb[k] = load_at<VEC>(P.b, at, one);
-            if (HAS_C) rc[k] = load_at<VEC>(P.c, at, one);
-            rgy[k] = load_at<VEC>(P.grad_y, at, zero);
+        for (int k = 0; k < FS_GATED_SEG; ++k, at.next()) {
+            const bool live = k < inside;
+            ra[k] = load_at<R>(P.a, l, at, live, one);
+            rx[k] = load_at<R>(STORED_H ? P.hidden : P.x, l, at, live, zero);
+            if (HAS_B) rb[k] = load_at<R>(P.b, l, at, live, one);
+            if (HAS_C) rc[k] = load_at<R>(P.c, l, at, live, one);
+            rgy[k] = load_at<R>(P.grad_y, l, at, live, zero);
         }
-        ra_next = load_at<VEC>(P.a, spot_at<VEC, DESC>(l, u0 + FS_GATED_SEG), one);
+        // One past the segment: inside for FULL only when the sequence goes on.
+        ra_next = load_at<R == FULL ? VECTOR : R>(P.a, l, at, FS_GATED_SEG < inside, one);
         const bool live = u0 < l.len;
 #pragma unroll
         for (int i = 0; i < FS_GATED_LS; ++i) {
@@ -249,11 +316,17 @@ struct BackwardSegment {
                 rh_before.put(i, has ? P.initial[l.state + i] : zero);
             }
         }
-        if (STORED_H && live && u0 > 0) rh_before = load_at<VEC>(P.hidden, spot_at<VEC, DESC>(l, u0 - 1), zero);
+        if (STORED_H && live && u0 > 0)
+            rh_before = load_at<R == FULL ? VECTOR : R>(P.hidden, l, Cursor<DESC>(l, u0 - 1), true, zero);
     }
     __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
-        if (FS_GATED_LS == 1 || l.vec) load_as<true>(P, l, u0);
-        else load_as<false>(P, l, u0);
+        // inside counts the gate one past the segment too
+        const int inside = positions_inside(l, u0, FS_GATED_SEG + 1);
+        switch (reach_of<DESC>(l, inside < FS_GATED_SEG ? inside : FS_GATED_SEG, FS_GATED_SEG)) {
+            case FULL: load_as<FULL>(P, l, u0, inside); break;
+            case VECTOR: load_as<VECTOR>(P, l, u0, inside); break;
+            default: load_as<SCALAR>(P, l, u0, inside);
+        }
     }
     __device__ __forceinline__ acc_t g(int k, int i) const { return to_acc(ra[k].at(i)); }
     // The adjoint's gate at position k: a one step later.
@@ -265,7 +338,63 @@ struct BackwardSegment {
     __device__ __forceinline__ acc_t gy(int k, int i) const { return to_acc(rgy[k].at(i)); }
     __device__ __forceinline__ acc_t tok(int k, int i) const { return HAS_C ? to_acc(rc[k].at(i)) * gy(k, i) : gy(k, i); }
     __device__ __forceinline__ acc_t h_in(int i) const { return STORED_H ? to_acc(rh_before.at(i)) : checkpoint[i]; }
+
+    // Steps the adjoint back through the segment from `lam` (entering its right end; left as lam
+    // at its first position) and stores the gradients of its `inside` positions, given its h.
+    template <Reach R>
+    __device__ __forceinline__ void emit(const GatedParams& P, const GatedLane& l, i64 u0, int inside,
+                                         const acc_t (&h)[FS_GATED_SEG][FS_GATED_LS], acc_t (&lam)[FS_GATED_LS]) const {
+        Cursor<DESC> at(l, u0 + FS_GATED_SEG - 1);
+#pragma unroll
+        for (int k = FS_GATED_SEG - 1; k >= 0; --k, at.prev()) {
+#pragma unroll
+            for (int i = 0; i < FS_GATED_LS; ++i) lam[i] = g_after(k, i) * lam[i] + tok(k, i);
+            if (R != FULL && k >= inside) continue;
+            acc_t gx[FS_GATED_LS], ga[FS_GATED_LS], gb[FS_GATED_LS], gc[FS_GATED_LS];
+#pragma unroll
+            for (int i = 0; i < FS_GATED_LS; ++i) {
+                const acc_t h_before = k > 0 ? h[k - 1][i] : h_in(i);
+                gx[i] = HAS_B ? lam[i] * b(k, i) : lam[i];
+                ga[i] = lam[i] * h_before;
+                gb[i] = HAS_B ? lam[i] * x(k, i) : acc_t(0);
+                gc[i] = HAS_C ? gy(k, i) * h[k][i] : acc_t(0);
+            }
+            store_at<R>(P.grad_x, l, at, rounded(gx));
+            store_at<R>(P.grad_a, l, at, rounded(ga));
+            if (HAS_B) store_at<R>(P.grad_b, l, at, rounded(gb));
+            if (HAS_C) store_at<R>(P.grad_c, l, at, rounded(gc));
+        }
+    }
 };
+
+// Runs `carry` through the maps the block's warps published for one window, in the pass's order
+// (warp 0 first; RIGHT_TO_LEFT: the last first), and returns the value entering `warp`'s
+// segment. Plain multiply-adds first; only where the result is not finite does it go again with
+// `apply`, which keeps an infinite state infinite through a product of gates that underflowed to
+// zero (a non-finite value anywhere on the way leaves the result non-finite, so nothing else can
+// differ).
+template <int WARPS, bool RIGHT_TO_LEFT>
+__device__ __forceinline__ acc_t enter_segment(const AffineMap (&maps)[WARPS][FS_GATED_LS][FS_WARP],
+                                               int i, int lane, int warp, acc_t& carry) {
+    acc_t s = carry, mine = carry;
+#pragma unroll
+    for (int n = 0; n < WARPS; ++n) {
+        const int j = RIGHT_TO_LEFT ? WARPS - 1 - n : n;
+        const AffineMap m = maps[j][i][lane];
+        if (j == warp) mine = s;
+        s = m.a * s + m.b;
+    }
+    if (!isfinite(s)) {
+        s = carry;
+        for (int n = 0; n < WARPS; ++n) {
+            const int j = RIGHT_TO_LEFT ? WARPS - 1 - n : n;
+            if (j == warp) mine = s;
+            s = apply(maps[j][i][lane], s);
+        }
+    }
+    carry = s;
+    return mine;
+}
 
 // Both passes load the next window's segment before working on the current one (software
 // pipelining), so loads stay in flight across the block's synchronization and the stores.
@@ -273,8 +402,9 @@ struct BackwardSegment {
 
 template <bool DESC, bool HAS_B, bool HAS_C>
 __device__ __forceinline__ void gated_forward(const GatedParams& P) {
-    __shared__ AffineMap maps[2][FS_GATED_WARPS][FS_GATED_LS][FS_WARP];
-    constexpr i64 WINDOW = FS_GATED_WARPS * FS_GATED_SEG;
+    constexpr int WARPS = FS_GATED_WARPS;
+    __shared__ AffineMap maps[2][WARPS][FS_GATED_LS][FS_WARP];
+    constexpr i64 WINDOW = WARPS * FS_GATED_SEG;
     const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
     const GatedLane l = gated_lane(P);
     const i64 len = l.len;
@@ -299,37 +429,23 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
         __syncthreads();
         acc_t h[FS_GATED_LS];
 #pragma unroll
-        for (int i = 0; i < FS_GATED_LS; ++i) {
-            h[i] = carry[i];
-#pragma unroll
-            for (int j = 0; j < FS_GATED_WARPS; ++j) {
-                const acc_t after = apply(maps[buf][j][i][lane], carry[i]);
-                if (j == warp) h[i] = carry[i];
-                carry[i] = after;
-            }
-        }
+        for (int i = 0; i < FS_GATED_LS; ++i) h[i] = enter_segment<WARPS, false>(maps[buf], i, lane, warp, carry[i]);
         if (u0 < len && l.owned > 0) {
             if (P.checkpoints) {
 #pragma unroll
                 for (int i = 0; i < FS_GATED_LS; ++i)
                     if (i < l.owned) P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state + i] = h[i];
             }
+            const int inside = positions_inside(l, u0, FS_GATED_SEG);
+            switch (reach_of<DESC>(l, inside, FS_GATED_SEG)) {
+                case FULL: cur.template emit<FULL>(P, l, u0, inside, h); break;
+                case VECTOR: cur.template emit<VECTOR>(P, l, u0, inside, h); break;
+                default: cur.template emit<SCALAR>(P, l, u0, inside, h);
+            }
+            if (P.final_out && u0 + inside == len) {
 #pragma unroll
-            for (int k = 0; k < FS_GATED_SEG; ++k) {
-                const i64 u = u0 + k;
-                if (u >= len) break;
-                LaneVals y;
-#pragma unroll
-                for (int i = 0; i < FS_GATED_LS; ++i) {
-                    h[i] = cur.g(k, i) * h[i] + cur.tok(k, i);
-                    y.put(i, from_acc(cur.out(k, i, h[i])));
-                }
-                store_at<DESC>(P.y, l, u, y);
-                if (u == len - 1 && P.final_out) {
-#pragma unroll
-                    for (int i = 0; i < FS_GATED_LS; ++i)
-                        if (i < l.owned) P.final_out[l.state + i] = from_acc(h[i]);
-                }
+                for (int i = 0; i < FS_GATED_LS; ++i)
+                    if (i < l.owned) P.final_out[l.state + i] = from_acc(h[i]);
             }
         }
         if (more) cur = next;
@@ -338,8 +454,9 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
 
 template <bool DESC, bool HAS_B, bool HAS_C, bool STORED_H>
 __device__ __forceinline__ void gated_backward(const GatedParams& P) {
-    __shared__ AffineMap maps[2][FS_GATED_WARPS][FS_GATED_LS][FS_WARP];
-    constexpr i64 WINDOW = FS_GATED_WARPS * FS_GATED_SEG;
+    constexpr int WARPS = FS_GATED_WARPS;
+    __shared__ AffineMap maps[2][WARPS][FS_GATED_LS][FS_WARP];
+    constexpr i64 WINDOW = WARPS * FS_GATED_SEG;
     const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
     const GatedLane l = gated_lane(P);
     const i64 len = l.len;
@@ -368,15 +485,7 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
         __syncthreads();
         acc_t lam[FS_GATED_LS];
 #pragma unroll
-        for (int i = 0; i < FS_GATED_LS; ++i) {
-            lam[i] = carry[i];
-#pragma unroll
-            for (int j = FS_GATED_WARPS - 1; j >= 0; --j) {
-                const acc_t before = apply(maps[buf][j][i][lane], carry[i]);
-                if (j == warp) lam[i] = carry[i];
-                carry[i] = before;
-            }
-        }
+        for (int i = 0; i < FS_GATED_LS; ++i) lam[i] = enter_segment<WARPS, true>(maps[buf], i, lane, warp, carry[i]);
         if (l.owned > 0 && u0 < len) {
             acc_t h[FS_GATED_SEG][FS_GATED_LS];
 #pragma unroll
@@ -388,25 +497,11 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
                     h[k][i] = s;
                 }
             }
-#pragma unroll
-            for (int k = FS_GATED_SEG - 1; k >= 0; --k) {
-                const i64 u = u0 + k;
-#pragma unroll
-                for (int i = 0; i < FS_GATED_LS; ++i) lam[i] = cur.g_after(k, i) * lam[i] + cur.tok(k, i);
-                if (u >= len) continue;
-                LaneVals gx, ga, gb, gc;
-#pragma unroll
-                for (int i = 0; i < FS_GATED_LS; ++i) {
-                    const acc_t h_before = k > 0 ? h[k - 1][i] : cur.h_in(i);
-                    gx.put(i, from_acc(HAS_B ? lam[i] * cur.b(k, i) : lam[i]));
-                    ga.put(i, from_acc(lam[i] * h_before));
-                    if (HAS_B) gb.put(i, from_acc(lam[i] * cur.x(k, i)));
-                    if (HAS_C) gc.put(i, from_acc(cur.gy(k, i) * h[k][i]));
-                }
-                store_at<DESC>(P.grad_x, l, u, gx);
-                store_at<DESC>(P.grad_a, l, u, ga);
-                if (HAS_B) store_at<DESC>(P.grad_b, l, u, gb);
-                if (HAS_C) store_at<DESC>(P.grad_c, l, u, gc);
+            const int inside = positions_inside(l, u0, FS_GATED_SEG);
+            switch (reach_of<DESC>(l, inside, FS_GATED_SEG)) {
+                case FULL: cur.template emit<FULL>(P, l, u0, inside, h, lam); break;
+                case VECTOR: cur.template emit<VECTOR>(P, l, u0, inside, h, lam); break;
+                default: cur.template emit<SCALAR>(P, l, u0, inside, h, lam);
             }
             if (u0 == 0 && P.grad_initial) {
 #pragma unroll
@@ -419,44 +514,40 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
 }
 
 // Occupancy. Left alone, ptxas spends registers freely (the forward with two states per lane up to
-// ~180, the backwards 150-220) and runs one block of 8 warps per multiprocessor, too few loads in
-// flight for a memory-bound kernel. Capped at 128 registers (two blocks) the forwards, the plain
-// scan's backward and the one-state-per-lane backwards do not spill (checked with
-// scripts/kernel_resources.py). The two-states-per-lane backwards with b or c would spill hundreds
-// of bytes under that cap, so they keep the default, and so does float64 (twice the registers
-// per value: it would spill).
-// FS_GATED_MIN_BLOCKS / FS_GATED_SCAN_BWD_MIN_BLOCKS may be set from outside for tuning
-// (FERROSCAN_KERNEL_DEFINES).
-#ifndef FS_GATED_MIN_BLOCKS
-#define FS_GATED_MIN_BLOCKS 2
-#endif
-// The plain scan's backward in float32 fits 80 registers without spilling: three blocks
-// (measured on the H100, (8,2048,1536) time axis 1 fwd+bwd: 83% of the roofline with two, 95%
-// with three; in bfloat16 three blocks spill and fall to 58%).
-#ifndef FS_GATED_SCAN_BWD_MIN_BLOCKS
-#if FS_DTYPE == 2
-#define FS_GATED_SCAN_BWD_MIN_BLOCKS 3
+// ~180, the backwards 150-240) and runs one block of 8 warps per multiprocessor, too few loads in
+// flight for a memory-bound kernel. Capped at 128 registers (e.g. two blocks of 8 warps) the
+// forwards, the plain scan's backward and the one-state-per-lane backwards spill nothing or
+// little (checked with scripts/kernel_resources.py). The two-states-per-lane backwards with b or
+// c would spill hundreds of bytes under that cap, so they keep the default, and so does float64
+// (twice the registers per value). `warps` in src/cuda/gated_scan.rs mirrors these caps.
+// FS_GATED_MIN_BLOCKS set from outside (FERROSCAN_KERNEL_DEFINES) replaces every cap, for tuning.
+// Blocks per multiprocessor that REGS registers per thread leave room for (65536 registers).
+#define FS_GATED_BLOCKS_AT(REGS) (65536 / (REGS) / (FS_GATED_WARPS * FS_WARP))
+#ifdef FS_GATED_MIN_BLOCKS
+#define FS_GATED_CAPPED(REGS) __launch_bounds__(FS_GATED_WARPS * FS_WARP, FS_GATED_MIN_BLOCKS)
+#elif FS_DTYPE == 3
+#define FS_GATED_CAPPED(REGS) __launch_bounds__(FS_GATED_WARPS * FS_WARP)
 #else
-#define FS_GATED_SCAN_BWD_MIN_BLOCKS FS_GATED_MIN_BLOCKS
+#define FS_GATED_CAPPED(REGS) __launch_bounds__(FS_GATED_WARPS * FS_WARP, FS_GATED_BLOCKS_AT(REGS))
 #endif
-#endif
-#if FS_DTYPE == 3
-#define FS_GATED_BOUNDS_2 __launch_bounds__(FS_GATED_WARPS * FS_WARP)
-#define FS_GATED_SCAN_BWD_BOUNDS __launch_bounds__(FS_GATED_WARPS * FS_WARP)
-#else
-#define FS_GATED_BOUNDS_2 __launch_bounds__(FS_GATED_WARPS * FS_WARP, FS_GATED_MIN_BLOCKS)
-#define FS_GATED_SCAN_BWD_BOUNDS __launch_bounds__(FS_GATED_WARPS * FS_WARP, FS_GATED_SCAN_BWD_MIN_BLOCKS)
-#endif
-#define FS_GATED_BOUNDS_1 __launch_bounds__(FS_GATED_WARPS * FS_WARP)
-#define FS_GATED_FWD_BOUNDS FS_GATED_BOUNDS_2
+#define FS_GATED_UNCAPPED __launch_bounds__(FS_GATED_WARPS * FS_WARP)
+#define FS_GATED_FWD_BOUNDS FS_GATED_CAPPED(128)
 #if FS_GATED_LS == 2
-#define FS_GATED_BWD_BOUNDS(HB, HC) FS_GATED_BOUNDS_##HB##HC
-#define FS_GATED_BOUNDS_00 FS_GATED_BOUNDS_2
-#define FS_GATED_BOUNDS_01 FS_GATED_BOUNDS_1
-#define FS_GATED_BOUNDS_10 FS_GATED_BOUNDS_1
-#define FS_GATED_BOUNDS_11 FS_GATED_BOUNDS_1
+#define FS_GATED_BWD_BOUNDS(HB, HC) FS_GATED_BWD_BOUNDS_##HB##HC
+#define FS_GATED_BWD_BOUNDS_00 FS_GATED_CAPPED(128)
+#define FS_GATED_BWD_BOUNDS_01 FS_GATED_UNCAPPED
+#define FS_GATED_BWD_BOUNDS_10 FS_GATED_UNCAPPED
+#define FS_GATED_BWD_BOUNDS_11 FS_GATED_UNCAPPED
 #else
-#define FS_GATED_BWD_BOUNDS(HB, HC) FS_GATED_BOUNDS_2
+#define FS_GATED_BWD_BOUNDS(HB, HC) FS_GATED_CAPPED(128)
+#endif
+// The plain scan's backward in float32 fits 80 registers: three blocks of 8 warps (measured on
+// the H100, (8,2048,1536) time axis 1 fwd+bwd: 83% of the roofline with two, 95% with three; in
+// bfloat16 three blocks spill and fall to 58%).
+#if FS_DTYPE == 2
+#define FS_GATED_SCAN_BWD_BOUNDS FS_GATED_CAPPED(80)
+#else
+#define FS_GATED_SCAN_BWD_BOUNDS FS_GATED_CAPPED(128)
 #endif
 
 // Kernel names: gated_<fwd|bwd>_r<reverse>_b<has b>_c<has c>, and scan_blocks_bwd_r<reverse>

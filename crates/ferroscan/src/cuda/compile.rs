@@ -35,22 +35,33 @@ pub const SCAN_SOURCE: KernelSource = KernelSource {
     text: include_str!("../../kernels/scan.cu"),
 };
 
-/// `kernels/gated_scan.cu`: the fused gated scan.
-pub const GATED_SCAN_SOURCE: KernelSource = KernelSource {
-    file: "gated_scan.cu",
-    text: include_str!("../../kernels/gated_scan.cu"),
-};
+/// `kernels/gated_scan.cu` with leading `#define`s: the build's identity in the caches is `$file`.
+macro_rules! gated_source {
+    ($file:literal, $defines:literal) => {
+        KernelSource {
+            file: $file,
+            text: concat!($defines, include_str!("../../kernels/gated_scan.cu")),
+        }
+    };
+}
 
-/// `kernels/gated_scan.cu` with one state per lane whatever the type (`FS_GATED_LANE_STATES` 1):
-/// for 16-bit problems with too few states to fill the GPU at two per lane (see
-/// `gated_scan::lane_states`).
-pub const GATED_SCAN_ONE_STATE_SOURCE: KernelSource = KernelSource {
-    file: "gated_scan_one_state.cu",
-    text: concat!(
-        "#define FS_GATED_LANE_STATES 1\n",
-        include_str!("../../kernels/gated_scan.cu")
-    ),
-};
+/// `kernels/gated_scan.cu`: the fused gated scan, blocks of 8 warps (the launcher picks a build
+/// of 4, 8 or 16 warps per pass and shape: `gated_scan::warps`).
+pub const GATED_SCAN_SOURCE: KernelSource = gated_source!("gated_scan.cu", "");
+/// [`GATED_SCAN_SOURCE`] with blocks of 4 warps (`FS_GATED_WARPS` 4).
+pub const GATED_SCAN_4_WARPS_SOURCE: KernelSource =
+    gated_source!("gated_scan_4_warps.cu", "#define FS_GATED_WARPS 4\n");
+/// [`GATED_SCAN_SOURCE`] with blocks of 16 warps (`FS_GATED_WARPS` 16).
+pub const GATED_SCAN_16_WARPS_SOURCE: KernelSource =
+    gated_source!("gated_scan_16_warps.cu", "#define FS_GATED_WARPS 16\n");
+/// `kernels/gated_scan.cu` with one state per lane whatever the type (`FS_GATED_LANE_STATES` 1)
+/// and blocks of 16 warps: for 16-bit problems with too few states to keep half the GPU busy at
+/// two per lane (see `gated_scan::lane_states`), whose groups then also fit one block of 16
+/// warps per multiprocessor.
+pub const GATED_SCAN_ONE_STATE_SOURCE: KernelSource = gated_source!(
+    "gated_scan_one_state.cu",
+    "#define FS_GATED_LANE_STATES 1\n#define FS_GATED_WARPS 16\n"
+);
 
 /// `kernels/selective_scan.cu` compiled for one pass and one number kind: `FS_SEL_COMPLEX`,
 /// `FS_SEL_PASS` and the file name (the module's identity in the caches) per variant.
@@ -84,9 +95,11 @@ pub const SELECTIVE_BWD_COMPLEX_SOURCE: KernelSource =
     selective_source!("selective_scan_bwd_complex.cu", "1", "1");
 
 /// Every kernel source of the crate.
-pub const ALL_SOURCES: [KernelSource; 7] = [
+pub const ALL_SOURCES: [KernelSource; 9] = [
     SCAN_SOURCE,
     GATED_SCAN_SOURCE,
+    GATED_SCAN_4_WARPS_SOURCE,
+    GATED_SCAN_16_WARPS_SOURCE,
     GATED_SCAN_ONE_STATE_SOURCE,
     SELECTIVE_FWD_REAL_SOURCE,
     SELECTIVE_FWD_COMPLEX_SOURCE,

@@ -14,7 +14,10 @@
 
 use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::compile::{KernelSource, GATED_SCAN_ONE_STATE_SOURCE, GATED_SCAN_SOURCE};
+use super::compile::{
+    KernelSource, GATED_SCAN_16_WARPS_SOURCE, GATED_SCAN_4_WARPS_SOURCE,
+    GATED_SCAN_ONE_STATE_SOURCE, GATED_SCAN_SOURCE,
+};
 use super::device::{driver_error, Device};
 use super::launch::{check_required, grid_blocks, pass_state_through};
 use crate::error::Result;
@@ -22,17 +25,14 @@ use crate::layout::{DType, ScanProblem, ScanShape};
 
 /// Steps between two checkpoints (`FS_GATED_SEG` in gated_scan.cu).
 pub const CHECKPOINT_SPACING: usize = 8;
-/// Warps per block (`FS_GATED_WARPS`).
-const WARPS: usize = 8;
-
 /// States each lane owns (`FS_GATED_LANE_STATES` in gated_scan.cu). 32- and 64-bit types: one.
 /// 16-bit types: two adjacent states (a warp's access then fills a 128-byte line; the kernel's
-/// default for them) when that still gives a block per multiprocessor, else one (the
-/// [`GATED_SCAN_ONE_STATE_SOURCE`] build), since then idle multiprocessors, not line width,
-/// limit the loads in flight. (H100, bfloat16 forward: (8,2048,1536), 192 blocks at two states:
-/// 84% of the roofline at two, 76% at one; (4,8192,1536), 96 blocks at two: 55% at two, 64% at
-/// one.) `$FERROSCAN_GATED_LANE_STATES` (1 or 2) forces the 16-bit choice, for tuning and for
-/// tests of both paths. The kernel build and the launch grid both follow this one answer.
+/// default for them) unless that leaves more than half the multiprocessors without a block,
+/// then one (the [`GATED_SCAN_ONE_STATE_SOURCE`] build). (H100, bfloat16 (4,8192,1536), 96
+/// groups at two states for 132 multiprocessors, forward / backward ms: two states 0.219 /
+/// 0.410, one 0.257 / 0.749.) `$FERROSCAN_GATED_LANE_STATES` (1 or 2) forces the 16-bit choice,
+/// for tuning and for tests of both paths. The kernel build and the launch grid both follow
+/// this one answer.
 pub(super) fn lane_states(sm_count: usize, dtype: DType, shape: &ScanShape) -> usize {
     match dtype {
         DType::F32 | DType::F64 => 1,
@@ -42,7 +42,7 @@ pub(super) fn lane_states(sm_count: usize, dtype: DType, shape: &ScanShape) -> u
                 .and_then(|v| v.parse::<usize>().ok());
             match forced {
                 Some(lanes @ (1 | 2)) => lanes,
-                _ if shape.state_numel().div_ceil(64) >= sm_count => 2,
+                _ if 2 * shape.state_numel().div_ceil(64) >= sm_count => 2,
                 _ => 1,
             }
         }
@@ -52,10 +52,98 @@ pub(super) fn lane_states(sm_count: usize, dtype: DType, shape: &ScanShape) -> u
 /// Tuning hook: states per lane for 16-bit types, 1 or 2 (see [`lane_states`]).
 pub const LANE_STATES_ENV: &str = "FERROSCAN_GATED_LANE_STATES";
 
-/// The kernel build for `lanes` states per lane (see [`lane_states`]).
-fn source(dtype: DType, lanes: usize) -> KernelSource {
-    match dtype {
-        DType::F16 | DType::BF16 if lanes == 1 => GATED_SCAN_ONE_STATE_SOURCE,
+/// Tuning hook: warps per block, 4, 8 or 16 (see [`warps`]).
+pub const WARPS_ENV: &str = "FERROSCAN_GATED_WARPS";
+
+/// The kernels of `gated_scan.cu`, as far as their launch differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum GatedKernel {
+    /// `gated_fwd_*`.
+    Forward { has_b: bool, has_c: bool },
+    /// `gated_bwd_*`.
+    Backward { has_b: bool, has_c: bool },
+    /// `scan_blocks_bwd_*`: the plain scan's backward from its stored `h`.
+    ScanBackward,
+}
+
+impl GatedKernel {
+    /// The kernel's name; must match `FS_GATED_KERNELS` / `FS_SCAN_BLOCKS_BWD` in
+    /// `kernels/gated_scan.cu`.
+    pub(super) fn name(self, reverse: bool) -> String {
+        let (pass, has_b, has_c) = match self {
+            GatedKernel::Forward { has_b, has_c } => ("fwd", has_b, has_c),
+            GatedKernel::Backward { has_b, has_c } => ("bwd", has_b, has_c),
+            GatedKernel::ScanBackward => return format!("scan_blocks_bwd_r{}", u8::from(reverse)),
+        };
+        format!(
+            "gated_{pass}_r{}_b{}_c{}",
+            u8::from(reverse),
+            u8::from(has_b),
+            u8::from(has_c)
+        )
+    }
+
+    /// Blocks of `warps` warps one multiprocessor holds at once under the kernel's register cap:
+    /// mirrors the `__launch_bounds__` of `kernels/gated_scan.cu` (128 registers, 80 for the
+    /// float32 plain-scan backward; uncapped, the kernels with two states per lane and `b` or
+    /// `c` in the backward, and float64, take 190-240 registers: one block of 8 warps, none of
+    /// 16, whose cap would make them spill).
+    fn blocks_per_multiprocessor(self, dtype: DType, lanes: usize, warps: usize) -> usize {
+        let uncapped = dtype == DType::F64
+            || matches!(self, GatedKernel::Backward { has_b, has_c } if lanes == 2 && (has_b || has_c));
+        let cap = match (self, dtype) {
+            (GatedKernel::ScanBackward, DType::F32) => 80,
+            _ => 128,
+        };
+        if uncapped {
+            8 / warps
+        } else {
+            65536 / cap / (32 * warps)
+        }
+    }
+}
+
+/// Warps per block (`FS_GATED_WARPS`; one build of `gated_scan.cu` each): the most of 16, 8 and
+/// 4 with which every block of the grid is resident at once, else 8. The blocks then share the
+/// memory system evenly from start to end instead of some of them waiting for a second round,
+/// and no more of them than needed split a window of the time axis. (H100, forward / backward
+/// ms with 16, 8, 4 warps: bfloat16 (8,2048,1536), 192 blocks: 0.125, **0.103**, - /
+/// -, 0.219, **0.201**; bfloat16 (4,8192,1536), 96 blocks: **0.219**, 0.263, - / -,
+/// **0.410**, 0.541; float32 (8,2048,1536), 384 blocks: 0.183, 0.190, **0.180** / 0.348,
+/// 0.352, **0.344**; float32 (4,8192,1536), 192 blocks: 0.400, **0.357**, 0.428 / 0.779,
+/// **0.700**, 0.715.) The one-state build has 16 warps only: [`lane_states`] picks it when its
+/// blocks fit one per multiprocessor. `$FERROSCAN_GATED_WARPS` (4, 8 or 16) forces the choice
+/// of the other builds, for tuning and for tests of every build.
+pub(super) fn warps(
+    sm_count: usize,
+    dtype: DType,
+    shape: &ScanShape,
+    kernel: GatedKernel,
+) -> usize {
+    let lanes = lane_states(sm_count, dtype, shape);
+    if lanes == 1 && matches!(dtype, DType::F16 | DType::BF16) {
+        return 16;
+    }
+    let forced = std::env::var(WARPS_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(warps @ (4 | 8 | 16)) = forced {
+        return warps;
+    }
+    let blocks = shape.state_numel().div_ceil(32 * lanes);
+    [16, 8, 4]
+        .into_iter()
+        .find(|&warps| blocks <= sm_count * kernel.blocks_per_multiprocessor(dtype, lanes, warps))
+        .unwrap_or(8)
+}
+
+/// The kernel build for `lanes` states per lane and `warps` warps per block (see
+/// [`lane_states`], [`warps`]).
+fn source(dtype: DType, lanes: usize, warps: usize) -> KernelSource {
+    match (dtype, warps) {
+        (DType::F16 | DType::BF16, _) if lanes == 1 => GATED_SCAN_ONE_STATE_SOURCE,
+        (_, 4) => GATED_SCAN_4_WARPS_SOURCE,
+        (_, 16) => GATED_SCAN_16_WARPS_SOURCE,
         _ => GATED_SCAN_SOURCE,
     }
 }
@@ -145,53 +233,30 @@ pub struct GatedBackwardBuffers {
     pub grad_initial: Option<u64>,
 }
 
-/// The kernel name of a pass; must match `FS_GATED_KERNELS` in `kernels/gated_scan.cu`.
-pub fn kernel_name(backward: bool, reverse: bool, has_b: bool, has_c: bool) -> String {
-    format!(
-        "gated_{}_r{}_b{}_c{}",
-        if backward { "bwd" } else { "fwd" },
-        u8::from(reverse),
-        u8::from(has_b),
-        u8::from(has_c)
-    )
-}
-
-/// The plain scan's backward from its stored `h` on these kernels (see [`uses_blocks`]).
-pub(super) fn scan_backward_kernel_name(reverse: bool) -> String {
-    format!("scan_blocks_bwd_r{}", u8::from(reverse))
-}
-
 /// Whether the plain scan of `shape` runs on these kernels (forward: the gated forward without
-/// `b` and `c`; backward: [`scan_backward_kernel_name`]) rather than on `scan.cu`'s: when the
-/// time axis is not innermost and there are enough states for a block per multiprocessor.
-/// (With fewer states, `scan.cu` splits the time axis across blocks instead.)
-pub(super) fn uses_blocks(sm_count: usize, dtype: DType, shape: &ScanShape) -> bool {
-    shape.inner > 1
-        && shape
-            .state_numel()
-            .div_ceil(32 * lane_states(sm_count, dtype, shape))
-            >= sm_count
+/// `b` and `c`; backward: [`GatedKernel::ScanBackward`]) rather than on `scan.cu`'s: when the
+/// time axis is not innermost and there are enough states for a block of 32 per
+/// multiprocessor. (With fewer states, `scan.cu` splits the time axis across blocks instead.)
+pub(super) fn uses_blocks(sm_count: usize, shape: &ScanShape) -> bool {
+    shape.inner > 1 && shape.state_numel().div_ceil(32) >= sm_count
 }
 
 /// Every kernel name of `gated_scan.cu` (for compile checks).
 pub fn all_kernel_names() -> Vec<String> {
-    let mut names = vec![
-        scan_backward_kernel_name(false),
-        scan_backward_kernel_name(true),
-    ];
-    for backward in [false, true] {
-        for reverse in [false, true] {
-            for has_b in [false, true] {
-                for has_c in [false, true] {
-                    names.push(kernel_name(backward, reverse, has_b, has_c));
-                }
-            }
+    let mut kernels = vec![GatedKernel::ScanBackward];
+    for has_b in [false, true] {
+        for has_c in [false, true] {
+            kernels.push(GatedKernel::Forward { has_b, has_c });
+            kernels.push(GatedKernel::Backward { has_b, has_c });
         }
     }
-    names
+    kernels
+        .into_iter()
+        .flat_map(|kernel| [kernel.name(false), kernel.name(true)])
+        .collect()
 }
 
-/// Launches the kernel `name` of `gated_scan.cu` over the whole problem.
+/// Launches `kernel` of `gated_scan.cu` (in the `reverse` direction) over the whole problem.
 ///
 /// # Safety
 /// Every non-zero address in `params` must be valid for the shape it describes.
@@ -199,7 +264,7 @@ pub(super) unsafe fn launch(
     device: &Device,
     stream: &CudaStream,
     dtype: DType,
-    name: &str,
+    (kernel, reverse): (GatedKernel, bool),
     shape: &ScanShape,
     mut params: GatedParams,
 ) -> Result<()> {
@@ -207,12 +272,13 @@ pub(super) unsafe fn launch(
     params.len = shape.len as i64;
     params.inner = shape.inner as i64;
     let lanes = lane_states(device.sm_count(), dtype, shape);
+    let warps = warps(device.sm_count(), dtype, shape, kernel);
     let cfg = LaunchConfig {
         grid_dim: (grid_blocks(shape.state_numel().div_ceil(32 * lanes))?, 1, 1),
-        block_dim: ((WARPS * 32) as u32, 1, 1),
+        block_dim: ((warps * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let function = device.function(source(dtype, lanes), dtype, name)?;
+    let function = device.function(source(dtype, lanes, warps), dtype, &kernel.name(reverse))?;
     let mut builder = stream.launch_builder(&function);
     builder.arg(&params);
     // SAFETY: the kernel touches only the buffers in `params`, valid as the caller guarantees.
@@ -262,14 +328,21 @@ pub unsafe fn gated_scan_forward_raw(
         checkpoints: buffers.checkpoints.unwrap_or(0),
         ..GatedParams::default()
     };
-    let name = kernel_name(
-        false,
-        problem.reverse,
-        buffers.b.is_some(),
-        buffers.c.is_some(),
-    );
+    let kernel = GatedKernel::Forward {
+        has_b: buffers.b.is_some(),
+        has_c: buffers.c.is_some(),
+    };
     // SAFETY: forwarded from the caller.
-    unsafe { launch(device, stream, dtype, &name, &shape, params) }
+    unsafe {
+        launch(
+            device,
+            stream,
+            dtype,
+            (kernel, problem.reverse),
+            &shape,
+            params,
+        )
+    }
 }
 
 /// Fused, recomputing gated-scan backward on raw device addresses; see
@@ -339,14 +412,21 @@ pub unsafe fn gated_scan_backward_raw(
         grad_initial: buffers.grad_initial.unwrap_or(0),
         ..GatedParams::default()
     };
-    let name = kernel_name(
-        true,
-        problem.reverse,
-        buffers.b.is_some(),
-        buffers.c.is_some(),
-    );
+    let kernel = GatedKernel::Backward {
+        has_b: buffers.b.is_some(),
+        has_c: buffers.c.is_some(),
+    };
     // SAFETY: forwarded from the caller.
-    unsafe { launch(device, stream, dtype, &name, &shape, params) }
+    unsafe {
+        launch(
+            device,
+            stream,
+            dtype,
+            (kernel, problem.reverse),
+            &shape,
+            params,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -365,8 +445,8 @@ mod tests {
         assert!(kernel.contains("#define FS_GATED_BLOCK_STATES (FS_WARP * FS_GATED_LS)"));
         assert!(GATED_SCAN_ONE_STATE_SOURCE
             .text
-            .starts_with("#define FS_GATED_LANE_STATES 1\n"));
-        // 132 multiprocessors: two states per lane from 132 groups of 64 states.
+            .starts_with("#define FS_GATED_LANE_STATES 1\n#define FS_GATED_WARPS 16\n"));
+        // 132 multiprocessors: two states per lane from 66 groups of 64 states.
         let shape = |outer| ScanShape::new(outer, 16, 64).unwrap();
         for (dtype, few, many) in [
             (DType::F16, 1, 2),
@@ -374,27 +454,78 @@ mod tests {
             (DType::F32, 1, 1),
             (DType::F64, 1, 1),
         ] {
-            assert_eq!(lane_states(132, dtype, &shape(131)), few);
-            assert_eq!(lane_states(132, dtype, &shape(132)), many);
+            assert_eq!(lane_states(132, dtype, &shape(65)), few);
+            assert_eq!(lane_states(132, dtype, &shape(66)), many);
+        }
+    }
+
+    /// [`warps`] and [`GatedKernel::blocks_per_multiprocessor`] restate the builds and the
+    /// `__launch_bounds__` of gated_scan.cu; this pins both sides and the measured choices.
+    #[test]
+    fn warps_fill_one_wave_with_the_largest_blocks() {
+        let kernel = GATED_SCAN_SOURCE.text;
+        assert!(kernel.contains("#ifndef FS_GATED_WARPS\n#define FS_GATED_WARPS 8\n#endif"));
+        assert!(kernel.contains("#define FS_GATED_FWD_BOUNDS FS_GATED_CAPPED(128)"));
+        assert!(kernel.contains("#define FS_GATED_BWD_BOUNDS_11 FS_GATED_UNCAPPED"));
+        assert!(kernel.contains("#define FS_GATED_SCAN_BWD_BOUNDS FS_GATED_CAPPED(80)"));
+        for (warps, build) in [
+            (4, GATED_SCAN_4_WARPS_SOURCE),
+            (16, GATED_SCAN_16_WARPS_SOURCE),
+        ] {
+            assert!(build
+                .text
+                .starts_with(&format!("#define FS_GATED_WARPS {warps}\n")));
+            assert_eq!(source(DType::F32, 1, warps), build);
+            assert_eq!(source(DType::BF16, 2, warps), build);
+        }
+        assert_eq!(source(DType::BF16, 2, 8), GATED_SCAN_SOURCE);
+        assert_eq!(source(DType::BF16, 1, 8), GATED_SCAN_ONE_STATE_SOURCE);
+
+        let fwd = GatedKernel::Forward {
+            has_b: true,
+            has_c: true,
+        };
+        let bwd = GatedKernel::Backward {
+            has_b: true,
+            has_c: true,
+        };
+        let bld = |b, l, d| ScanShape::new(b, l, d).unwrap();
+        // The H100 cases of the issue (132 multiprocessors), as measured best.
+        for (dtype, shape, fwd_warps, bwd_warps) in [
+            (DType::BF16, bld(8, 2048, 1536), 8, 4),
+            (DType::BF16, bld(4, 8192, 1536), 16, 8),
+            (DType::F32, bld(8, 2048, 1536), 4, 4),
+            (DType::F32, bld(4, 8192, 1536), 8, 8),
+        ] {
             assert_eq!(
-                source(dtype, lane_states(132, dtype, &shape(132))),
-                GATED_SCAN_SOURCE
+                warps(132, dtype, &shape, fwd),
+                fwd_warps,
+                "{dtype:?} {shape:?}"
+            );
+            assert_eq!(
+                warps(132, dtype, &shape, bwd),
+                bwd_warps,
+                "{dtype:?} {shape:?}"
             );
         }
-        assert_eq!(source(DType::BF16, 1), GATED_SCAN_ONE_STATE_SOURCE);
+        // Uncapped kernels never get 16 warps; beyond one wave, 8.
+        assert_eq!(warps(132, DType::F64, &bld(1, 8, 64), bwd), 8);
+        assert_eq!(warps(132, DType::F32, &bld(64, 8, 1536), fwd), 8);
+        // Few 16-bit states: the one-state build, 16 warps.
+        assert_eq!(warps(132, DType::BF16, &bld(1, 8, 64), bwd), 16);
+        // The float32 plain-scan backward fits three blocks of 8 warps (80 registers).
+        assert_eq!(
+            GatedKernel::ScanBackward.blocks_per_multiprocessor(DType::F32, 1, 8),
+            3
+        );
     }
 
     #[test]
     fn blocks_need_a_block_per_multiprocessor() {
         let shape = |outer, inner| ScanShape::new(outer, 16, inner).unwrap();
-        // 132 multiprocessors: 132 groups of 32 states (16-bit types: one state per lane there).
-        assert!(uses_blocks(132, DType::F32, &shape(132, 32)));
-        assert!(!uses_blocks(132, DType::F32, &shape(131, 32)));
-        assert!(uses_blocks(132, DType::BF16, &shape(132, 32)));
-        assert!(!uses_blocks(132, DType::F16, &shape(131, 32)));
-        assert!(
-            !uses_blocks(1, DType::F32, &shape(64, 1)),
-            "time innermost: scan.cu"
-        );
+        // 132 multiprocessors: 132 groups of 32 states.
+        assert!(uses_blocks(132, &shape(132, 32)));
+        assert!(!uses_blocks(132, &shape(131, 32)));
+        assert!(!uses_blocks(1, &shape(64, 1)), "time innermost: scan.cu");
     }
 }

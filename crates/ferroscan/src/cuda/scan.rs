@@ -31,7 +31,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
 
 use super::compile::{kernel_define, SCAN_SOURCE};
 use super::device::{driver_error, Device};
-use super::gated_scan::{self, GatedParams};
+use super::gated_scan::{self, GatedKernel, GatedParams};
 use super::launch::{check_required, grid_blocks, pass_state_through, zero_async};
 use crate::args::{ScanGradInputs, ScanGradOutputs, ScanInputs, ScanOutputs};
 use crate::cpu::Element;
@@ -241,7 +241,7 @@ impl ScanPlan {
 /// Scratch bytes a scan (forward or backward) of `problem` needs on `device`; pass a buffer at
 /// least this large (and 8-byte aligned) to the raw entry points.
 pub fn scan_scratch_bytes(device: &Device, dtype: DType, problem: &ScanProblem) -> usize {
-    if gated_scan::uses_blocks(device.sm_count(), dtype, &problem.shape) {
+    if gated_scan::uses_blocks(device.sm_count(), &problem.shape) {
         return 0;
     }
     ScanPlan::new(device.sm_count(), dtype, &problem.shape).scratch_bytes(dtype, &problem.shape)
@@ -376,9 +376,9 @@ unsafe fn run_on_blocks(
     (backward, problem): (bool, &ScanProblem),
     params: &ScanParams,
 ) -> Result<()> {
-    let (name, gated) = if backward {
+    let (kernel, gated) = if backward {
         (
-            gated_scan::scan_backward_kernel_name(problem.reverse),
+            GatedKernel::ScanBackward,
             GatedParams {
                 a: params.gates,
                 grad_y: params.tokens,
@@ -393,7 +393,10 @@ unsafe fn run_on_blocks(
         )
     } else {
         (
-            gated_scan::kernel_name(false, problem.reverse, false, false),
+            GatedKernel::Forward {
+                has_b: false,
+                has_c: false,
+            },
             GatedParams {
                 a: params.gates,
                 x: params.tokens,
@@ -405,7 +408,16 @@ unsafe fn run_on_blocks(
         )
     };
     // SAFETY: forwarded from the caller.
-    unsafe { gated_scan::launch(device, stream, dtype, &name, &problem.shape, gated) }
+    unsafe {
+        gated_scan::launch(
+            device,
+            stream,
+            dtype,
+            (kernel, problem.reverse),
+            &problem.shape,
+            gated,
+        )
+    }
 }
 
 /// What both passes share: the empty cases, the required addresses, the plan, the scratch
@@ -436,7 +448,7 @@ unsafe fn run_pass(
     for &(arg, address) in required {
         check_required(arg, address)?;
     }
-    if gated_scan::uses_blocks(device.sm_count(), dtype, &shape) {
+    if gated_scan::uses_blocks(device.sm_count(), &shape) {
         // SAFETY: forwarded from the caller.
         return unsafe { run_on_blocks(device, stream, dtype, (backward, problem), &params) };
     }
