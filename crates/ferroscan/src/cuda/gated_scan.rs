@@ -82,44 +82,31 @@ impl GatedKernel {
             u8::from(has_c)
         )
     }
+}
 
-    /// Blocks of `warps` warps one multiprocessor holds at once under the kernel's register cap:
-    /// mirrors the `__launch_bounds__` of `kernels/gated_scan.cu` (128 registers, 80 for the
-    /// float32 plain-scan backward; uncapped, the kernels with two states per lane and `b` or
-    /// `c` in the backward, and float64, take 190-240 registers: one block of 8 warps, none of
-    /// 16, whose cap would make them spill).
-    fn blocks_per_multiprocessor(self, dtype: DType, lanes: usize, warps: usize) -> usize {
-        let uncapped = dtype == DType::F64
-            || matches!(self, GatedKernel::Backward { has_b, has_c } if lanes == 2 && (has_b || has_c));
-        let cap = match (self, dtype) {
-            (GatedKernel::ScanBackward, DType::F32) => 80,
-            _ => 128,
-        };
-        if uncapped {
-            8 / warps
-        } else {
-            65536 / cap / (32 * warps)
-        }
-    }
+/// Blocks of `warps` warps that one multiprocessor holds at once, for a kernel of `regs`
+/// registers per thread (65536 registers per multiprocessor, given to warps in units of 256; at
+/// most 64 warps).
+fn blocks_per_multiprocessor(regs: usize, warps: usize) -> usize {
+    let per_warp = (regs * 32).div_ceil(256) * 256;
+    (65536 / (per_warp * warps)).min(64 / warps)
 }
 
 /// Warps per block (`FS_GATED_WARPS`; one build of `gated_scan.cu` each): the most of 16, 8 and
-/// 4 with which every block of the grid is resident at once, else 8. The blocks then share the
-/// memory system evenly from start to end instead of some of them waiting for a second round,
-/// and no more of them than needed split a window of the time axis. (H100, forward / backward
-/// ms with 16, 8, 4 warps: bfloat16 (8,2048,1536), 192 blocks: 0.125, **0.103**, - /
-/// -, 0.219, **0.201**; bfloat16 (4,8192,1536), 96 blocks: **0.219**, 0.263, - / -,
-/// **0.410**, 0.541; float32 (8,2048,1536), 384 blocks: 0.183, 0.190, **0.180** / 0.348,
-/// 0.352, **0.344**; float32 (4,8192,1536), 192 blocks: 0.400, **0.357**, 0.428 / 0.779,
-/// **0.700**, 0.715.) The one-state build has 16 warps only: [`lane_states`] picks it when its
-/// blocks fit one per multiprocessor. `$FERROSCAN_GATED_WARPS` (4, 8 or 16) forces the choice
-/// of the other builds, for tuning and for tests of every build.
-pub(super) fn warps(
-    sm_count: usize,
-    dtype: DType,
-    shape: &ScanShape,
-    kernel: GatedKernel,
-) -> usize {
+/// 4 with which every block of the grid is resident at once, else 8, for a kernel that takes
+/// `regs` registers per thread in its 8-warp build. The blocks then share the memory system
+/// evenly from start to end instead of some of them waiting for a second round, and no more of
+/// them than needed split a window of the time axis. (The builds cap registers per thread alike,
+/// 128 for most kernels, so the count carries over; the kernels left uncapped, 190-240
+/// registers, fit no block of 16 warps.) H100, forward / backward ms with 16, 8, 4 warps:
+/// bfloat16 (8,2048,1536), 192 blocks: 0.125, **0.103**, - / -, 0.219, **0.201**; bfloat16
+/// (4,8192,1536), 96 blocks: **0.219**, 0.263, - / -, **0.410**, 0.541; float32
+/// (8,2048,1536), 384 blocks: 0.183, 0.190, **0.180** / 0.348, 0.352, **0.344**; float32
+/// (4,8192,1536), 192 blocks: 0.400, **0.357**, 0.428 / 0.779, **0.700**, 0.715. The
+/// one-state build has 16 warps only: [`lane_states`] picks it when its blocks fit one per
+/// multiprocessor. `$FERROSCAN_GATED_WARPS` (4, 8 or 16) forces the choice of the other builds,
+/// for tuning and for tests of every build.
+pub(super) fn warps(sm_count: usize, dtype: DType, shape: &ScanShape, regs: usize) -> usize {
     let lanes = lane_states(sm_count, dtype, shape);
     if lanes == 1 && matches!(dtype, DType::F16 | DType::BF16) {
         return 16;
@@ -133,7 +120,7 @@ pub(super) fn warps(
     let blocks = shape.state_numel().div_ceil(32 * lanes);
     [16, 8, 4]
         .into_iter()
-        .find(|&warps| blocks <= sm_count * kernel.blocks_per_multiprocessor(dtype, lanes, warps))
+        .find(|&warps| blocks <= sm_count * blocks_per_multiprocessor(regs, warps))
         .unwrap_or(8)
 }
 
@@ -272,13 +259,18 @@ pub(super) unsafe fn launch(
     params.len = shape.len as i64;
     params.inner = shape.inner as i64;
     let lanes = lane_states(device.sm_count(), dtype, shape);
-    let warps = warps(device.sm_count(), dtype, shape, kernel);
+    let name = kernel.name(reverse);
+    let regs = device
+        .function(source(dtype, lanes, 8), dtype, &name)?
+        .num_regs()
+        .map_err(driver_error("reading a gated scan kernel's registers"))?;
+    let warps = warps(device.sm_count(), dtype, shape, regs.max(1) as usize);
     let cfg = LaunchConfig {
         grid_dim: (grid_blocks(shape.state_numel().div_ceil(32 * lanes))?, 1, 1),
         block_dim: ((warps * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let function = device.function(source(dtype, lanes, warps), dtype, &kernel.name(reverse))?;
+    let function = device.function(source(dtype, lanes, warps), dtype, &name)?;
     let mut builder = stream.launch_builder(&function);
     builder.arg(&params);
     // SAFETY: the kernel touches only the buffers in `params`, valid as the caller guarantees.
@@ -481,43 +473,34 @@ mod tests {
         assert_eq!(source(DType::BF16, 2, 8), GATED_SCAN_SOURCE);
         assert_eq!(source(DType::BF16, 1, 8), GATED_SCAN_ONE_STATE_SOURCE);
 
-        let fwd = GatedKernel::Forward {
-            has_b: true,
-            has_c: true,
-        };
-        let bwd = GatedKernel::Backward {
-            has_b: true,
-            has_c: true,
-        };
         let bld = |b, l, d| ScanShape::new(b, l, d).unwrap();
-        // The H100 cases of the issue (132 multiprocessors), as measured best.
-        for (dtype, shape, fwd_warps, bwd_warps) in [
-            (DType::BF16, bld(8, 2048, 1536), 8, 4),
-            (DType::BF16, bld(4, 8192, 1536), 16, 8),
-            (DType::F32, bld(8, 2048, 1536), 4, 4),
-            (DType::F32, bld(4, 8192, 1536), 8, 8),
+        // The H100 cases of the issue (132 multiprocessors), with the registers of the 8-warp
+        // builds (forward, backward with b and c), as measured best.
+        for (dtype, shape, (fwd_regs, bwd_regs), fwd_warps, bwd_warps) in [
+            (DType::BF16, bld(8, 2048, 1536), (128, 236), 8, 4),
+            (DType::BF16, bld(4, 8192, 1536), (128, 236), 16, 8),
+            (DType::F32, bld(8, 2048, 1536), (119, 128), 4, 4),
+            (DType::F32, bld(4, 8192, 1536), (119, 128), 8, 8),
         ] {
             assert_eq!(
-                warps(132, dtype, &shape, fwd),
+                warps(132, dtype, &shape, fwd_regs),
                 fwd_warps,
                 "{dtype:?} {shape:?}"
             );
             assert_eq!(
-                warps(132, dtype, &shape, bwd),
+                warps(132, dtype, &shape, bwd_regs),
                 bwd_warps,
                 "{dtype:?} {shape:?}"
             );
         }
-        // Uncapped kernels never get 16 warps; beyond one wave, 8.
-        assert_eq!(warps(132, DType::F64, &bld(1, 8, 64), bwd), 8);
-        assert_eq!(warps(132, DType::F32, &bld(64, 8, 1536), fwd), 8);
+        // The plain scan's forward in float32 (79 registers) fits three blocks of 8 warps.
+        assert_eq!(blocks_per_multiprocessor(79, 8), 3);
+        assert_eq!(warps(132, DType::F32, &bld(8, 2048, 1536), 79), 8);
+        // 236 registers fit no block of 16 warps; beyond one wave, 8.
+        assert_eq!(blocks_per_multiprocessor(236, 16), 0);
+        assert_eq!(warps(132, DType::F32, &bld(64, 8, 1536), 128), 8);
         // Few 16-bit states: the one-state build, 16 warps.
-        assert_eq!(warps(132, DType::BF16, &bld(1, 8, 64), bwd), 16);
-        // The float32 plain-scan backward fits three blocks of 8 warps (80 registers).
-        assert_eq!(
-            GatedKernel::ScanBackward.blocks_per_multiprocessor(DType::F32, 1, 8),
-            3
-        );
+        assert_eq!(warps(132, DType::BF16, &bld(1, 8, 64), 236), 16);
     }
 
     #[test]
