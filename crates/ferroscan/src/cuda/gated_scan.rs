@@ -243,7 +243,7 @@ pub fn all_kernel_names() -> Vec<String> {
         .collect()
 }
 
-/// Launches `kernel` of `gated_scan.cu` (in the `reverse` direction) over the whole problem.
+/// Launches `kernel` of `gated_scan.cu` over the whole problem (in its direction).
 ///
 /// # Safety
 /// Every non-zero address in `params` must be valid for the shape it describes.
@@ -251,15 +251,16 @@ pub(super) unsafe fn launch(
     device: &Device,
     stream: &CudaStream,
     dtype: DType,
-    (kernel, reverse): (GatedKernel, bool),
-    shape: &ScanShape,
+    kernel: GatedKernel,
+    problem: &ScanProblem,
     mut params: GatedParams,
 ) -> Result<()> {
+    let shape = &problem.shape;
     params.outer = shape.outer as i64;
     params.len = shape.len as i64;
     params.inner = shape.inner as i64;
     let lanes = lane_states(device.sm_count(), dtype, shape);
-    let name = kernel.name(reverse);
+    let name = kernel.name(problem.reverse);
     let regs = device
         .function(source(dtype, lanes, 8), dtype, &name)?
         .num_regs()
@@ -325,16 +326,7 @@ pub unsafe fn gated_scan_forward_raw(
         has_c: buffers.c.is_some(),
     };
     // SAFETY: forwarded from the caller.
-    unsafe {
-        launch(
-            device,
-            stream,
-            dtype,
-            (kernel, problem.reverse),
-            &shape,
-            params,
-        )
-    }
+    unsafe { launch(device, stream, dtype, kernel, problem, params) }
 }
 
 /// Fused, recomputing gated-scan backward on raw device addresses; see
@@ -409,16 +401,7 @@ pub unsafe fn gated_scan_backward_raw(
         has_c: buffers.c.is_some(),
     };
     // SAFETY: forwarded from the caller.
-    unsafe {
-        launch(
-            device,
-            stream,
-            dtype,
-            (kernel, problem.reverse),
-            &shape,
-            params,
-        )
-    }
+    unsafe { launch(device, stream, dtype, kernel, problem, params) }
 }
 
 #[cfg(test)]

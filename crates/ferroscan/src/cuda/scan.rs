@@ -408,16 +408,7 @@ unsafe fn run_on_blocks(
         )
     };
     // SAFETY: forwarded from the caller.
-    unsafe {
-        gated_scan::launch(
-            device,
-            stream,
-            dtype,
-            (kernel, problem.reverse),
-            &problem.shape,
-            gated,
-        )
-    }
+    unsafe { gated_scan::launch(device, stream, dtype, kernel, problem, gated) }
 }
 
 /// What both passes share: the empty cases, the required addresses, the plan, the scratch
