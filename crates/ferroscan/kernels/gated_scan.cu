@@ -186,10 +186,10 @@ __device__ __forceinline__ int positions_inside(const GatedLane& l, i64 u0, int 
 // the edges); VECTOR, one vector per position where inside; SCALAR, element by element.
 enum Reach { FULL, VECTOR, SCALAR };
 
-template <bool DESC>
-__device__ __forceinline__ Reach reach_of(const GatedLane& l, int inside, int seg) {
+// The reach of a segment with `inside` of its FS_GATED_SEG positions inside the sequence.
+__device__ __forceinline__ Reach reach_of(const GatedLane& l, int inside) {
     if (FS_GATED_LS != 1 && !l.vec) return SCALAR;
-    return (inside == seg && l.owned == FS_GATED_LS) ? FULL : VECTOR;
+    return (inside == FS_GATED_SEG && l.owned == FS_GATED_LS) ? FULL : VECTOR;
 }
 
 // The lane's values of `p` at the cursor (`fill` where there is no element: past the sequence,
@@ -248,7 +248,7 @@ struct ForwardSegment {
     }
     __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
         const int inside = positions_inside(l, u0, FS_GATED_SEG);
-        switch (reach_of<DESC>(l, inside, FS_GATED_SEG)) {
+        switch (reach_of(l, inside)) {
             case FULL: load_as<FULL>(P, l, u0, inside); break;
             case VECTOR: load_as<VECTOR>(P, l, u0, inside); break;
             default: load_as<SCALAR>(P, l, u0, inside);
@@ -322,7 +322,7 @@ struct BackwardSegment {
     __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
         // inside counts the gate one past the segment too
         const int inside = positions_inside(l, u0, FS_GATED_SEG + 1);
-        switch (reach_of<DESC>(l, inside < FS_GATED_SEG ? inside : FS_GATED_SEG, FS_GATED_SEG)) {
+        switch (reach_of(l, inside < FS_GATED_SEG ? inside : FS_GATED_SEG)) {
             case FULL: load_as<FULL>(P, l, u0, inside); break;
             case VECTOR: load_as<VECTOR>(P, l, u0, inside); break;
             default: load_as<SCALAR>(P, l, u0, inside);
@@ -373,7 +373,7 @@ struct BackwardSegment {
 // `apply`, which keeps an infinite state infinite through a product of gates that underflowed to
 // zero (a non-finite value anywhere on the way leaves the result non-finite, so nothing else can
 // differ).
-template <int WARPS, bool RIGHT_TO_LEFT>
+template <bool RIGHT_TO_LEFT, int WARPS>
 __device__ __forceinline__ acc_t enter_segment(const AffineMap (&maps)[WARPS][FS_GATED_LS][FS_WARP],
                                                int i, int lane, int warp, acc_t& carry) {
     acc_t s = carry, mine = carry;
@@ -429,7 +429,7 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
         __syncthreads();
         acc_t h[FS_GATED_LS];
 #pragma unroll
-        for (int i = 0; i < FS_GATED_LS; ++i) h[i] = enter_segment<WARPS, false>(maps[buf], i, lane, warp, carry[i]);
+        for (int i = 0; i < FS_GATED_LS; ++i) h[i] = enter_segment<false>(maps[buf], i, lane, warp, carry[i]);
         if (u0 < len && l.owned > 0) {
             if (P.checkpoints) {
 #pragma unroll
@@ -437,7 +437,7 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
                     if (i < l.owned) P.checkpoints[(u0 / FS_GATED_SEG) * l.n_states + l.state + i] = h[i];
             }
             const int inside = positions_inside(l, u0, FS_GATED_SEG);
-            switch (reach_of<DESC>(l, inside, FS_GATED_SEG)) {
+            switch (reach_of(l, inside)) {
                 case FULL: cur.template emit<FULL>(P, l, u0, inside, h); break;
                 case VECTOR: cur.template emit<VECTOR>(P, l, u0, inside, h); break;
                 default: cur.template emit<SCALAR>(P, l, u0, inside, h);
@@ -485,7 +485,7 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
         __syncthreads();
         acc_t lam[FS_GATED_LS];
 #pragma unroll
-        for (int i = 0; i < FS_GATED_LS; ++i) lam[i] = enter_segment<WARPS, true>(maps[buf], i, lane, warp, carry[i]);
+        for (int i = 0; i < FS_GATED_LS; ++i) lam[i] = enter_segment<true>(maps[buf], i, lane, warp, carry[i]);
         if (l.owned > 0 && u0 < len) {
             acc_t h[FS_GATED_SEG][FS_GATED_LS];
 #pragma unroll
@@ -498,7 +498,7 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
                 }
             }
             const int inside = positions_inside(l, u0, FS_GATED_SEG);
-            switch (reach_of<DESC>(l, inside, FS_GATED_SEG)) {
+            switch (reach_of(l, inside)) {
                 case FULL: cur.template emit<FULL>(P, l, u0, inside, h, lam); break;
                 case VECTOR: cur.template emit<VECTOR>(P, l, u0, inside, h, lam); break;
                 default: cur.template emit<SCALAR>(P, l, u0, inside, h, lam);

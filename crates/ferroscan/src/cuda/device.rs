@@ -17,7 +17,15 @@ pub struct Device {
     arch: (i32, i32),
     sm_count: usize,
     modules: Mutex<HashMap<(KernelSource, DType), Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(KernelSource, DType, String), CudaFunction>>,
+    functions: Mutex<HashMap<(KernelSource, DType, String), LoadedFunction>>,
+}
+
+/// A loaded kernel and the registers per thread ptxas gave it (read once, at load: launchers that
+/// size blocks by it would otherwise ask the driver on every launch).
+#[derive(Clone)]
+struct LoadedFunction {
+    function: CudaFunction,
+    registers: usize,
 }
 
 impl std::fmt::Debug for Device {
@@ -119,6 +127,20 @@ impl Device {
         dtype: DType,
         name: &str,
     ) -> Result<CudaFunction> {
+        Ok(self.loaded(source, dtype, name)?.function)
+    }
+
+    /// Registers per thread of the kernel `name` of `source` for `dtype` (loaded on first use).
+    pub(crate) fn registers(
+        &self,
+        source: KernelSource,
+        dtype: DType,
+        name: &str,
+    ) -> Result<usize> {
+        Ok(self.loaded(source, dtype, name)?.registers)
+    }
+
+    fn loaded(&self, source: KernelSource, dtype: DType, name: &str) -> Result<LoadedFunction> {
         let key = (source, dtype, name.to_string());
         if let Some(f) = self.functions.lock().map_err(|_| poisoned())?.get(&key) {
             return Ok(f.clone());
@@ -127,11 +149,19 @@ impl Device {
         let function = module
             .load_function(name)
             .map_err(driver_error("looking up a kernel"))?;
+        let registers = function
+            .num_regs()
+            .map_err(driver_error("reading a kernel's registers"))?
+            .max(1) as usize;
+        let loaded = LoadedFunction {
+            function,
+            registers,
+        };
         self.functions
             .lock()
             .map_err(|_| poisoned())?
-            .insert(key, function.clone());
-        Ok(function)
+            .insert(key, loaded.clone());
+        Ok(loaded)
     }
 
     fn module(&self, source: KernelSource, dtype: DType) -> Result<Arc<CudaModule>> {

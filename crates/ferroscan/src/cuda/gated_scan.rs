@@ -261,11 +261,8 @@ pub(super) unsafe fn launch(
     params.inner = shape.inner as i64;
     let lanes = lane_states(device.sm_count(), dtype, shape);
     let name = kernel.name(problem.reverse);
-    let regs = device
-        .function(source(dtype, lanes, 8), dtype, &name)?
-        .num_regs()
-        .map_err(driver_error("reading a gated scan kernel's registers"))?;
-    let warps = warps(device.sm_count(), dtype, shape, regs.max(1) as usize);
+    let regs = device.registers(source(dtype, lanes, 8), dtype, &name)?;
+    let warps = warps(device.sm_count(), dtype, shape, regs);
     let cfg = LaunchConfig {
         grid_dim: (grid_blocks(shape.state_numel().div_ceil(32 * lanes))?, 1, 1),
         block_dim: ((warps * 32) as u32, 1, 1),
