@@ -3,7 +3,8 @@ emulation of CUDA (``tests/cuda_emulation/cuda_host_shim.h``; see
 ``test_selective_cuda_emulated.py``), against a float64 loop written here.
 
 The kernels are compiled by g++ in float64 with ``FS_GATED_LANE_STATES`` forced, mostly to 2 (and
-``FS_GATED_WARPS`` to each of the launcher's builds of 4, 8 and 16 warps per block): on
+``FS_GATED_WARPS`` to each of the launcher's builds of 4, 8 and 16 warps per block, and the
+cluster build's clusters of four blocks of 4 warps, ``FS_GATED_CLUSTER``): on
 a GPU two states per lane is what 16-bit types run (one vector access per lane when a lane's two
 states are adjacent and aligned, scalar accesses otherwise), and float64 would otherwise get 1.
 ``gated_harness.cpp`` launches a pass as ``src/cuda/gated_scan.rs`` does. Each case checks the
@@ -32,23 +33,25 @@ pytestmark = pytest.mark.skipif(GXX is None, reason="the CUDA host emulation nee
 SPACING = 8  # FS_GATED_SEG: steps between checkpoints
 
 
-# (states per lane, warps per block): the builds the cases below use.
-BUILDS = [(1, 8), (2, 8), (2, 4), (1, 16)]
+# (states per lane, warps per block, blocks per cluster): the builds the cases below use.
+BUILDS = [(1, 8, 1), (2, 8, 1), (2, 4, 1), (1, 16, 1), (2, 4, 4)]
 
 
 @pytest.fixture(scope="session")
-def emulators(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], Path]:
+def emulators(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int, int], Path]:
     """The harness for each of ``BUILDS``, built once per session."""
     out = tmp_path_factory.mktemp("cuda_emulation_gated")
 
-    def text(states: int, warps: int) -> str:
-        defines = {"FS_DTYPE": 3, "FS_GATED_LANE_STATES": states, "FS_GATED_WARPS": warps}
+    def text(states: int, warps: int, cluster: int) -> str:
+        defines = {
+            "FS_DTYPE": 3,
+            "FS_GATED_LANE_STATES": states,
+            "FS_GATED_WARPS": warps,
+            "FS_GATED_CLUSTER": cluster,
+        }
         return source("gated_scan.cu", defines, "gated_harness.cpp")
 
-    return {
-        (states, warps): build(out, f"gated_ls{states}_w{warps}", text(states, warps))
-        for states, warps in BUILDS
-    }
+    return {build_: build(out, "gated_ls{}_w{}_c{}".format(*build_), text(*build_)) for build_ in BUILDS}
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Case:
     misalign: Optional[str] = None  # a tensor the harness places one element off a vector boundary
     lane_states: int = 2
     warps: int = 8  # per block (a build of gated_scan.cu each; the launcher picks 4, 8 or 16)
+    cluster: int = 1  # blocks per group (the cluster build: 4)
 
 
 def _inputs(case: Case, seed: int) -> dict[str, Optional[torch.Tensor]]:
@@ -120,8 +124,8 @@ def _np(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     return None if t is None else t.detach().contiguous().flatten().numpy()
 
 
-def run_case(case: Case, emulators: dict[tuple[int, int], Path], folder: Path, seed: int) -> None:
-    exe = emulators[(case.lane_states, case.warps)]
+def run_case(case: Case, emulators: dict[tuple[int, int, int], Path], folder: Path, seed: int) -> None:
+    exe = emulators[(case.lane_states, case.warps, case.cluster)]
     x = _inputs(case, seed)
     base = {"outer": case.outer, "len": case.length, "inner": case.inner, "reverse": int(case.reverse)}
     if case.misalign:
@@ -195,9 +199,16 @@ CASES = {
     "four-warps": Case(outer=2, length=75, inner=40, warps=4),
     "four-warps-reverse-odd": Case(outer=3, length=41, inner=33, reverse=True, has_b=False, warps=4),
     "sixteen-warps-one-per-lane": Case(outer=2, length=300, inner=40, lane_states=1, warps=16),
+    # clusters of four blocks of 4 warps per group (windows of 128 steps split between the blocks)
+    "cluster-several-windows": Case(outer=2, length=300, inner=64, warps=4, cluster=4),
+    "cluster-reverse-partial-group": Case(outer=3, length=150, inner=40, reverse=True, has_b=False, warps=4, cluster=4),
+    "cluster-short-odd": Case(outer=2, length=20, inner=33, has_c=False, warps=4, cluster=4),
+    "cluster-misaligned": Case(outer=1, length=129, inner=64, misalign="b", warps=4, cluster=4),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_emulated_gated_kernels_match_a_loop(emulators: dict[tuple[int, int], Path], tmp_path: Path, name: str) -> None:
+def test_emulated_gated_kernels_match_a_loop(
+    emulators: dict[tuple[int, int, int], Path], tmp_path: Path, name: str
+) -> None:
     run_case(CASES[name], emulators, tmp_path, seed=len(name))

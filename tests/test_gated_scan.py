@@ -378,6 +378,29 @@ def test_every_warps_build(dtype: torch.dtype, warps: str, bc: str, monkeypatch:
         check(inputs, dim=1, reverse=reverse, return_final=True, seed=5, what=f"{dtype} warps={warps} {bc}")
 
 
+def needs_clusters() -> None:
+    """Skips on GPUs without thread-block clusters (before compute capability 9.0)."""
+    if torch.cuda.get_device_capability(0) < (9, 0):
+        pytest.skip("thread-block clusters need compute capability 9.0")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("bc", ["bc", "b", "none"])
+def test_cluster_build(dtype: torch.dtype, bc: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cluster build (FERROSCAN_GATED_CLUSTER=4: a group's windows split between four blocks
+    that exchange their maps through distributed shared memory; the launcher picks it when there
+    are fewer groups than multiprocessors), forward and backward: values and gradients over
+    several 128-step windows, a partial last window, a partial last group, both directions."""
+    needs_clusters()
+    monkeypatch.setenv("FERROSCAN_GATED_CLUSTER", "4")
+    if dtype == BF16:
+        monkeypatch.setenv("FERROSCAN_GATED_LANE_STATES", "2")
+    for reverse in (False, True):
+        inputs = make_inputs((3, 301, 40), 1, dtype, "cuda", seed=31 + reverse, bc=bc, initial=True)
+        check(inputs, dim=1, reverse=reverse, return_final=True, seed=7, what=f"{dtype} cluster {bc}")
+
+
 @pytest.mark.usefixtures("half_lane_states")
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("bc", ["none", "b", "c"])

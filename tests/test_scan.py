@@ -395,9 +395,15 @@ def _block_kernel_states() -> int:
 @pytest.mark.cuda
 @pytest.mark.parametrize("length", [1, 9, 64, 65, 150])
 @pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16], ids=["f32", "f64", "bf16"])
-def test_cuda_block_kernels(length: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("cluster", ["auto", "4"])
+def test_cuda_block_kernels(length: int, dtype: torch.dtype, cluster: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Channels-last problems with many states: the windowed block kernels, forward and backward,
-    lengths around their 8-step segments and 64-step windows."""
+    lengths around their 8-step segments and 64-step windows; ``cluster`` "4" forces their
+    cluster build (FERROSCAN_GATED_CLUSTER, GPUs of compute capability 9.0 and newer)."""
+    if cluster != "auto":
+        if torch.cuda.get_device_capability(0) < (9, 0):
+            pytest.skip("thread-block clusters need compute capability 9.0")
+        monkeypatch.setenv("FERROSCAN_GATED_CLUSTER", cluster)
     reverse, with_initial, return_final = MODES[length % len(MODES)]
     shape = (1, length, _block_kernel_states())
     gates, tokens, initial = make_inputs(shape, 1, dtype, "cuda", seed=26 + length, initial=with_initial)

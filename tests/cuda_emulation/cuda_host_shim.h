@@ -1,7 +1,7 @@
 // Runs CUDA kernel sources on the CPU, for tests on machines without a GPU.
 //
 // Every CUDA thread of a block is a fiber (ucontext) of one OS thread; blocks run one after the
-// other. The scheduler runs the fibers round-robin, alternating ascending and descending thread
+// other (the blocks of a thread-block cluster together, as one set of fibers). The scheduler runs the fibers round-robin, alternating ascending and descending thread
 // order between rounds, so that a read of shared memory not ordered by a barrier after the write
 // it needs returns stale data (and fails a test) whichever thread comes first. `__shared__` variables become `static` (one block at a time), `__syncthreads()` waits
 // until every thread of the block has arrived, and the `__shfl_*_sync` functions exchange values
@@ -11,6 +11,13 @@
 // plain ones, `__threadfence()` does nothing and atomics are plain read-modify-writes;
 // `__nanosleep` yields to the other threads of the block (a thread spinning on a flag that another
 // warp of its block sets lets that warp run) and aborts a spin that never ends.
+//
+// Clusters: `cluster_barrier()` and an mbarrier wait stand for a barrier of every thread of the
+// cluster. A cluster's blocks share the one (static) copy of each `__shared__` variable and
+// `send_map` to any block writes that copy, so this emulates kernels whose blocks keep identical
+// copies of their shared data (each block sending its part into every block's copy), as the
+// gated scan's cluster build does; it cannot tell a write sent to one block only from one sent to
+// all.
 //
 // Only what ferroscan's kernels use is provided, for FS_DTYPE = 3 (float64: no inline PTX).
 #pragma once
@@ -31,6 +38,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define FS_HOST_EMULATION 1
 
 using std::isfinite;
 using std::isinf;
@@ -87,6 +95,7 @@ struct Fiber {
     ucontext_t ctx;
     std::vector<char> stack;
     dim3_ idx;
+    dim3_ block;  // blockIdx
     bool done = false;
     long sync_gen = 0;
     long shfl_gen = 0;
@@ -96,29 +105,36 @@ struct Fiber {
 inline ucontext_t g_scheduler;
 inline std::vector<Fiber>* g_fibers = nullptr;
 inline Fiber* g_current = nullptr;
-inline dim3_ g_block_idx, g_block_dim;
+inline dim3_ g_block_dim;
+inline unsigned g_cluster = 1;  // blocks per cluster
 inline long g_progress = 0;
 inline long g_sleeps = 0;  // pauses of spinning threads, over all launches
-inline double g_shfl[kMaxThreads / 32][2][32];
+constexpr int kMaxCluster = 8;
+inline double g_shfl[kMaxCluster * kMaxThreads / 32][2][32];
 
 inline void yield() { swapcontext(&g_current->ctx, &g_scheduler); }
 
-inline void syncthreads() {
+// Waits until every thread of this block (`cluster`: of its cluster) has arrived.
+inline void barrier(bool cluster) {
     const long gen = ++g_current->sync_gen;
     for (;;) {
         bool all = true;
-        for (auto& f : *g_fibers) all = all && f.sync_gen >= gen;
+        for (auto& f : *g_fibers)
+            all = all && (f.sync_gen >= gen || (!cluster && f.block.x != g_current->block.x));
         if (all) break;
         yield();
     }
     ++g_progress;
 }
 
+// The fiber's index in the set that runs together (its cluster).
+inline size_t slot() { return (size_t)(g_current - g_fibers->data()); }
+
 // Publishes `v` for this lane's next warp exchange, waits for the warp's other lanes, and returns
 // the 32 lanes' values (valid until this lane's next exchange).
 inline const double* exchange_all(double v) {
     Fiber* f = g_current;
-    const int tid = (int)f->idx.x, lane = tid % 32, warp = tid / 32;
+    const int lane = (int)f->idx.x % 32, warp = (int)(slot() / 32);
     const long gen = ++f->shfl_gen;
     g_shfl[warp][gen & 1][lane] = v;
     for (;;) {
@@ -165,9 +181,14 @@ inline void fiber_main() {
     swapcontext(&g_current->ctx, &g_scheduler);
 }
 
-// Runs `kernel(params)` for every thread of every block of a 1-d grid.
+// Runs `kernel(params)` for every thread of every block of a 1-d grid, in clusters of `cluster`
+// blocks (`grid` a multiple of it).
 template <class P>
-void launch(void (*kernel)(P), P params, unsigned grid, unsigned block) {
+void launch(void (*kernel)(P), P params, unsigned grid, unsigned block, unsigned cluster = 1) {
+    if (cluster < 1 || cluster > (unsigned)kMaxCluster || grid % cluster != 0 || block % 32 != 0) {
+        std::fprintf(stderr, "emulator: bad launch (grid %u, block %u, cluster %u)\n", grid, block, cluster);
+        std::abort();
+    }
     struct Call {
         void (*kernel)(P);
         P* params;
@@ -177,16 +198,18 @@ void launch(void (*kernel)(P), P params, unsigned grid, unsigned block) {
         call->kernel(*call->params);
     };
     g_trampoline.arg = &call;
-    std::vector<Fiber> fibers(block);
+    const unsigned threads = block * cluster;
+    std::vector<Fiber> fibers(threads);
     g_fibers = &fibers;
     g_block_dim = dim3_{block, 1, 1};
-    for (unsigned b = 0; b < grid; ++b) {
-        g_block_idx = dim3_{b, 0, 0};
-        for (unsigned t = 0; t < block; ++t) {
+    g_cluster = cluster;
+    for (unsigned b = 0; b < grid; b += cluster) {
+        for (unsigned t = 0; t < threads; ++t) {
             Fiber& f = fibers[t];
             f = Fiber{};
             f.stack.resize(kStack);
-            f.idx = dim3_{t, 0, 0};
+            f.idx = dim3_{t % block, 0, 0};
+            f.block = dim3_{b + t / block, 0, 0};
             getcontext(&f.ctx);
             f.ctx.uc_stack.ss_sp = f.stack.data();
             f.ctx.uc_stack.ss_size = f.stack.size();
@@ -196,8 +219,8 @@ void launch(void (*kernel)(P), P params, unsigned grid, unsigned block) {
         for (bool descending = false;; descending = !descending) {
             const long before = g_progress;
             bool all_done = true;
-            for (unsigned i = 0; i < block; ++i) {
-                Fiber& f = fibers[descending ? block - 1 - i : i];
+            for (unsigned i = 0; i < threads; ++i) {
+                Fiber& f = fibers[descending ? threads - 1 - i : i];
                 if (f.done) continue;
                 all_done = false;
                 g_current = &f;
@@ -216,10 +239,19 @@ void launch(void (*kernel)(P), P params, unsigned grid, unsigned block) {
 }  // namespace emu
 
 #define threadIdx (emu::g_current->idx)
-#define blockIdx (emu::g_block_idx)
+#define blockIdx (emu::g_current->block)
 #define blockDim (emu::g_block_dim)
 
-inline void __syncthreads() { emu::syncthreads(); }
+inline void __syncthreads() { emu::barrier(false); }
+inline unsigned cluster_block_rank() { return emu::g_current->block.x % emu::g_cluster; }
+inline void cluster_barrier() { emu::barrier(true); }
+inline void mbarrier_init(unsigned long long* bar, unsigned) { *bar = 0; }
+inline void mbarrier_init_fence() {}
+inline void mbarrier_arrive_expecting(unsigned long long*, unsigned) {}
+// Every thread waits once per phase, so a cluster barrier stands for the phase's completion.
+inline void mbarrier_wait(unsigned long long*, unsigned) { emu::barrier(true); }
+template <class Map>
+inline void send_map(const Map* slot, unsigned long long*, unsigned, Map m) { *const_cast<Map*>(slot) = m; }
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int mask) {
     const int lane = (int)threadIdx.x % 32;

@@ -1,7 +1,7 @@
 // Host harness for kernels/gated_scan.cu under cuda_host_shim.h: appended to the kernel source
 // (compiled with FS_DTYPE 3 and FS_GATED_LANE_STATES set), it runs one pass on the block kernels
 // the way src/cuda/gated_scan.rs launches them (a block of FS_GATED_WARPS warps per group of
-// FS_GATED_BLOCK_STATES states). Usage: `harness DIR` (see harness_io.h). Parameters: outer, len,
+// FS_GATED_BLOCK_STATES states; a cluster of FS_GATED_CLUSTER such blocks in the cluster build). Usage: `harness DIR` (see harness_io.h). Parameters: outer, len,
 // inner, reverse, pass (0 gated forward, 1 gated backward, 2 the plain scan's backward from its
 // stored h), want_final / want_checkpoints (forward), want_grad_initial (backward), and
 // misalign_NAME 1 to place tensor NAME one element off a vector boundary.
@@ -55,7 +55,8 @@ int main(int argc, char** argv) {
     P.len = len;
     P.inner = inner;
     const Kernel kernel = pick(pass, rev, b.present(), c.present());
-    const unsigned grid = (unsigned)((states + FS_GATED_BLOCK_STATES - 1) / FS_GATED_BLOCK_STATES);
+    const unsigned groups = (unsigned)((states + FS_GATED_BLOCK_STATES - 1) / FS_GATED_BLOCK_STATES);
+    const unsigned grid = groups * FS_GATED_CLUSTER;
     const unsigned block = FS_GATED_WARPS * FS_WARP;
     if (pass == 0) {
         Buffer y("y", numel), final_out("final", get_or("want_final", 0) ? states : 0),
@@ -63,7 +64,7 @@ int main(int argc, char** argv) {
         P.y = y.data;
         P.final_out = final_out.n ? final_out.data : nullptr;
         P.checkpoints = ckpt.n ? ckpt.data : nullptr;
-        emu::launch(kernel, P, grid, block);
+        emu::launch(kernel, P, grid, block, FS_GATED_CLUSTER);
         save("y", y.values());
         save("final", final_out.values());
         save("checkpoints_out", ckpt.values());
@@ -75,7 +76,7 @@ int main(int argc, char** argv) {
         P.grad_b = gb.n ? gb.data : nullptr;
         P.grad_c = gc.n ? gc.data : nullptr;
         P.grad_initial = gi.n ? gi.data : nullptr;
-        emu::launch(kernel, P, grid, block);
+        emu::launch(kernel, P, grid, block, FS_GATED_CLUSTER);
         save("grad_x", gx.values());
         save("grad_a", ga.values());
         save("grad_b", gb.values());

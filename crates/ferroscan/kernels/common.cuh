@@ -89,6 +89,79 @@ __device__ __forceinline__ AffineMap then_step(AffineMap m, acc_t g, acc_t x) {
 
 __device__ __forceinline__ acc_t apply(AffineMap m, acc_t s) { return scale_by_product(m.a, s) + m.b; }
 
+// Thread-block clusters (sm_90 and newer): the blocks of a cluster run at the same time and can
+// write each other's shared memory. Only builds that need them use these (their kernel sources
+// declare sm_90 as their oldest architecture); the host emulation provides its own. Maps are
+// sent with st.async, whose bytes an mbarrier of the receiving block counts: the receiver waits
+// on its own barrier and nobody waits on a fence (a release fence at cluster scope also waits for
+// the sender's outstanding global stores).
+#if !defined(FS_HOST_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// This block's rank in its cluster.
+__device__ __forceinline__ unsigned cluster_block_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+// Every thread of every block of the cluster waits here for all the others (with release and
+// acquire: what each wrote before is visible to all after).
+__device__ __forceinline__ void cluster_barrier() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ unsigned shared_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+// The address of this block's shared variable at `p` in block `rank` of the cluster.
+__device__ __forceinline__ unsigned cluster_shared_address(const void* p, unsigned rank) {
+    unsigned r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(shared_address(p)), "r"(rank));
+    return r;
+}
+
+// An mbarrier expecting `arrivals` arrivals per phase; other blocks may use it after
+// `mbarrier_init_fence` and a cluster barrier.
+__device__ __forceinline__ void mbarrier_init(unsigned long long* bar, unsigned arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(arrivals) : "memory");
+}
+__device__ __forceinline__ void mbarrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+
+// One arrival on `bar`, whose current phase then also waits for `bytes` bytes of st.async.
+__device__ __forceinline__ void mbarrier_arrive_expecting(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
+                 : "memory");
+}
+
+// Waits until the phase of `bar` with parity `parity` has completed (its writes are then visible).
+__device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned parity) {
+    const unsigned addr = shared_address(bar);
+    unsigned done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n\t.reg .pred complete;\n\t"
+            "mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n\t"
+            "selp.u32 %0, 1, 0, complete;\n\t}"
+            : "=r"(done)
+            : "r"(addr), "r"(parity)
+            : "memory");
+    }
+}
+
+// Writes `m` into the shared variable at `slot` (an address of this block's) of block `rank`,
+// counted by that block's mbarrier `bar`.
+__device__ __forceinline__ void send_map(const AffineMap* slot, unsigned long long* bar, unsigned rank, AffineMap m) {
+    const unsigned to = cluster_shared_address(slot, rank), counter = cluster_shared_address(bar, rank);
+#if FS_DTYPE == 3
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f64 [%0], {%1, %2}, [%3];" ::"r"(to),
+                 "d"(m.a), "d"(m.b), "r"(counter)
+                 : "memory");
+#else
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];" ::"r"(to),
+                 "f"(m.a), "f"(m.b), "r"(counter)
+                 : "memory");
+#endif
+}
+#endif
+
 // Inclusive scan of maps over the lanes of a warp, lane 0 first.
 __device__ __forceinline__ AffineMap warp_inclusive_scan(AffineMap m, int lane) {
 #pragma unroll

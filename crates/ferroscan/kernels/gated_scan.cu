@@ -12,6 +12,9 @@
 // window of FS_GATED_WARPS*FS_GATED_SEG steps is read at once, warp w owning segment w. Each
 // warp reduces its segment to an affine map of the state, the maps meet
 // in shared memory, and every warp folds the maps before its own into the block's running state.
+// A cluster build (FS_GATED_CLUSTER > 1) gives a group a cluster of blocks instead, whose warps
+// split a window between them (block r owning segments r*FS_GATED_WARPS onwards) and write
+// their maps into every block's shared memory: one group then runs on several multiprocessors.
 // Each element is therefore read once and written once, with no scratch in global memory and
 // many loads in flight per thread (a whole segment is loaded before any arithmetic).
 //
@@ -31,6 +34,14 @@
 #define FS_GATED_WARPS 8
 #endif
 #define FS_GATED_SEG 8  // steps per warp per window; also the checkpoint spacing
+
+// Blocks per group, as one thread-block cluster (sm_90 and newer; `GATED_SCAN_CLUSTER_SOURCE` in
+// src/cuda/compile.rs): for problems with fewer groups than multiprocessors, whose time axes would
+// otherwise run on part of the GPU only.
+#ifndef FS_GATED_CLUSTER
+#define FS_GATED_CLUSTER 1
+#endif
+#define FS_GATED_SEGMENTS (FS_GATED_CLUSTER * FS_GATED_WARPS)  // segments per window
 
 // States per lane. With 16-bit storage one state per lane makes a warp's access 64 bytes, half a
 // 128-byte line, and leaves the memory system under-used; two adjacent states per lane make it a
@@ -133,7 +144,8 @@ __device__ __forceinline__ GatedLane gated_lane(const GatedParams& P) {
     l.n_states = P.outer * P.inner;
     l.len = P.len;
     l.inner = P.inner;
-    const i64 s = (i64)blockIdx.x * FS_GATED_BLOCK_STATES + (i64)(threadIdx.x % FS_WARP) * FS_GATED_LS;
+    const i64 group = (i64)(blockIdx.x / FS_GATED_CLUSTER);
+    const i64 s = group * FS_GATED_BLOCK_STATES + (i64)(threadIdx.x % FS_WARP) * FS_GATED_LS;
     const i64 left = l.n_states - s;
     l.owned = left <= 0 ? 0 : (left < FS_GATED_LS ? (int)left : FS_GATED_LS);
     l.state = l.owned > 0 ? s : 0;
@@ -367,28 +379,96 @@ struct BackwardSegment {
     }
 };
 
-// Runs `carry` through the maps the block's warps published for one window, in the pass's order
-// (warp 0 first; RIGHT_TO_LEFT: the last first), and returns the value entering `warp`'s
-// segment. Plain multiply-adds first; only where the result is not finite does it go again with
+// One window's segment maps, per lane state and lane, as every block of the group holds them.
+typedef AffineMap WindowMaps[FS_GATED_SEGMENTS][FS_GATED_LS][FS_WARP];
+
+// The first segment of every window that this block's warps own.
+__device__ __forceinline__ int first_segment() {
+#if FS_GATED_CLUSTER > 1
+    return (int)cluster_block_rank() * FS_GATED_WARPS;
+#else
+    return 0;
+#endif
+}
+
+// How a window's segment maps reach every warp of the group, double-buffered (window n uses
+// buffer n % 2): within a block, shared memory and a block barrier; in the cluster build, every
+// warp sends its maps into every block's buffer with st.async, and a block waits on its own
+// mbarrier for the bytes of the whole window. Buffer reuse is safe either way: a warp writes
+// window n+2's maps only after window n+1's are complete, which every warp sends only after it
+// has read window n's.
+struct WindowExchange {
+    WindowMaps maps[2];
+#if FS_GATED_CLUSTER > 1
+    unsigned long long received[2];  // mbarriers, one per buffer
+#endif
+
+    // Before the first window, by every thread.
+    __device__ __forceinline__ void start() {
+#if FS_GATED_CLUSTER > 1
+        if (threadIdx.x == 0) {
+            mbarrier_init(&received[0], 1);
+            mbarrier_init(&received[1], 1);
+            mbarrier_init_fence();
+        }
+        cluster_barrier();  // every block's barriers are ready before anyone sends
+#endif
+    }
+
+    // Gives window n's map of segment `seg`, lane state i, to every block of the group.
+    __device__ __forceinline__ void publish(i64 n, int seg, int i, int lane, AffineMap m) {
+        const int buf = (int)(n & 1);
+#if FS_GATED_CLUSTER > 1
+        if (threadIdx.x == 0 && i == 0)
+            mbarrier_arrive_expecting(&received[buf], sizeof(WindowMaps));
+#pragma unroll
+        for (unsigned r = 0; r < FS_GATED_CLUSTER; ++r) send_map(&maps[buf][seg][i][lane], &received[buf], r, m);
+#else
+        maps[buf][seg][i][lane] = m;
+#endif
+    }
+
+    // Waits until every map of window n is in this block's buffer, and returns the buffer.
+    __device__ __forceinline__ const WindowMaps& wait(i64 n) {
+        const int buf = (int)(n & 1);
+#if FS_GATED_CLUSTER > 1
+        mbarrier_wait(&received[buf], (unsigned)((n >> 1) & 1));
+#else
+        __syncthreads();
+#endif
+        return maps[buf];
+    }
+
+    // After the last window, by every thread: no block leaves while others may still write to it.
+    __device__ __forceinline__ void finish() {
+#if FS_GATED_CLUSTER > 1
+        cluster_barrier();
+#endif
+    }
+};
+
+// Runs `carry` through the maps of one window's segments, in the pass's order (segment 0 first;
+// RIGHT_TO_LEFT: the last first), and returns the value entering segment `seg`. Plain
+// multiply-adds first; only where the result is not finite does it go again with
 // `apply`, which keeps an infinite state infinite through a product of gates that underflowed to
 // zero (a non-finite value anywhere on the way leaves the result non-finite, so nothing else can
 // differ).
-template <bool RIGHT_TO_LEFT, int WARPS>
-__device__ __forceinline__ acc_t enter_segment(const AffineMap (&maps)[WARPS][FS_GATED_LS][FS_WARP],
-                                               int i, int lane, int warp, acc_t& carry) {
+template <bool RIGHT_TO_LEFT>
+__device__ __forceinline__ acc_t enter_segment(const WindowMaps& maps, int i, int lane, int seg, acc_t& carry) {
+    constexpr int N = FS_GATED_SEGMENTS;
     acc_t s = carry, mine = carry;
 #pragma unroll
-    for (int n = 0; n < WARPS; ++n) {
-        const int j = RIGHT_TO_LEFT ? WARPS - 1 - n : n;
+    for (int n = 0; n < N; ++n) {
+        const int j = RIGHT_TO_LEFT ? N - 1 - n : n;
         const AffineMap m = maps[j][i][lane];
-        if (j == warp) mine = s;
+        if (j == seg) mine = s;
         s = m.a * s + m.b;
     }
     if (!isfinite(s)) {
         s = carry;
-        for (int n = 0; n < WARPS; ++n) {
-            const int j = RIGHT_TO_LEFT ? WARPS - 1 - n : n;
-            if (j == warp) mine = s;
+        for (int n = 0; n < N; ++n) {
+            const int j = RIGHT_TO_LEFT ? N - 1 - n : n;
+            if (j == seg) mine = s;
             s = apply(maps[j][i][lane], s);
         }
     }
@@ -402,10 +482,9 @@ __device__ __forceinline__ acc_t enter_segment(const AffineMap (&maps)[WARPS][FS
 
 template <bool DESC, bool HAS_B, bool HAS_C>
 __device__ __forceinline__ void gated_forward(const GatedParams& P) {
-    constexpr int WARPS = FS_GATED_WARPS;
-    __shared__ AffineMap maps[2][WARPS][FS_GATED_LS][FS_WARP];
-    constexpr i64 WINDOW = WARPS * FS_GATED_SEG;
-    const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
+    __shared__ WindowExchange exchange;
+    constexpr i64 WINDOW = FS_GATED_SEGMENTS * FS_GATED_SEG;
+    const int lane = threadIdx.x % FS_WARP, seg = first_segment() + (int)threadIdx.x / FS_WARP;
     const GatedLane l = gated_lane(P);
     const i64 len = l.len;
     acc_t carry[FS_GATED_LS];
@@ -413,10 +492,11 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
     for (int i = 0; i < FS_GATED_LS; ++i)
         carry[i] = (i < l.owned && P.initial) ? to_acc(P.initial[l.state + i]) : acc_t(0);
     ForwardSegment<DESC, HAS_B, HAS_C> cur, next;
-    cur.load(P, l, (i64)warp * FS_GATED_SEG);
-    int buf = 0;
-    for (i64 w0 = 0; w0 < len; w0 += WINDOW, buf ^= 1) {
-        const i64 u0 = w0 + (i64)warp * FS_GATED_SEG;
+    cur.load(P, l, (i64)seg * FS_GATED_SEG);
+    exchange.start();
+    i64 n = 0;  // windows done
+    for (i64 w0 = 0; w0 < len; w0 += WINDOW, ++n) {
+        const i64 u0 = w0 + (i64)seg * FS_GATED_SEG;
         const bool more = w0 + WINDOW < len;
         if (more) next.load(P, l, u0 + WINDOW);
 #pragma unroll
@@ -424,12 +504,12 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
             AffineMap m = identity_map();
 #pragma unroll
             for (int k = 0; k < FS_GATED_SEG; ++k) m = then_step(m, cur.g(k, i), cur.tok(k, i));
-            maps[buf][warp][i][lane] = m;
+            exchange.publish(n, seg, i, lane, m);
         }
-        __syncthreads();
+        const WindowMaps& maps = exchange.wait(n);
         acc_t h[FS_GATED_LS];
 #pragma unroll
-        for (int i = 0; i < FS_GATED_LS; ++i) h[i] = enter_segment<false>(maps[buf], i, lane, warp, carry[i]);
+        for (int i = 0; i < FS_GATED_LS; ++i) h[i] = enter_segment<false>(maps, i, lane, seg, carry[i]);
         if (u0 < len && l.owned > 0) {
             if (P.checkpoints) {
 #pragma unroll
@@ -450,14 +530,14 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
         }
         if (more) cur = next;
     }
+    exchange.finish();
 }
 
 template <bool DESC, bool HAS_B, bool HAS_C, bool STORED_H>
 __device__ __forceinline__ void gated_backward(const GatedParams& P) {
-    constexpr int WARPS = FS_GATED_WARPS;
-    __shared__ AffineMap maps[2][WARPS][FS_GATED_LS][FS_WARP];
-    constexpr i64 WINDOW = WARPS * FS_GATED_SEG;
-    const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
+    __shared__ WindowExchange exchange;
+    constexpr i64 WINDOW = FS_GATED_SEGMENTS * FS_GATED_SEG;
+    const int lane = threadIdx.x % FS_WARP, seg = first_segment() + (int)threadIdx.x / FS_WARP;
     const GatedLane l = gated_lane(P);
     const i64 len = l.len;
     // lam at the first position right of the current window (grad_final past the end).
@@ -467,10 +547,11 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
         carry[i] = (i < l.owned && P.grad_final) ? to_acc(P.grad_final[l.state + i]) : acc_t(0);
     const i64 last_window = (len - 1) / WINDOW * WINDOW;
     BackwardSegment<DESC, HAS_B, HAS_C, STORED_H> cur, next;
-    cur.load(P, l, last_window + (i64)warp * FS_GATED_SEG);
-    int buf = 0;
-    for (i64 w0 = last_window; w0 >= 0; w0 -= WINDOW, buf ^= 1) {
-        const i64 u0 = w0 + (i64)warp * FS_GATED_SEG;
+    cur.load(P, l, last_window + (i64)seg * FS_GATED_SEG);
+    exchange.start();
+    i64 n = 0;  // windows done
+    for (i64 w0 = last_window; w0 >= 0; w0 -= WINDOW, ++n) {
+        const i64 u0 = w0 + (i64)seg * FS_GATED_SEG;
         const bool more = w0 > 0;
         if (more) next.load(P, l, u0 - WINDOW);
 
@@ -480,12 +561,12 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
             AffineMap m = identity_map();
 #pragma unroll
             for (int k = FS_GATED_SEG - 1; k >= 0; --k) m = then_step(m, cur.g_after(k, i), cur.tok(k, i));
-            maps[buf][warp][i][lane] = m;
+            exchange.publish(n, seg, i, lane, m);
         }
-        __syncthreads();
+        const WindowMaps& maps = exchange.wait(n);
         acc_t lam[FS_GATED_LS];
 #pragma unroll
-        for (int i = 0; i < FS_GATED_LS; ++i) lam[i] = enter_segment<true>(maps[buf], i, lane, warp, carry[i]);
+        for (int i = 0; i < FS_GATED_LS; ++i) lam[i] = enter_segment<true>(maps, i, lane, seg, carry[i]);
         if (l.owned > 0 && u0 < len) {
             acc_t h[FS_GATED_SEG][FS_GATED_LS];
 #pragma unroll
@@ -511,6 +592,7 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
         }
         if (more) cur = next;
     }
+    exchange.finish();
 }
 
 // Occupancy. Left alone, ptxas spends registers freely (the forward with two states per lane up to
@@ -531,7 +613,13 @@ __device__ __forceinline__ void gated_backward(const GatedParams& P) {
 #define FS_GATED_CAPPED(REGS) __launch_bounds__(FS_GATED_WARPS * FS_WARP, FS_GATED_BLOCKS_AT(REGS))
 #endif
 #define FS_GATED_UNCAPPED __launch_bounds__(FS_GATED_WARPS * FS_WARP)
+#if FS_GATED_CLUSTER > 1
+// The cluster build runs for problems whose blocks fill three per multiprocessor at most: room for
+// 168 registers, which the two-state forwards with b and c need not to spill.
+#define FS_GATED_FWD_BOUNDS FS_GATED_CAPPED(168)
+#else
 #define FS_GATED_FWD_BOUNDS FS_GATED_CAPPED(128)
+#endif
 #if FS_GATED_LS == 2
 #define FS_GATED_BWD_BOUNDS(HB, HC) FS_GATED_BWD_BOUNDS_##HB##HC
 #define FS_GATED_BWD_BOUNDS_00 FS_GATED_CAPPED(128)

@@ -27,20 +27,31 @@ pub struct KernelSource {
     pub file: &'static str,
     /// The file's text.
     pub text: &'static str,
+    /// The oldest architecture `(major, minor)` it compiles for (what its kernels use: e.g.
+    /// thread-block clusters need sm_90).
+    pub min_arch: (i32, i32),
 }
 
 /// `kernels/scan.cu`: the first-order scan.
 pub const SCAN_SOURCE: KernelSource = KernelSource {
     file: "scan.cu",
     text: include_str!("../../kernels/scan.cu"),
+    min_arch: ANY_ARCH,
 };
+
+/// The `min_arch` of sources that compile for every architecture ferroscan supports.
+pub const ANY_ARCH: (i32, i32) = (0, 0);
 
 /// `kernels/gated_scan.cu` with leading `#define`s: the build's identity in the caches is `$file`.
 macro_rules! gated_source {
     ($file:literal, $defines:literal) => {
+        gated_source!($file, $defines, ANY_ARCH)
+    };
+    ($file:literal, $defines:literal, $min_arch:expr) => {
         KernelSource {
             file: $file,
             text: concat!($defines, include_str!("../../kernels/gated_scan.cu")),
+            min_arch: $min_arch,
         }
     };
 }
@@ -62,6 +73,14 @@ pub const GATED_SCAN_ONE_STATE_SOURCE: KernelSource = gated_source!(
     "gated_scan_one_state.cu",
     "#define FS_GATED_LANE_STATES 1\n#define FS_GATED_WARPS 16\n"
 );
+/// `kernels/gated_scan.cu` with a thread-block cluster of four blocks of 4 warps per group
+/// (`FS_GATED_CLUSTER` 4; sm_90 and newer): a group's time axis on four multiprocessors, for
+/// problems with fewer groups than multiprocessors (see `gated_scan::cluster_blocks`).
+pub const GATED_SCAN_CLUSTER_SOURCE: KernelSource = gated_source!(
+    "gated_scan_cluster.cu",
+    "#define FS_GATED_CLUSTER 4\n#define FS_GATED_WARPS 4\n",
+    (9, 0)
+);
 
 /// `kernels/selective_scan.cu` compiled for one pass and one number kind: `FS_SEL_COMPLEX`,
 /// `FS_SEL_PASS` and the file name (the module's identity in the caches) per variant.
@@ -69,6 +88,7 @@ macro_rules! selective_source {
     ($file:literal, $complex:literal, $pass:literal) => {
         KernelSource {
             file: $file,
+            min_arch: ANY_ARCH,
             text: concat!(
                 "#define FS_SEL_COMPLEX ",
                 $complex,
@@ -95,12 +115,13 @@ pub const SELECTIVE_BWD_COMPLEX_SOURCE: KernelSource =
     selective_source!("selective_scan_bwd_complex.cu", "1", "1");
 
 /// Every kernel source of the crate.
-pub const ALL_SOURCES: [KernelSource; 9] = [
+pub const ALL_SOURCES: [KernelSource; 10] = [
     SCAN_SOURCE,
     GATED_SCAN_SOURCE,
     GATED_SCAN_4_WARPS_SOURCE,
     GATED_SCAN_16_WARPS_SOURCE,
     GATED_SCAN_ONE_STATE_SOURCE,
+    GATED_SCAN_CLUSTER_SOURCE,
     SELECTIVE_FWD_REAL_SOURCE,
     SELECTIVE_FWD_COMPLEX_SOURCE,
     SELECTIVE_BWD_REAL_SOURCE,
@@ -403,6 +424,12 @@ pub fn compile_cubin(
 ) -> Result<Arc<Vec<u8>>> {
     static MEMORY: OnceLock<Mutex<HashMap<CubinKey, Arc<Vec<u8>>>>> = OnceLock::new();
     let memory = MEMORY.get_or_init(Default::default);
+    if arch < source.min_arch {
+        return Err(Error::CudaUnavailable(format!(
+            "{} needs compute capability {}.{} or newer, this device has {}.{}",
+            source.file, source.min_arch.0, source.min_arch.1, arch.0, arch.1
+        )));
+    }
     let key = (*source, dtype, arch);
     if let Some(hit) = memory.lock().map_err(|_| poisoned())?.get(&key) {
         return Ok(hit.clone());

@@ -16,16 +16,20 @@ pub struct Device {
     ctx: Arc<CudaContext>,
     arch: (i32, i32),
     sm_count: usize,
+    shared_per_multiprocessor: usize,
     modules: Mutex<HashMap<(KernelSource, DType), Arc<CudaModule>>>,
     functions: Mutex<HashMap<(KernelSource, DType, String), LoadedFunction>>,
 }
 
-/// A loaded kernel and the registers per thread ptxas gave it (read once, at load: launchers that
-/// size blocks by it would otherwise ask the driver on every launch).
+/// A loaded kernel and what ptxas gave it (read once, at load: launchers that size blocks by it
+/// would otherwise ask the driver on every launch).
 #[derive(Clone)]
-struct LoadedFunction {
-    function: CudaFunction,
-    registers: usize,
+pub(crate) struct LoadedFunction {
+    pub(crate) function: CudaFunction,
+    /// Registers per thread.
+    pub(crate) registers: usize,
+    /// Bytes of static shared memory per block.
+    pub(crate) static_shared: usize,
 }
 
 impl std::fmt::Debug for Device {
@@ -83,10 +87,16 @@ pub fn device(ordinal: usize) -> Result<Arc<Device>> {
     let sm_count = ctx
         .attribute(driver_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(driver_error("reading the multiprocessor count"))?;
+    let shared_per_multiprocessor = ctx
+        .attribute(
+            driver_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+        )
+        .map_err(driver_error("reading the shared memory per multiprocessor"))?;
     let dev = Arc::new(Device {
         ctx,
         arch,
         sm_count: sm_count.max(1) as usize,
+        shared_per_multiprocessor: shared_per_multiprocessor.max(0) as usize,
         modules: Mutex::default(),
         functions: Mutex::default(),
     });
@@ -108,6 +118,11 @@ impl Device {
     /// Number of streaming multiprocessors.
     pub fn sm_count(&self) -> usize {
         self.sm_count
+    }
+
+    /// Bytes of shared memory of one multiprocessor, for all its blocks together.
+    pub fn shared_per_multiprocessor(&self) -> usize {
+        self.shared_per_multiprocessor
     }
 
     /// Wraps a stream owned by someone else (e.g. PyTorch's current stream).
@@ -140,7 +155,13 @@ impl Device {
         Ok(self.loaded(source, dtype, name)?.registers)
     }
 
-    fn loaded(&self, source: KernelSource, dtype: DType, name: &str) -> Result<LoadedFunction> {
+    /// The kernel `name` of `source` for `dtype` with its resources (loaded on first use).
+    pub(crate) fn loaded(
+        &self,
+        source: KernelSource,
+        dtype: DType,
+        name: &str,
+    ) -> Result<LoadedFunction> {
         let key = (source, dtype, name.to_string());
         if let Some(f) = self.functions.lock().map_err(|_| poisoned())?.get(&key) {
             return Ok(f.clone());
@@ -153,9 +174,14 @@ impl Device {
             .num_regs()
             .map_err(driver_error("reading a kernel's registers"))?
             .max(1) as usize;
+        let static_shared = function
+            .shared_size_bytes()
+            .map_err(driver_error("reading a kernel's shared memory"))?
+            .max(0) as usize;
         let loaded = LoadedFunction {
             function,
             registers,
+            static_shared,
         };
         self.functions
             .lock()

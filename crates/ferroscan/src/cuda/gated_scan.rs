@@ -12,14 +12,15 @@
 //! [`checkpoint_shape`]. Any layout works; the kernels coalesce across `inner`, so they suit
 //! `inner >= 32` best (channels-last).
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::compile::{
-    KernelSource, GATED_SCAN_16_WARPS_SOURCE, GATED_SCAN_4_WARPS_SOURCE,
+    KernelSource, GATED_SCAN_16_WARPS_SOURCE, GATED_SCAN_4_WARPS_SOURCE, GATED_SCAN_CLUSTER_SOURCE,
     GATED_SCAN_ONE_STATE_SOURCE, GATED_SCAN_SOURCE,
 };
 use super::device::{driver_error, Device};
-use super::launch::{check_required, grid_blocks, pass_state_through};
+use super::launch::{check_required, grid_blocks, launch_clustered, pass_state_through};
 use crate::error::Result;
 use crate::layout::{DType, ScanProblem, ScanShape};
 
@@ -27,13 +28,18 @@ use crate::layout::{DType, ScanProblem, ScanShape};
 pub const CHECKPOINT_SPACING: usize = 8;
 /// States each lane owns (`FS_GATED_LANE_STATES` in gated_scan.cu). 32- and 64-bit types: one.
 /// 16-bit types: two adjacent states (a warp's access then fills a 128-byte line; the kernel's
-/// default for them) unless that leaves more than half the multiprocessors without a block,
-/// then one (the [`GATED_SCAN_ONE_STATE_SOURCE`] build). (H100, bfloat16 (4,8192,1536), 96
-/// groups at two states for 132 multiprocessors, forward / backward ms: two states 0.219 /
-/// 0.410, one 0.257 / 0.749.) `$FERROSCAN_GATED_LANE_STATES` (1 or 2) forces the 16-bit choice,
-/// for tuning and for tests of both paths. The kernel build and the launch grid both follow
-/// this one answer.
-pub(super) fn lane_states(sm_count: usize, dtype: DType, shape: &ScanShape) -> usize {
+/// default for them), except for [`few_groups`] on GPUs without thread-block clusters
+/// (`arch`), then one (the [`GATED_SCAN_ONE_STATE_SOURCE`] build; with clusters, the cluster
+/// build spreads the groups instead). (H100, bfloat16 (4,8192,1536), 96 groups at two states
+/// for 132 multiprocessors, forward / backward ms: two states 0.219 / 0.410, one 0.257 / 0.749.)
+/// `$FERROSCAN_GATED_LANE_STATES` (1 or 2) forces the 16-bit choice, for tuning and for tests
+/// of both paths. The kernel build and the launch grid both follow this one answer.
+pub(super) fn lane_states(
+    sm_count: usize,
+    arch: (i32, i32),
+    dtype: DType,
+    shape: &ScanShape,
+) -> usize {
     match dtype {
         DType::F32 | DType::F64 => 1,
         DType::F16 | DType::BF16 => {
@@ -42,11 +48,20 @@ pub(super) fn lane_states(sm_count: usize, dtype: DType, shape: &ScanShape) -> u
                 .and_then(|v| v.parse::<usize>().ok());
             match forced {
                 Some(lanes @ (1 | 2)) => lanes,
-                _ if 2 * shape.state_numel().div_ceil(64) >= sm_count => 2,
-                _ => 1,
+                _ if few_groups(sm_count, shape.state_numel().div_ceil(64))
+                    && arch < GATED_SCAN_CLUSTER_SOURCE.min_arch =>
+                {
+                    1
+                }
+                _ => 2,
             }
         }
     }
+}
+
+/// Whether `groups` blocks, one per group, would leave more than half the multiprocessors idle.
+fn few_groups(sm_count: usize, groups: usize) -> bool {
+    2 * groups < sm_count
 }
 
 /// Tuning hook: states per lane for 16-bit types, 1 or 2 (see [`lane_states`]).
@@ -54,6 +69,16 @@ pub const LANE_STATES_ENV: &str = "FERROSCAN_GATED_LANE_STATES";
 
 /// Tuning hook: warps per block, 4, 8 or 16 (see [`warps`]).
 pub const WARPS_ENV: &str = "FERROSCAN_GATED_WARPS";
+
+/// Tuning hook: blocks per group, 1 or [`CLUSTER_BLOCKS`] (see [`cluster_candidate`]).
+pub const CLUSTER_ENV: &str = "FERROSCAN_GATED_CLUSTER";
+
+/// Blocks per group in the cluster build ([`GATED_SCAN_CLUSTER_SOURCE`], `FS_GATED_CLUSTER`).
+const CLUSTER_BLOCKS: usize = 4;
+/// Warps per block in the cluster build.
+const CLUSTER_WARPS: usize = 4;
+/// Shared memory (static and dynamic) a block may take without asking the driver for more.
+const DEFAULT_SHARED: usize = 48 * 1024;
 
 /// The kernels of `gated_scan.cu`, as far as their launch differs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,8 +131,13 @@ fn blocks_per_multiprocessor(regs: usize, warps: usize) -> usize {
 /// one-state build has 16 warps only: [`lane_states`] picks it when its blocks fit one per
 /// multiprocessor. `$FERROSCAN_GATED_WARPS` (4, 8 or 16) forces the choice of the other builds,
 /// for tuning and for tests of every build.
-pub(super) fn warps(sm_count: usize, dtype: DType, shape: &ScanShape, regs: usize) -> usize {
-    let lanes = lane_states(sm_count, dtype, shape);
+pub(super) fn warps(
+    sm_count: usize,
+    dtype: DType,
+    lanes: usize,
+    shape: &ScanShape,
+    regs: usize,
+) -> usize {
     if lanes == 1 && matches!(dtype, DType::F16 | DType::BF16) {
         return 16;
     }
@@ -124,8 +154,62 @@ pub(super) fn warps(sm_count: usize, dtype: DType, shape: &ScanShape, regs: usiz
         .unwrap_or(8)
 }
 
+/// Whether a problem of `groups` groups of `lanes` states per lane runs on the cluster build
+/// ([`GATED_SCAN_CLUSTER_SOURCE`]: a group's windows split between [`CLUSTER_BLOCKS`]
+/// multiprocessors): `Some` when decided, `None` when it does if all the cluster build's blocks
+/// are resident at once (the launcher checks with [`fits_at_once`]). A candidate has
+/// [`few_groups`], a GPU with clusters (sm_90 and newer), and the two-state or the 32/64-bit
+/// build. With more groups, the blocks already cover the GPU and the exchange of maps between
+/// blocks costs more than it gains. H100, forward / backward ms, one block per group against
+/// clusters (16-bit: one state per lane against two with clusters): bfloat16 (1,8192,1536)
+/// 0.164 / 0.336 against 0.126 / 0.174; (2,8192,1536) 0.192 / 0.418 against 0.149 / 0.212;
+/// (1,8192,512) 0.149 / 0.318 against 0.109 / 0.134; float32 (1,8192,1536) 0.173 / 0.291
+/// against 0.135 / 0.249; (1,8192,512) 0.133 / 0.224 against 0.102 / 0.155; but with more
+/// groups, bfloat16 (4,8192,1536) 0.223 / 0.409 against 0.283 / 0.422 and float32
+/// (2,8192,1536) 0.195 / 0.387 against 0.255 / 0.495. `$FERROSCAN_GATED_CLUSTER` (1 or 4)
+/// forces the choice where the build exists, for tuning and for tests of both paths.
+pub(super) fn cluster_candidate(
+    sm_count: usize,
+    arch: (i32, i32),
+    dtype: DType,
+    lanes: usize,
+    groups: usize,
+) -> Option<bool> {
+    let possible = arch >= GATED_SCAN_CLUSTER_SOURCE.min_arch
+        && !(lanes == 1 && matches!(dtype, DType::F16 | DType::BF16));
+    if !possible {
+        return Some(false);
+    }
+    let forced = std::env::var(CLUSTER_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    match forced {
+        Some(1) => Some(false),
+        Some(CLUSTER_BLOCKS) => Some(true),
+        _ if few_groups(sm_count, groups) => None,
+        _ => Some(false),
+    }
+}
+
+/// Whether `blocks` blocks of `warps` warps, `regs` registers per thread, are all resident on
+/// `sm_count` multiprocessors at once.
+fn fits_at_once(blocks: usize, sm_count: usize, regs: usize, warps: usize) -> bool {
+    blocks <= sm_count * blocks_per_multiprocessor(regs, warps)
+}
+
+/// Bytes of dynamic shared memory per block that keep a multiprocessor of `shared_per_mp` bytes
+/// from holding more than `blocks` blocks of `static_shared` bytes each (0 when none are
+/// needed). The cluster scheduler otherwise packs as many blocks on a multiprocessor as fit
+/// (measured on the H100: four on some, none on others), and the fullest set the pace. Every
+/// block also holds 1 KiB of shared memory for the system (sm_80 and newer).
+fn shared_padding(blocks: usize, shared_per_mp: usize, static_shared: usize) -> usize {
+    const RESERVED_PER_BLOCK: usize = 1024;
+    let per_block = (shared_per_mp / (blocks + 1) + 1).saturating_sub(RESERVED_PER_BLOCK);
+    per_block.saturating_sub(static_shared)
+}
+
 /// The kernel build for `lanes` states per lane and `warps` warps per block (see
-/// [`lane_states`], [`warps`]).
+/// [`lane_states`], [`warps`]); [`GATED_SCAN_CLUSTER_SOURCE`] is chosen apart.
 fn source(dtype: DType, lanes: usize, warps: usize) -> KernelSource {
     match (dtype, warps) {
         (DType::F16 | DType::BF16, _) if lanes == 1 => GATED_SCAN_ONE_STATE_SOURCE,
@@ -259,12 +343,48 @@ pub(super) unsafe fn launch(
     params.outer = shape.outer as i64;
     params.len = shape.len as i64;
     params.inner = shape.inner as i64;
-    let lanes = lane_states(device.sm_count(), dtype, shape);
+    let sm_count = device.sm_count();
+    let lanes = lane_states(sm_count, device.arch(), dtype, shape);
     let name = kernel.name(problem.reverse);
+    let groups = shape.state_numel().div_ceil(32 * lanes);
+    let clustered = match cluster_candidate(sm_count, device.arch(), dtype, lanes, groups) {
+        Some(decided) => decided,
+        None => {
+            let regs = device.registers(GATED_SCAN_CLUSTER_SOURCE, dtype, &name)?;
+            fits_at_once(groups * CLUSTER_BLOCKS, sm_count, regs, CLUSTER_WARPS)
+        }
+    };
+    if clustered {
+        let blocks = groups * CLUSTER_BLOCKS;
+        let kernel = device.loaded(GATED_SCAN_CLUSTER_SOURCE, dtype, &name)?;
+        let padding = shared_padding(
+            blocks.div_ceil(sm_count),
+            device.shared_per_multiprocessor(),
+            kernel.static_shared,
+        );
+        if kernel.static_shared + padding > DEFAULT_SHARED {
+            kernel
+                .function
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    padding as i32,
+                )
+                .map_err(driver_error("allowing a kernel more shared memory"))?;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid_blocks(blocks)?, 1, 1),
+            block_dim: ((CLUSTER_WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: padding as u32,
+        };
+        let cluster = CLUSTER_BLOCKS as u32;
+        // SAFETY: the kernel touches only the buffers in `params`, valid as the caller guarantees;
+        // the grid is whole clusters.
+        return unsafe { launch_clustered(stream, &kernel.function, cfg, cluster, &params) };
+    }
     let regs = device.registers(source(dtype, lanes, 8), dtype, &name)?;
-    let warps = warps(device.sm_count(), dtype, shape, regs);
+    let warps = warps(sm_count, dtype, lanes, shape, regs);
     let cfg = LaunchConfig {
-        grid_dim: (grid_blocks(shape.state_numel().div_ceil(32 * lanes))?, 1, 1),
+        grid_dim: (grid_blocks(groups)?, 1, 1),
         block_dim: ((warps * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -418,16 +538,18 @@ mod tests {
         assert!(GATED_SCAN_ONE_STATE_SOURCE
             .text
             .starts_with("#define FS_GATED_LANE_STATES 1\n#define FS_GATED_WARPS 16\n"));
-        // 132 multiprocessors: two states per lane from 66 groups of 64 states.
+        // 132 multiprocessors: without clusters (sm_80), two states per lane from 66 groups of
+        // 64 states; with them (sm_90), always two for 16-bit types.
         let shape = |outer| ScanShape::new(outer, 16, 64).unwrap();
-        for (dtype, few, many) in [
-            (DType::F16, 1, 2),
-            (DType::BF16, 1, 2),
-            (DType::F32, 1, 1),
-            (DType::F64, 1, 1),
+        for (dtype, few, many, clusters) in [
+            (DType::F16, 1, 2, 2),
+            (DType::BF16, 1, 2, 2),
+            (DType::F32, 1, 1, 1),
+            (DType::F64, 1, 1, 1),
         ] {
-            assert_eq!(lane_states(132, dtype, &shape(65)), few);
-            assert_eq!(lane_states(132, dtype, &shape(66)), many);
+            assert_eq!(lane_states(132, (8, 0), dtype, &shape(65)), few);
+            assert_eq!(lane_states(132, (8, 0), dtype, &shape(66)), many);
+            assert_eq!(lane_states(132, (9, 0), dtype, &shape(1)), clusters);
         }
     }
 
@@ -462,25 +584,75 @@ mod tests {
             (DType::F32, bld(8, 2048, 1536), (119, 128), 4, 4),
             (DType::F32, bld(4, 8192, 1536), (119, 128), 8, 8),
         ] {
+            let lanes = lane_states(132, (9, 0), dtype, &shape);
             assert_eq!(
-                warps(132, dtype, &shape, fwd_regs),
+                warps(132, dtype, lanes, &shape, fwd_regs),
                 fwd_warps,
                 "{dtype:?} {shape:?}"
             );
             assert_eq!(
-                warps(132, dtype, &shape, bwd_regs),
+                warps(132, dtype, lanes, &shape, bwd_regs),
                 bwd_warps,
                 "{dtype:?} {shape:?}"
             );
         }
         // The plain scan's forward in float32 (79 registers) fits three blocks of 8 warps.
         assert_eq!(blocks_per_multiprocessor(79, 8), 3);
-        assert_eq!(warps(132, DType::F32, &bld(8, 2048, 1536), 79), 8);
+        assert_eq!(warps(132, DType::F32, 1, &bld(8, 2048, 1536), 79), 8);
         // 236 registers fit no block of 16 warps; beyond one wave, 8.
         assert_eq!(blocks_per_multiprocessor(236, 16), 0);
-        assert_eq!(warps(132, DType::F32, &bld(64, 8, 1536), 128), 8);
-        // Few 16-bit states: the one-state build, 16 warps.
-        assert_eq!(warps(132, DType::BF16, &bld(1, 8, 64), 236), 16);
+        assert_eq!(warps(132, DType::F32, 1, &bld(64, 8, 1536), 128), 8);
+        // Few 16-bit states without clusters: the one-state build, 16 warps.
+        assert_eq!(warps(132, DType::BF16, 1, &bld(1, 8, 64), 236), 16);
+    }
+
+    /// [`cluster_candidate`], [`fits_at_once`] and [`shared_padding`] against the cluster build
+    /// and the H100 (132 multiprocessors of 228 KiB of shared memory).
+    #[test]
+    fn clusters_for_few_groups_on_sm90() {
+        let kernel = GATED_SCAN_CLUSTER_SOURCE.text;
+        assert!(kernel.starts_with(&format!(
+            "#define FS_GATED_CLUSTER {CLUSTER_BLOCKS}\n#define FS_GATED_WARPS {CLUSTER_WARPS}\n"
+        )));
+        assert_eq!(GATED_SCAN_CLUSTER_SOURCE.min_arch, (9, 0));
+        // Fewer groups than half the multiprocessors: a candidate on sm_90, never on sm_80 nor
+        // for the one-state 16-bit build.
+        assert_eq!(cluster_candidate(132, (9, 0), DType::BF16, 2, 48), None);
+        assert_eq!(cluster_candidate(132, (9, 0), DType::F32, 1, 65), None);
+        assert_eq!(
+            cluster_candidate(132, (9, 0), DType::F32, 1, 66),
+            Some(false)
+        );
+        assert_eq!(
+            cluster_candidate(132, (9, 0), DType::BF16, 2, 96),
+            Some(false)
+        );
+        assert_eq!(
+            cluster_candidate(132, (8, 0), DType::F32, 1, 8),
+            Some(false)
+        );
+        assert_eq!(
+            cluster_candidate(132, (9, 0), DType::BF16, 1, 8),
+            Some(false)
+        );
+        // 268 blocks of 4 warps: resident at 155 registers (three per multiprocessor), not at
+        // 255 (two).
+        assert!(fits_at_once(268, 132, 155, CLUSTER_WARPS));
+        assert!(!fits_at_once(268, 132, 255, CLUSTER_WARPS));
+        // Padding keeps three blocks, not four, on a multiprocessor (1 KiB reserved per block).
+        let h100 = 228 * 1024;
+        for static_shared in [8208, 16400] {
+            let per_block = static_shared + shared_padding(3, h100, static_shared) + 1024;
+            assert!(
+                3 * per_block <= h100 && 4 * per_block > h100,
+                "{static_shared}"
+            );
+        }
+        assert_eq!(
+            shared_padding(3, h100, 60 * 1024),
+            0,
+            "large enough already"
+        );
     }
 
     #[test]

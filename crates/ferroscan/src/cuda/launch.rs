@@ -1,6 +1,8 @@
 //! What every launcher shares: argument checks, the empty-time-axis state copy and grid sizing.
 
-use cudarc::driver::{result as driver_result, CudaStream};
+use cudarc::driver::{
+    result as driver_result, sys as driver_sys, CudaFunction, CudaStream, DeviceRepr, LaunchConfig,
+};
 
 use super::device::driver_error;
 use crate::error::{Error, Result};
@@ -67,4 +69,54 @@ pub(crate) unsafe fn zero_async(stream: &CudaStream, dst: u64, bytes: usize) -> 
     // SAFETY: guaranteed by the caller.
     unsafe { driver_result::memset_d8_async(dst, 0, bytes, stream.cu_stream()) }
         .map_err(driver_error("zeroing device memory"))
+}
+
+/// Launches `function` with one by-value parameter in thread-block clusters of `cluster` blocks
+/// along x (sm_90 and newer; cudarc's launch builder has no cluster attribute).
+///
+/// # Safety
+/// `params` must be what the kernel takes, and every device address in it valid for what the
+/// kernel does with it; `cfg.grid_dim.0` must be a multiple of `cluster`.
+pub(crate) unsafe fn launch_clustered<P: DeviceRepr>(
+    stream: &CudaStream,
+    function: &CudaFunction,
+    cfg: LaunchConfig,
+    cluster: u32,
+    params: &P,
+) -> Result<()> {
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(driver_error("binding the context"))?;
+    // SAFETY: an all-zero attribute is valid plain data (a union of integers); id and value set next.
+    let mut attribute: driver_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = driver_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attribute.value.clusterDim.x = cluster;
+    attribute.value.clusterDim.y = 1;
+    attribute.value.clusterDim.z = 1;
+    let config = driver_sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    let mut arg = params as *const P as *mut std::ffi::c_void;
+    // SAFETY: `config` and `arg` outlive the call (the driver copies the parameter); the rest is
+    // guaranteed by the caller.
+    unsafe {
+        driver_sys::cuLaunchKernelEx(
+            &config,
+            function.cu_function(),
+            &mut arg,
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(driver_error("launching a kernel in thread-block clusters"))
 }
