@@ -36,7 +36,7 @@
 #define FS_GATED_SEG 8  // steps per warp per window; also the checkpoint spacing
 
 // Blocks per group, as one thread-block cluster (sm_90 and newer; `GATED_SCAN_CLUSTER_SOURCE` in
-// src/cuda/compile.rs): for problems with fewer groups than multiprocessors, whose time axes would
+// src/cuda/compile.rs): for problems with fewer groups than half the multiprocessors, whose time axes would
 // otherwise run on part of the GPU only.
 #ifndef FS_GATED_CLUSTER
 #define FS_GATED_CLUSTER 1

@@ -75,7 +75,8 @@ pub const GATED_SCAN_ONE_STATE_SOURCE: KernelSource = gated_source!(
 );
 /// `kernels/gated_scan.cu` with a thread-block cluster of four blocks of 4 warps per group
 /// (`FS_GATED_CLUSTER` 4; sm_90 and newer): a group's time axis on four multiprocessors, for
-/// problems with fewer groups than multiprocessors (see `gated_scan::cluster_blocks`).
+/// problems whose groups would leave over half the multiprocessors idle (see
+/// `gated_scan::cluster_candidate`).
 pub const GATED_SCAN_CLUSTER_SOURCE: KernelSource = gated_source!(
     "gated_scan_cluster.cu",
     "#define FS_GATED_CLUSTER 4\n#define FS_GATED_WARPS 4\n",

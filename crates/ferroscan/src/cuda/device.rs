@@ -2,6 +2,7 @@
 //! loaded on it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{sys as driver_sys, CudaContext, CudaFunction, CudaModule, CudaStream};
@@ -30,6 +31,9 @@ pub(crate) struct LoadedFunction {
     pub(crate) registers: usize,
     /// Bytes of static shared memory per block.
     pub(crate) static_shared: usize,
+    /// Bytes of dynamic shared memory the driver has been told to allow (0: its default), shared
+    /// by the clones so that [`Device::allow_dynamic_shared`] asks the driver once per size.
+    dynamic_shared_allowed: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Device {
@@ -155,6 +159,30 @@ impl Device {
         Ok(self.loaded(source, dtype, name)?.registers)
     }
 
+    /// Lets `kernel` launch with `bytes` of dynamic shared memory: beyond 48 KiB per block
+    /// (static and dynamic together) the driver must be told first; it is told once per size.
+    pub(crate) fn allow_dynamic_shared(&self, kernel: &LoadedFunction, bytes: usize) -> Result<()> {
+        const WITHOUT_ASKING: usize = 48 * 1024;
+        if kernel.static_shared + bytes <= WITHOUT_ASKING
+            || kernel.dynamic_shared_allowed.load(Ordering::Relaxed) >= bytes
+        {
+            return Ok(());
+        }
+        let value = i32::try_from(bytes)
+            .map_err(|_| Error::invalid("shared memory", format!("below 2 GiB, got {bytes}")))?;
+        kernel
+            .function
+            .set_attribute(
+                driver_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                value,
+            )
+            .map_err(driver_error("allowing a kernel more shared memory"))?;
+        kernel
+            .dynamic_shared_allowed
+            .fetch_max(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The kernel `name` of `source` for `dtype` with its resources (loaded on first use).
     pub(crate) fn loaded(
         &self,
@@ -182,6 +210,7 @@ impl Device {
             function,
             registers,
             static_shared,
+            dynamic_shared_allowed: Arc::default(),
         };
         self.functions
             .lock()

@@ -12,7 +12,6 @@
 //! [`checkpoint_shape`]. Any layout works; the kernels coalesce across `inner`, so they suit
 //! `inner >= 32` best (channels-last).
 
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::compile::{
@@ -77,8 +76,6 @@ pub const CLUSTER_ENV: &str = "FERROSCAN_GATED_CLUSTER";
 const CLUSTER_BLOCKS: usize = 4;
 /// Warps per block in the cluster build.
 const CLUSTER_WARPS: usize = 4;
-/// Shared memory (static and dynamic) a block may take without asking the driver for more.
-const DEFAULT_SHARED: usize = 48 * 1024;
 
 /// The kernels of `gated_scan.cu`, as far as their launch differs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -347,32 +344,22 @@ pub(super) unsafe fn launch(
     let lanes = lane_states(sm_count, device.arch(), dtype, shape);
     let name = kernel.name(problem.reverse);
     let groups = shape.state_numel().div_ceil(32 * lanes);
-    let clustered = match cluster_candidate(sm_count, device.arch(), dtype, lanes, groups) {
-        Some(decided) => decided,
-        None => {
-            let regs = device.registers(GATED_SCAN_CLUSTER_SOURCE, dtype, &name)?;
-            fits_at_once(groups * CLUSTER_BLOCKS, sm_count, regs, CLUSTER_WARPS)
-        }
+    let clustered_blocks = groups * CLUSTER_BLOCKS;
+    let cluster_kernel = match cluster_candidate(sm_count, device.arch(), dtype, lanes, groups) {
+        Some(false) => None,
+        Some(true) => Some(device.loaded(GATED_SCAN_CLUSTER_SOURCE, dtype, &name)?),
+        None => Some(device.loaded(GATED_SCAN_CLUSTER_SOURCE, dtype, &name)?)
+            .filter(|k| fits_at_once(clustered_blocks, sm_count, k.registers, CLUSTER_WARPS)),
     };
-    if clustered {
-        let blocks = groups * CLUSTER_BLOCKS;
-        let kernel = device.loaded(GATED_SCAN_CLUSTER_SOURCE, dtype, &name)?;
+    if let Some(kernel) = cluster_kernel {
         let padding = shared_padding(
-            blocks.div_ceil(sm_count),
+            clustered_blocks.div_ceil(sm_count),
             device.shared_per_multiprocessor(),
             kernel.static_shared,
         );
-        if kernel.static_shared + padding > DEFAULT_SHARED {
-            kernel
-                .function
-                .set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    padding as i32,
-                )
-                .map_err(driver_error("allowing a kernel more shared memory"))?;
-        }
+        device.allow_dynamic_shared(&kernel, padding)?;
         let cfg = LaunchConfig {
-            grid_dim: (grid_blocks(blocks)?, 1, 1),
+            grid_dim: (grid_blocks(clustered_blocks)?, 1, 1),
             block_dim: ((CLUSTER_WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: padding as u32,
         };
