@@ -4,7 +4,8 @@ emulation of CUDA (``tests/cuda_emulation/cuda_host_shim.h``; see
 
 The kernels are compiled by g++ in float64 with ``FS_GATED_LANE_STATES`` forced, mostly to 2 (and
 ``FS_GATED_WARPS`` to each of the launcher's builds of 4, 8 and 16 warps per block, and the
-cluster build's clusters of four blocks of 4 warps, ``FS_GATED_CLUSTER``): on
+cluster build's clusters of four blocks of 4 warps, ``FS_GATED_CLUSTER``, and the staged build's
+forward, which copies windows ahead into shared memory asynchronously, ``FS_GATED_STAGES``): on
 a GPU two states per lane is what 16-bit types run (one vector access per lane when a lane's two
 states are adjacent and aligned, scalar accesses otherwise), and float64 would otherwise get 1.
 ``gated_harness.cpp`` launches a pass as ``src/cuda/gated_scan.rs`` does. Each case checks the
@@ -33,25 +34,37 @@ pytestmark = pytest.mark.skipif(GXX is None, reason="the CUDA host emulation nee
 SPACING = 8  # FS_GATED_SEG: steps between checkpoints
 
 
-# (states per lane, warps per block, blocks per cluster): the builds the cases below use.
-BUILDS = [(1, 8, 1), (2, 8, 1), (2, 4, 1), (1, 16, 1), (2, 4, 4)]
+# (states per lane, warps per block, blocks per cluster, forward stages in shared memory, 0 for
+# none): the builds the cases below use.
+Build = tuple[int, int, int, int]
+BUILDS: list[Build] = [
+    (1, 8, 1, 0),
+    (2, 8, 1, 0),
+    (2, 4, 1, 0),
+    (1, 16, 1, 0),
+    (2, 4, 4, 0),
+    (2, 16, 1, 2),
+    (2, 4, 1, 3),
+    (1, 8, 1, 2),
+]
 
 
 @pytest.fixture(scope="session")
-def emulators(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int, int], Path]:
+def emulators(tmp_path_factory: pytest.TempPathFactory) -> dict[Build, Path]:
     """The harness for each of ``BUILDS``, built once per session."""
     out = tmp_path_factory.mktemp("cuda_emulation_gated")
 
-    def text(states: int, warps: int, cluster: int) -> str:
+    def text(states: int, warps: int, cluster: int, stages: int) -> str:
         defines = {
             "FS_DTYPE": 3,
             "FS_GATED_LANE_STATES": states,
             "FS_GATED_WARPS": warps,
             "FS_GATED_CLUSTER": cluster,
+            "FS_GATED_STAGES": stages,
         }
         return source("gated_scan.cu", defines, "gated_harness.cpp")
 
-    return {build_: build(out, "gated_ls{}_w{}_c{}".format(*build_), text(*build_)) for build_ in BUILDS}
+    return {b: build(out, "gated_ls{}_w{}_c{}_s{}".format(*b), text(*b)) for b in BUILDS}
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ class Case:
     lane_states: int = 2
     warps: int = 8  # per block (a build of gated_scan.cu each; the launcher picks 4, 8 or 16)
     cluster: int = 1  # blocks per group (the cluster build: 4)
+    stages: int = 0  # the staged forward's stages of shared memory (0: loads into registers)
 
 
 def _inputs(case: Case, seed: int) -> dict[str, Optional[torch.Tensor]]:
@@ -124,8 +138,8 @@ def _np(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     return None if t is None else t.detach().contiguous().flatten().numpy()
 
 
-def run_case(case: Case, emulators: dict[tuple[int, int, int], Path], folder: Path, seed: int) -> None:
-    exe = emulators[(case.lane_states, case.warps, case.cluster)]
+def run_case(case: Case, emulators: dict[Build, Path], folder: Path, seed: int) -> None:
+    exe = emulators[(case.lane_states, case.warps, case.cluster, case.stages)]
     x = _inputs(case, seed)
     base = {"outer": case.outer, "len": case.length, "inner": case.inner, "reverse": int(case.reverse)}
     if case.misalign:
@@ -204,11 +218,19 @@ CASES = {
     "cluster-reverse-partial-group": Case(outer=3, length=150, inner=40, reverse=True, has_b=False, warps=4, cluster=4),
     "cluster-short-odd": Case(outer=2, length=20, inner=33, has_c=False, warps=4, cluster=4),
     "cluster-misaligned": Case(outer=1, length=129, inner=64, misalign="b", warps=4, cluster=4),
+    # the staged forward: windows copied ahead into shared memory (window 32 steps with 4 warps;
+    # inner 64 with two states per lane: whole rows)
+    "staged-as-launched": Case(outer=2, length=300, inner=128, warps=16, stages=2),  # the GPU's build
+    "staged-many-windows": Case(outer=2, length=300, inner=64, warps=4, stages=3),
+    "staged-reverse-partial": Case(outer=3, length=70, inner=40, reverse=True, has_b=False, warps=4, stages=3),
+    "staged-fewer-windows-than-stages": Case(outer=2, length=33, inner=64, has_c=False, warps=4, stages=3),
+    "staged-misaligned-odd": Case(outer=2, length=100, inner=33, misalign="x", warps=4, stages=3),
+    "staged-one-per-lane-two-stages": Case(outer=2, length=200, inner=40, lane_states=1, stages=2),
+    # whole rows (inner a multiple of the group): the warp copies its rows in 16-byte pieces
+    "staged-whole-rows-one-per-lane": Case(outer=2, length=150, inner=64, reverse=True, lane_states=1, stages=2),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_emulated_gated_kernels_match_a_loop(
-    emulators: dict[tuple[int, int, int], Path], tmp_path: Path, name: str
-) -> None:
+def test_emulated_gated_kernels_match_a_loop(emulators: dict[Build, Path], tmp_path: Path, name: str) -> None:
     run_case(CASES[name], emulators, tmp_path, seed=len(name))

@@ -401,6 +401,23 @@ def test_cluster_build(dtype: torch.dtype, bc: str, monkeypatch: pytest.MonkeyPa
         check(inputs, dim=1, reverse=reverse, return_final=True, seed=7, what=f"{dtype} cluster {bc}")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("bc", ["bc", "b", "none"])
+@pytest.mark.parametrize("inner", [40, 128])
+def test_staged_build(dtype: torch.dtype, bc: str, inner: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staged forward (FERROSCAN_GATED_STAGED=1: inputs copied a window ahead into shared
+    memory; the launcher picks it for 16-bit forwards of one block per multiprocessor): values
+    and gradients over several 128-step windows, a partial last window, both directions; inner
+    128 copies whole rows in 16-byte pieces, inner 40 (groups across rows) a value per lane."""
+    monkeypatch.setenv("FERROSCAN_GATED_STAGED", "1")
+    monkeypatch.setenv("FERROSCAN_GATED_CLUSTER", "1")
+    monkeypatch.setenv("FERROSCAN_GATED_LANE_STATES", "2")
+    for reverse in (False, True):
+        inputs = make_inputs((3, 301, inner), 1, dtype, "cuda", seed=41 + reverse, bc=bc, initial=True)
+        check(inputs, dim=1, reverse=reverse, return_final=True, seed=3, what=f"{dtype} staged {bc} inner={inner}")
+
+
 @pytest.mark.usefixtures("half_lane_states")
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("bc", ["none", "b", "c"])

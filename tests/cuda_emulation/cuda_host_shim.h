@@ -19,6 +19,11 @@
 // gated scan's cluster build does; it cannot tell a write sent to one block only from one sent to
 // all.
 //
+// Asynchronous copies (`copy_async`) are held per thread and made at the thread's
+// `copy_async_wait` that completes their group, so a read of the destination before that wait
+// returns stale data; dynamic shared memory (`FS_DYNAMIC_SHARED`) is one static buffer, filled with
+// NaN bytes before every block (so a read of something never copied is caught too).
+//
 // Only what ferroscan's kernels use is provided, for FS_DTYPE = 3 (float64: no inline PTX).
 #pragma once
 
@@ -91,8 +96,16 @@ namespace emu {
 constexpr int kMaxThreads = 1024;
 constexpr size_t kStack = 512 * 1024;
 
+struct PendingCopy {
+    void* to;
+    const void* from;
+    size_t bytes;
+};
+
 struct Fiber {
     ucontext_t ctx;
+    std::vector<PendingCopy> open_copies;                // issued, not yet committed
+    std::vector<std::vector<PendingCopy>> copy_groups;  // committed, oldest first
     std::vector<char> stack;
     dim3_ idx;
     dim3_ block;  // blockIdx
@@ -111,6 +124,8 @@ inline long g_progress = 0;
 inline long g_sleeps = 0;  // pauses of spinning threads, over all launches
 constexpr int kMaxCluster = 8;
 inline double g_shfl[kMaxCluster * kMaxThreads / 32][2][32];
+constexpr size_t kDynamicShared = 1024 * 1024;  // float64 at two states per lane takes 4x a GPU build
+alignas(16) inline unsigned char g_dynamic_shared[kDynamicShared];
 
 inline void yield() { swapcontext(&g_current->ctx, &g_scheduler); }
 
@@ -204,6 +219,7 @@ void launch(void (*kernel)(P), P params, unsigned grid, unsigned block, unsigned
     g_block_dim = dim3_{block, 1, 1};
     g_cluster = cluster;
     for (unsigned b = 0; b < grid; b += cluster) {
+        std::memset(g_dynamic_shared, 0xff, kDynamicShared);
         for (unsigned t = 0; t < threads; ++t) {
             Fiber& f = fibers[t];
             f = Fiber{};
@@ -250,6 +266,24 @@ inline void mbarrier_init_fence() {}
 inline void mbarrier_arrive_expecting(unsigned long long*, unsigned) {}
 // Every thread waits once per phase, so a cluster barrier stands for the phase's completion.
 inline void mbarrier_wait(unsigned long long*, unsigned) { emu::barrier(true); }
+#define FS_DYNAMIC_SHARED(T, name) T* const name = reinterpret_cast<T*>(emu::g_dynamic_shared)
+template <class T>
+inline void copy_async(T* to, const T* from) {
+    emu::g_current->open_copies.push_back({to, from, sizeof(T)});
+}
+inline void copy_async_commit() {
+    auto& f = *emu::g_current;
+    f.copy_groups.push_back(std::move(f.open_copies));
+    f.open_copies.clear();
+}
+template <int N>
+inline void copy_async_wait() {
+    auto& groups = emu::g_current->copy_groups;
+    while (groups.size() > (size_t)N) {
+        for (const auto& c : groups.front()) std::memcpy(c.to, c.from, c.bytes);
+        groups.erase(groups.begin());
+    }
+}
 template <class Map>
 inline void send_map(const Map* slot, unsigned long long*, unsigned, Map m) { *const_cast<Map*>(slot) = m; }
 template <class T>
@@ -272,6 +306,8 @@ inline unsigned __ballot_sync(unsigned, int predicate) {
     for (int l = 0; l < 32; ++l) bits |= (lanes[l] != 0.0 ? 1u : 0u) << l;
     return bits;
 }
+// Every lane of the warp waits here for the others (what each wrote before is then visible).
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::exchange_all(0.0); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 inline void __threadfence() {}
 inline void __nanosleep(unsigned) { emu::sleep(); }

@@ -162,6 +162,43 @@ __device__ __forceinline__ void send_map(const AffineMap* slot, unsigned long lo
 }
 #endif
 
+// Copies from global into shared memory that complete in the background (cp.async, sm_80 and
+// newer): a thread issues copies, closes them into a group (`copy_async_commit`), and waits until
+// at most N of its newest groups are still open (`copy_async_wait<N>`); in flight they hold no
+// registers, so a thread can keep several windows of loads outstanding. Only the issuing thread
+// may rely on its copies after its wait. Older GPUs copy at once; the host emulation provides
+// its own, which copies at the wait.
+#ifndef FS_HOST_EMULATION
+#define FS_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+// 16 bytes bypass L1 (.cg): a copy in flight through L1 (.ca, the only kind for 4 and 8 bytes)
+// holds L1 space, which a kernel with much shared memory has little of.
+template <class T>
+__device__ __forceinline__ void copy_async(T* to, const T* from) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8 || sizeof(T) == 16, "cp.async moves 4, 8 or 16 bytes");
+    const unsigned shared = (unsigned)__cvta_generic_to_shared(to);
+    if constexpr (sizeof(T) == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared), "l"(from) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(shared), "l"(from), "n"((int)sizeof(T))
+                     : "memory");
+#else
+    *to = *from;
+#endif
+}
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void copy_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+#endif
+
 // Inclusive scan of maps over the lanes of a warp, lane 0 first.
 __device__ __forceinline__ AffineMap warp_inclusive_scan(AffineMap m, int lane) {
 #pragma unroll

@@ -121,6 +121,9 @@ __device__ __forceinline__ LaneVals splat(storage_t v) {
 struct GatedLane {
     int owned;      // how many of its states exist (the last group may be partial): 0..FS_GATED_LS
     bool vec;       // its states are adjacent at every step and vector-aligned: one access per step
+    // Every group's states are one run of a row of every input, aligned to 16 bytes: the same
+    // answer for the whole grid. The staged build then copies a warp's rows in 16-byte pieces.
+    bool rows_whole;
     i64 state;      // its first state, p*inner + q (the others follow)
     i64 base[FS_GATED_LS];  // element (p, 0, q) of each state
     i64 n_states, len, inner;  // copies of P's, kept in registers
@@ -150,6 +153,9 @@ __device__ __forceinline__ GatedLane gated_lane(const GatedParams& P) {
     l.owned = left <= 0 ? 0 : (left < FS_GATED_LS ? (int)left : FS_GATED_LS);
     l.state = l.owned > 0 ? s : 0;
     l.vec = lane_vectors_ok(P) && (l.owned == FS_GATED_LS || l.owned == 0);
+    const unsigned long long inputs = (unsigned long long)P.x | (unsigned long long)P.a |
+        (unsigned long long)P.b | (unsigned long long)P.c;
+    l.rows_whole = P.inner % FS_GATED_BLOCK_STATES == 0 && inputs % 16 == 0;
 #pragma unroll
     for (int i = 0; i < FS_GATED_LS; ++i) {
         const i64 si = l.state + (i < l.owned ? i : 0);
@@ -240,22 +246,82 @@ __device__ __forceinline__ acc_t token(acc_t b, acc_t x) { return HAS_B ? b * x 
 // after a prefetching load would wait for it and defeat the prefetch. Accessors take (step k,
 // lane state i).
 
-// What a forward segment reads: gates, inputs and gates b, c (1, 0, 1, 1 past the end).
-template <bool DESC, bool HAS_B, bool HAS_C>
+// Where a forward segment's values live. `RegisterSlots`: in registers, loaded one window ahead
+// by plain loads. `SharedSlots` (the staged build, FS_GATED_STAGES > 0): in a stage of shared
+// memory, filled by asynchronous copies FS_GATED_STAGES - 1 windows ahead that hold no registers
+// while in flight (the registers cap how far ahead plain loads can go); a warp's values for one
+// (step, tensor) are its 32 lanes' in a row, so its reads hit 32 different banks.
+template <int TENSORS>
+struct RegisterSlots {
+    static constexpr bool ASYNC = false;
+    LaneVals v[FS_GATED_SEG][TENSORS];
+    __device__ __forceinline__ LaneVals& at(int k, int t) { return v[k][t]; }
+    __device__ __forceinline__ const LaneVals& at(int k, int t) const { return v[k][t]; }
+};
+
+template <int TENSORS>
+struct SharedSlots {
+    static constexpr bool ASYNC = true;
+    static constexpr int WARP_VALUES = FS_GATED_SEG * TENSORS * FS_WARP;  // one warp's segment
+    LaneVals* lane;  // this lane's value of step 0, tensor 0
+    __device__ __forceinline__ LaneVals& at(int k, int t) const { return lane[(k * TENSORS + t) * FS_WARP]; }
+};
+
+// What a forward segment reads: gates, inputs and gates b, c (1, 0, 1, 1 past the end), tensors
+// A, X, then B and C where present.
+template <bool DESC, bool HAS_B, bool HAS_C, template <int> class Slots>
 struct ForwardSegment {
-    LaneVals ra[FS_GATED_SEG], rx[FS_GATED_SEG], rb[FS_GATED_SEG], rc[FS_GATED_SEG];
+    static constexpr int TENSORS = 2 + HAS_B + HAS_C, A = 0, X = 1, B = 2, C = 2 + HAS_B;
+    Slots<TENSORS> s;
+
+    // Value (k, t) from `p` at the cursor; asynchronously where the slots allow and the access is
+    // a whole aligned vector.
+    template <Reach R>
+    __device__ __forceinline__ void fill(int k, int t, const storage_t* p, const GatedLane& l, const Cursor<DESC>& c,
+                                         bool live, storage_t missing) {
+        if constexpr (Slots<TENSORS>::ASYNC && R == FULL)
+            copy_async(&s.at(k, t), reinterpret_cast<const LaneVals*>(p + c.at[0]));
+        else
+            s.at(k, t) = load_at<R>(p, l, c, live, missing);
+    }
+
+    // The staged build's copy of a segment inside the sequence whose rows are whole
+    // (`GatedLane::rows_whole`): the warp's lanes copy its FS_GATED_SEG * TENSORS rows of 32
+    // lanes' values in 16-byte pieces, each lane some of every row (a quarter of the copies of
+    // one value per lane for 4-byte values). The lanes read each other's pieces, after their
+    // waits and a warp barrier.
+    __device__ __forceinline__ void copy_rows(const GatedParams& P, const GatedLane& l, i64 u0) {
+        constexpr int ROW_BYTES = FS_WARP * (int)sizeof(LaneVals), PIECES_PER_ROW = ROW_BYTES / 16;
+        constexpr int PIECES = FS_GATED_SEG * TENSORS * PIECES_PER_ROW, ELEMENTS_PER_PIECE = 16 / sizeof(storage_t);
+        static_assert(PIECES % FS_WARP == 0, "every lane copies as many pieces");
+        const int lane = (int)threadIdx.x % FS_WARP;
+        const i64 first = Cursor<DESC>(l, u0).at[0] - (i64)lane * FS_GATED_LS;  // lane 0's element
+        const i64 step = DESC ? -l.inner : l.inner;
+        char* rows = reinterpret_cast<char*>(&s.at(0, 0) - lane);
+#pragma unroll
+        for (int m = 0; m < PIECES / FS_WARP; ++m) {
+            const int piece = m * FS_WARP + lane, row = piece / PIECES_PER_ROW, k = row / TENSORS, t = row % TENSORS;
+            const storage_t* tensor = t == A ? P.a : t == X ? P.x : (HAS_B && t == B) ? P.b : P.c;
+            const int at_row = piece % PIECES_PER_ROW;
+            copy_async(reinterpret_cast<uint4*>(rows + row * ROW_BYTES + at_row * 16),
+                       reinterpret_cast<const uint4*>(tensor + first + k * step + at_row * ELEMENTS_PER_PIECE));
+        }
+    }
 
     template <Reach R>
     __device__ __forceinline__ void load_as(const GatedParams& P, const GatedLane& l, i64 u0, int inside) {
         const storage_t one = from_acc(acc_t(1)), zero = from_acc(acc_t(0));
+        if constexpr (Slots<TENSORS>::ASYNC) {
+            if (l.rows_whole && inside == FS_GATED_SEG) return copy_rows(P, l, u0);
+        }
         Cursor<DESC> at(l, u0);
 #pragma unroll
         for (int k = 0; k < FS_GATED_SEG; ++k, at.next()) {
             const bool live = k < inside;
-            ra[k] = load_at<R>(P.a, l, at, live, one);
-            rx[k] = load_at<R>(P.x, l, at, live, zero);
-            if (HAS_B) rb[k] = load_at<R>(P.b, l, at, live, one);
-            if (HAS_C) rc[k] = load_at<R>(P.c, l, at, live, one);
+            fill<R>(k, A, P.a, l, at, live, one);
+            fill<R>(k, X, P.x, l, at, live, zero);
+            if (HAS_B) fill<R>(k, B, P.b, l, at, live, one);
+            if (HAS_C) fill<R>(k, C, P.c, l, at, live, one);
         }
     }
     __device__ __forceinline__ void load(const GatedParams& P, const GatedLane& l, i64 u0) {
@@ -266,11 +332,12 @@ struct ForwardSegment {
             default: load_as<SCALAR>(P, l, u0, inside);
         }
     }
-    __device__ __forceinline__ acc_t g(int k, int i) const { return to_acc(ra[k].at(i)); }
+    __device__ __forceinline__ acc_t value(int k, int t, int i) const { return to_acc(s.at(k, t).at(i)); }
+    __device__ __forceinline__ acc_t g(int k, int i) const { return value(k, A, i); }
     __device__ __forceinline__ acc_t tok(int k, int i) const {
-        return HAS_B ? to_acc(rb[k].at(i)) * to_acc(rx[k].at(i)) : to_acc(rx[k].at(i));
+        return HAS_B ? value(k, B, i) * value(k, X, i) : value(k, X, i);
     }
-    __device__ __forceinline__ acc_t out(int k, int i, acc_t h) const { return HAS_C ? to_acc(rc[k].at(i)) * h : h; }
+    __device__ __forceinline__ acc_t out(int k, int i, acc_t h) const { return HAS_C ? value(k, C, i) * h : h; }
 
     // Steps the segment's `inside` positions from `h` (the state entering it; left as the state
     // after its last position) and stores y.
@@ -480,6 +547,78 @@ __device__ __forceinline__ acc_t enter_segment(const WindowMaps& maps, int i, in
 // pipelining), so loads stay in flight across the block's synchronization and the stores.
 // A lane's states are independent recurrences: every step below runs once per lane state i.
 
+// The forward's segments window after window, loaded ahead into registers: the segment of the
+// next window while the current one is worked on.
+template <bool DESC, bool HAS_B, bool HAS_C>
+struct RegisterWindows {
+    using Segment = ForwardSegment<DESC, HAS_B, HAS_C, RegisterSlots>;
+    Segment cur, next;
+    bool has_next = false;
+
+    // Before the first window, whose segment of this warp starts at u0.
+    __device__ __forceinline__ void begin(const GatedParams& P, const GatedLane& l, i64 u0) { cur.load(P, l, u0); }
+    // At the start of window w0, whose segment of this warp starts at u0; returns it.
+    __device__ __forceinline__ const Segment& enter(const GatedParams& P, const GatedLane& l, i64 w0, i64 u0) {
+        constexpr i64 WINDOW = FS_GATED_SEGMENTS * FS_GATED_SEG;
+        has_next = w0 + WINDOW < l.len;
+        if (has_next) next.load(P, l, u0 + WINDOW);
+        return cur;
+    }
+    // After the window.
+    __device__ __forceinline__ void leave() {
+        if (has_next) cur = next;
+    }
+};
+
+// The staged build's windows: FS_GATED_STAGES stages of shared memory, window n in stage
+// n % FS_GATED_STAGES, copied FS_GATED_STAGES - 1 windows ahead. A warp copies and reads only its
+// own segments, so its lanes' waits and warp barriers order them and the block needs no barrier
+// for them.
+#ifndef FS_GATED_STAGES
+#define FS_GATED_STAGES 0
+#endif
+#if FS_GATED_STAGES > 0
+#if FS_GATED_STAGES < 2 || FS_GATED_CLUSTER > 1
+#error "the staged build has two stages or more and one block per group"
+#endif
+template <bool DESC, bool HAS_B, bool HAS_C>
+struct StagedWindows {
+    using Segment = ForwardSegment<DESC, HAS_B, HAS_C, SharedSlots>;
+    using Slots = SharedSlots<Segment::TENSORS>;
+    // Bytes of dynamic shared memory the kernel takes: mirrored by `staged_shared_bytes` in
+    // src/cuda/gated_scan.rs.
+    static constexpr int STAGE_VALUES = FS_GATED_WARPS * Slots::WARP_VALUES;
+    LaneVals* lane_stage0;  // this lane's values in stage 0
+    i64 n = 0;              // windows entered
+
+    __device__ __forceinline__ explicit StagedWindows(LaneVals* stages) {
+        lane_stage0 = stages + (threadIdx.x / FS_WARP) * Slots::WARP_VALUES + threadIdx.x % FS_WARP;
+    }
+    __device__ __forceinline__ Segment in_stage_of(i64 window) const {
+        return Segment{Slots{lane_stage0 + (window % FS_GATED_STAGES) * STAGE_VALUES}};
+    }
+    // Starts the copies of the windows before the last stage's (each a group, empty past the end).
+    __device__ __forceinline__ void begin(const GatedParams& P, const GatedLane& l, i64 u0) {
+        constexpr i64 WINDOW = FS_GATED_SEGMENTS * FS_GATED_SEG;
+#pragma unroll
+        for (int j = 0; j + 1 < FS_GATED_STAGES; ++j) {
+            if (j * WINDOW < l.len) in_stage_of(j).load(P, l, u0 + j * WINDOW);
+            copy_async_commit();
+        }
+    }
+    __device__ __forceinline__ Segment enter(const GatedParams& P, const GatedLane& l, i64 w0, i64 u0) {
+        constexpr i64 AHEAD = (FS_GATED_STAGES - 1) * FS_GATED_SEGMENTS * FS_GATED_SEG;
+        __syncwarp();  // the warp is done reading the stage refilled here (the previous window's)
+        if (w0 + AHEAD < l.len) in_stage_of(n + FS_GATED_STAGES - 1).load(P, l, u0 + AHEAD);
+        copy_async_commit();
+        copy_async_wait<FS_GATED_STAGES - 1>();  // this lane's copies of this window are complete,
+        __syncwarp();                            // and so are the other lanes'
+        return in_stage_of(n);
+    }
+    __device__ __forceinline__ void leave() { ++n; }
+};
+#endif
+
 template <bool DESC, bool HAS_B, bool HAS_C>
 __device__ __forceinline__ void gated_forward(const GatedParams& P) {
     __shared__ WindowExchange exchange;
@@ -491,14 +630,18 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
 #pragma unroll
     for (int i = 0; i < FS_GATED_LS; ++i)
         carry[i] = (i < l.owned && P.initial) ? to_acc(P.initial[l.state + i]) : acc_t(0);
-    ForwardSegment<DESC, HAS_B, HAS_C> cur, next;
-    cur.load(P, l, (i64)seg * FS_GATED_SEG);
+#if FS_GATED_STAGES > 0
+    FS_DYNAMIC_SHARED(LaneVals, stages);
+    StagedWindows<DESC, HAS_B, HAS_C> windows(stages);
+#else
+    RegisterWindows<DESC, HAS_B, HAS_C> windows;
+#endif
+    windows.begin(P, l, (i64)seg * FS_GATED_SEG);
     exchange.start();
     i64 n = 0;  // windows done
     for (i64 w0 = 0; w0 < len; w0 += WINDOW, ++n) {
         const i64 u0 = w0 + (i64)seg * FS_GATED_SEG;
-        const bool more = w0 + WINDOW < len;
-        if (more) next.load(P, l, u0 + WINDOW);
+        const auto& cur = windows.enter(P, l, w0, u0);
 #pragma unroll
         for (int i = 0; i < FS_GATED_LS; ++i) {
             AffineMap m = identity_map();
@@ -528,7 +671,7 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
                     if (i < l.owned) P.final_out[l.state + i] = from_acc(h[i]);
             }
         }
-        if (more) cur = next;
+        windows.leave();
     }
     exchange.finish();
 }

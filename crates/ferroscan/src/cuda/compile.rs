@@ -65,6 +65,13 @@ pub const GATED_SCAN_4_WARPS_SOURCE: KernelSource =
 /// [`GATED_SCAN_SOURCE`] with blocks of 16 warps (`FS_GATED_WARPS` 16).
 pub const GATED_SCAN_16_WARPS_SOURCE: KernelSource =
     gated_source!("gated_scan_16_warps.cu", "#define FS_GATED_WARPS 16\n");
+/// [`GATED_SCAN_16_WARPS_SOURCE`] whose forwards copy their inputs into two stages of shared
+/// memory asynchronously, a window ahead (`FS_GATED_STAGES` 2; cp.async on sm_80 and newer): for
+/// 16-bit problems of one block per multiprocessor at most (see `gated_scan::staged_forward`).
+pub const GATED_SCAN_STAGED_SOURCE: KernelSource = gated_source!(
+    "gated_scan_staged.cu",
+    "#define FS_GATED_WARPS 16\n#define FS_GATED_STAGES 2\n"
+);
 /// `kernels/gated_scan.cu` with one state per lane whatever the type (`FS_GATED_LANE_STATES` 1)
 /// and blocks of 16 warps: for 16-bit problems with too few states to keep half the GPU busy at
 /// two per lane (see `gated_scan::lane_states`), whose groups then also fit one block of 16
@@ -116,11 +123,12 @@ pub const SELECTIVE_BWD_COMPLEX_SOURCE: KernelSource =
     selective_source!("selective_scan_bwd_complex.cu", "1", "1");
 
 /// Every kernel source of the crate.
-pub const ALL_SOURCES: [KernelSource; 10] = [
+pub const ALL_SOURCES: [KernelSource; 11] = [
     SCAN_SOURCE,
     GATED_SCAN_SOURCE,
     GATED_SCAN_4_WARPS_SOURCE,
     GATED_SCAN_16_WARPS_SOURCE,
+    GATED_SCAN_STAGED_SOURCE,
     GATED_SCAN_ONE_STATE_SOURCE,
     GATED_SCAN_CLUSTER_SOURCE,
     SELECTIVE_FWD_REAL_SOURCE,

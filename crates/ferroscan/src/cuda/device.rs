@@ -18,6 +18,7 @@ pub struct Device {
     arch: (i32, i32),
     sm_count: usize,
     shared_per_multiprocessor: usize,
+    shared_per_block: usize,
     modules: Mutex<HashMap<(KernelSource, DType), Arc<CudaModule>>>,
     functions: Mutex<HashMap<(KernelSource, DType, String), LoadedFunction>>,
 }
@@ -96,11 +97,17 @@ pub fn device(ordinal: usize) -> Result<Arc<Device>> {
             driver_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
         )
         .map_err(driver_error("reading the shared memory per multiprocessor"))?;
+    let shared_per_block = ctx
+        .attribute(
+            driver_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )
+        .map_err(driver_error("reading the shared memory per block"))?;
     let dev = Arc::new(Device {
         ctx,
         arch,
         sm_count: sm_count.max(1) as usize,
         shared_per_multiprocessor: shared_per_multiprocessor.max(0) as usize,
+        shared_per_block: shared_per_block.max(0) as usize,
         modules: Mutex::default(),
         functions: Mutex::default(),
     });
@@ -127,6 +134,12 @@ impl Device {
     /// Bytes of shared memory of one multiprocessor, for all its blocks together.
     pub fn shared_per_multiprocessor(&self) -> usize {
         self.shared_per_multiprocessor
+    }
+
+    /// Bytes of shared memory one block may have, static and dynamic together, when the kernel
+    /// asks for more than the default ([`Device::allow_dynamic_shared`]).
+    pub fn shared_per_block(&self) -> usize {
+        self.shared_per_block
     }
 
     /// Wraps a stream owned by someone else (e.g. PyTorch's current stream).

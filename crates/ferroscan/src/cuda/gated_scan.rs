@@ -16,7 +16,7 @@ use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::compile::{
     KernelSource, GATED_SCAN_16_WARPS_SOURCE, GATED_SCAN_4_WARPS_SOURCE, GATED_SCAN_CLUSTER_SOURCE,
-    GATED_SCAN_ONE_STATE_SOURCE, GATED_SCAN_SOURCE,
+    GATED_SCAN_ONE_STATE_SOURCE, GATED_SCAN_SOURCE, GATED_SCAN_STAGED_SOURCE,
 };
 use super::device::{driver_error, Device};
 use super::launch::{check_required, grid_blocks, launch_clustered, pass_state_through};
@@ -216,6 +216,57 @@ fn source(dtype: DType, lanes: usize, warps: usize) -> KernelSource {
     }
 }
 
+/// Tuning hook: the staged forward for 16-bit types, 0 or 1 (see [`staged_forward`]).
+pub const STAGED_ENV: &str = "FERROSCAN_GATED_STAGED";
+/// Warps per block of [`GATED_SCAN_STAGED_SOURCE`] (`FS_GATED_WARPS`).
+const STAGED_WARPS: usize = 16;
+/// Stages of shared memory of [`GATED_SCAN_STAGED_SOURCE`] (`FS_GATED_STAGES`).
+const STAGED_STAGES: usize = 2;
+
+/// The bytes of dynamic shared memory `kernel` takes when it runs on
+/// [`GATED_SCAN_STAGED_SOURCE`] (the launcher checks that they fit a block), or `None` when it
+/// runs on the build of [`warps`]: a forward in 16-bit types with two states per lane whose
+/// blocks take the 16-warp build (at most one block per multiprocessor). Those forwards load a
+/// window ahead into registers, capped at 128 per thread, which the two-state forward with `b`
+/// and `c` exceeds (it spills); the staged build copies the window ahead into shared memory in
+/// 16-byte pieces instead (a quarter of the copy instructions, no registers held). H100,
+/// bfloat16 (4,8192,1536) with `b` and `c`, 96 blocks, forward ms: 0.223 in registers, 0.189
+/// staged (2 stages; 3 stages 0.222, 8 warps with 3 or 4 stages 0.214, float32 8 warps 0.41
+/// against 0.36 in registers). `$FERROSCAN_GATED_STAGED` (0 or 1) forces the choice for
+/// 16-bit two-state forwards, for tuning and for tests of both paths.
+fn staged_forward(kernel: GatedKernel, dtype: DType, lanes: usize, warps: usize) -> Option<usize> {
+    let GatedKernel::Forward { has_b, has_c } = kernel else {
+        return None;
+    };
+    if lanes != 2 || !matches!(dtype, DType::F16 | DType::BF16) {
+        return None;
+    }
+    let forced = std::env::var(STAGED_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    let staged = match forced {
+        Some(0) => false,
+        Some(1) => true,
+        _ => warps == STAGED_WARPS,
+    };
+    staged.then(|| staged_shared_bytes(STAGED_STAGES, STAGED_WARPS, lanes, dtype, has_b, has_c))
+}
+
+/// Bytes of dynamic shared memory of the staged forward (`StagedWindows` in gated_scan.cu):
+/// `stages` stages, each holding every warp's segment of [`CHECKPOINT_SPACING`] steps of the
+/// tensors it reads (`x`, `a`, and `b`, `c` where present), `lanes` states per lane.
+fn staged_shared_bytes(
+    stages: usize,
+    warps: usize,
+    lanes: usize,
+    dtype: DType,
+    has_b: bool,
+    has_c: bool,
+) -> usize {
+    let tensors = 2 + usize::from(has_b) + usize::from(has_c);
+    stages * warps * 32 * CHECKPOINT_SPACING * tensors * lanes * dtype.size_bytes()
+}
+
 /// `(segments, states)`: the checkpoint buffer's shape, in accumulator elements
 /// ([`DType::accumulator_bytes`] each).
 pub fn checkpoint_shape(shape: &ScanShape) -> (usize, usize) {
@@ -370,12 +421,29 @@ pub(super) unsafe fn launch(
     }
     let regs = device.registers(source(dtype, lanes, 8), dtype, &name)?;
     let warps = warps(sm_count, dtype, lanes, shape, regs);
+    let staged = match staged_forward(kernel, dtype, lanes, warps) {
+        Some(bytes) => Some((
+            device.loaded(GATED_SCAN_STAGED_SOURCE, dtype, &name)?,
+            bytes,
+        ))
+        .filter(|(k, bytes)| k.static_shared + bytes <= device.shared_per_block()),
+        None => None,
+    };
+    let (kernel_build, warps, dynamic_shared) = match staged {
+        Some((k, bytes)) => (k, STAGED_WARPS, bytes),
+        None => (
+            device.loaded(source(dtype, lanes, warps), dtype, &name)?,
+            warps,
+            0,
+        ),
+    };
+    device.allow_dynamic_shared(&kernel_build, dynamic_shared)?;
     let cfg = LaunchConfig {
         grid_dim: (grid_blocks(groups)?, 1, 1),
         block_dim: ((warps * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: dynamic_shared as u32,
     };
-    let function = device.function(source(dtype, lanes, warps), dtype, &name)?;
+    let function = kernel_build.function;
     let mut builder = stream.launch_builder(&function);
     builder.arg(&params);
     // SAFETY: the kernel touches only the buffers in `params`, valid as the caller guarantees.
@@ -640,6 +708,39 @@ mod tests {
             0,
             "large enough already"
         );
+    }
+
+    #[test]
+    fn staged_forward_for_16_bit_blocks_of_16_warps() {
+        assert!(GATED_SCAN_STAGED_SOURCE.text.starts_with(&format!(
+            "#define FS_GATED_WARPS {STAGED_WARPS}\n#define FS_GATED_STAGES {STAGED_STAGES}\n"
+        )));
+        let forward = |has_b, has_c| GatedKernel::Forward { has_b, has_c };
+        // Two stages of 16 warps' segments of 8 steps, 4 bytes per lane and tensor: 128 KiB
+        // with b and c (x, a, b, c), 64 KiB without.
+        assert_eq!(
+            staged_forward(forward(true, true), DType::BF16, 2, 16),
+            Some(128 * 1024)
+        );
+        assert_eq!(
+            staged_forward(forward(false, false), DType::F16, 2, 16),
+            Some(64 * 1024)
+        );
+        // Blocks of fewer warps, 32-bit types, one state per lane, backwards: in registers.
+        assert_eq!(staged_forward(forward(true, true), DType::BF16, 2, 8), None);
+        assert_eq!(staged_forward(forward(true, true), DType::F32, 1, 16), None);
+        assert_eq!(
+            staged_forward(forward(true, true), DType::BF16, 1, 16),
+            None
+        );
+        let backward = GatedKernel::Backward {
+            has_b: true,
+            has_c: true,
+        };
+        assert_eq!(staged_forward(backward, DType::BF16, 2, 16), None);
+        // The bfloat16 (4,8192,1536) forward takes 16 warps on an H100 (96 blocks).
+        let shape = ScanShape::new(4, 8192, 1536).unwrap();
+        assert_eq!(warps(132, DType::BF16, 2, &shape, 128), STAGED_WARPS);
     }
 
     #[test]
