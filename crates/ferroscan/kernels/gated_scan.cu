@@ -16,7 +16,9 @@
 // split a window between them (block r owning segments r*FS_GATED_WARPS onwards) and write
 // their maps into every block's shared memory: one group then runs on several multiprocessors.
 // Each element is therefore read once and written once, with no scratch in global memory and
-// many loads in flight per thread (a whole segment is loaded before any arithmetic).
+// many loads in flight per thread (a whole segment is loaded before any arithmetic). The staged
+// build (FS_GATED_STAGES > 0) has the forward copy the next window into shared memory
+// asynchronously instead of loading it into registers (`StagedWindows`).
 //
 // Forward also stores, when asked, the state entering every segment ("checkpoints",
 // (len/FS_GATED_SEG, states) in acc_t). The backward walks the windows from the end, recomputes

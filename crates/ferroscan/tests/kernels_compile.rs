@@ -7,9 +7,8 @@
 //! command runs it with `--ignored`, where a missing NVRTC is a failure.
 
 use ferroscan::cuda::compile::{
-    compile_cubin, nvrtc_version, KernelSource, ALL_SOURCES, GATED_SCAN_16_WARPS_SOURCE,
-    GATED_SCAN_4_WARPS_SOURCE, GATED_SCAN_CLUSTER_SOURCE, GATED_SCAN_ONE_STATE_SOURCE,
-    GATED_SCAN_SOURCE, SCAN_SOURCE,
+    compile_cubin, nvrtc_version, KernelSource, ALL_SOURCES, GATED_SCAN_CLUSTER_SOURCE,
+    GATED_SCAN_SOURCES, SCAN_SOURCE,
 };
 use ferroscan::cuda::{gated_scan, scan, selective_scan};
 use ferroscan::DType;
@@ -20,15 +19,7 @@ const ARCHES: [(i32, i32); 2] = [(8, 0), (9, 0)];
 fn launched_names(source: &KernelSource) -> Vec<String> {
     if *source == SCAN_SOURCE {
         scan::all_kernel_names()
-    } else if [
-        GATED_SCAN_SOURCE,
-        GATED_SCAN_4_WARPS_SOURCE,
-        GATED_SCAN_16_WARPS_SOURCE,
-        GATED_SCAN_ONE_STATE_SOURCE,
-        GATED_SCAN_CLUSTER_SOURCE,
-    ]
-    .contains(source)
-    {
+    } else if GATED_SCAN_SOURCES.contains(source) {
         gated_scan::all_kernel_names()
     } else {
         selective_scan::all_kernel_names()

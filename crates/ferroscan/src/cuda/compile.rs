@@ -122,15 +122,25 @@ pub const SELECTIVE_BWD_REAL_SOURCE: KernelSource =
 pub const SELECTIVE_BWD_COMPLEX_SOURCE: KernelSource =
     selective_source!("selective_scan_bwd_complex.cu", "1", "1");
 
-/// Every kernel source of the crate.
-pub const ALL_SOURCES: [KernelSource; 11] = [
-    SCAN_SOURCE,
+/// The builds of `kernels/gated_scan.cu` (every one holds every kernel of the file).
+pub const GATED_SCAN_SOURCES: [KernelSource; 6] = [
     GATED_SCAN_SOURCE,
     GATED_SCAN_4_WARPS_SOURCE,
     GATED_SCAN_16_WARPS_SOURCE,
     GATED_SCAN_STAGED_SOURCE,
     GATED_SCAN_ONE_STATE_SOURCE,
     GATED_SCAN_CLUSTER_SOURCE,
+];
+
+/// Every kernel source of the crate.
+pub const ALL_SOURCES: [KernelSource; 11] = [
+    SCAN_SOURCE,
+    GATED_SCAN_SOURCES[0],
+    GATED_SCAN_SOURCES[1],
+    GATED_SCAN_SOURCES[2],
+    GATED_SCAN_SOURCES[3],
+    GATED_SCAN_SOURCES[4],
+    GATED_SCAN_SOURCES[5],
     SELECTIVE_FWD_REAL_SOURCE,
     SELECTIVE_FWD_COMPLEX_SOURCE,
     SELECTIVE_BWD_REAL_SOURCE,
