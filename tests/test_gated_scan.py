@@ -416,6 +416,13 @@ def test_staged_build(dtype: torch.dtype, bc: str, inner: int, monkeypatch: pyte
     for reverse in (False, True):
         inputs = make_inputs((3, 301, inner), 1, dtype, "cuda", seed=41 + reverse, bc=bc, initial=True)
         check(inputs, dim=1, reverse=reverse, return_final=True, seed=3, what=f"{dtype} staged {bc} inner={inner}")
+    # x one element past a vector boundary: element-wise loads instead of copies, the same
+    # arithmetic, so the same y bit for bit.
+    x, a, b, c = (inputs[k] for k in ("x", "a", "b", "c"))
+    misaligned = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view_as(x).copy_(x)
+    assert misaligned.data_ptr() % 4 != 0
+    with torch.no_grad():
+        assert torch.equal(ferroscan.gated_scan(misaligned, a, b, c), ferroscan.gated_scan(x, a, b, c))
 
 
 @pytest.mark.usefixtures("half_lane_states")
