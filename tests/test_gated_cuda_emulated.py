@@ -223,7 +223,7 @@ CASES = {
     "staged-as-launched": Case(outer=2, length=300, inner=128, warps=16, stages=2),  # the GPU's build
     "staged-many-windows": Case(outer=2, length=300, inner=64, warps=4, stages=3),
     "staged-reverse-partial": Case(outer=3, length=70, inner=40, reverse=True, has_b=False, warps=4, stages=3),
-    "staged-fewer-windows-than-stages": Case(outer=2, length=33, inner=64, has_c=False, warps=4, stages=3),
+    "staged-fewer-windows-than-stages": Case(outer=2, length=30, inner=64, has_c=False, warps=4, stages=3),
     "staged-misaligned-odd": Case(outer=2, length=100, inner=33, misalign="x", warps=4, stages=3),
     "staged-one-per-lane-two-stages": Case(outer=2, length=200, inner=40, lane_states=1, stages=2),
     # whole rows (inner a multiple of the group): the warp copies its rows in 16-byte pieces

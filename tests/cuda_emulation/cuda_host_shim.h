@@ -19,9 +19,10 @@
 // gated scan's cluster build does; it cannot tell a write sent to one block only from one sent to
 // all.
 //
-// Asynchronous copies (`copy_async`) are held per thread and made at the thread's
-// `copy_async_wait` that completes their group, so a read of the destination before that wait
-// returns stale data; dynamic shared memory (`FS_DYNAMIC_SHARED`) is one static buffer, filled with
+// Asynchronous copies (`copy_async`) fill their destination with NaN bytes when issued and are
+// made at the thread's `copy_async_wait` that completes their group, so a read of the destination
+// between the two (before the wait, or by a thread still reading the data the copy replaces)
+// returns NaN; their addresses must be aligned to their size, as on a GPU. Dynamic shared memory (`FS_DYNAMIC_SHARED`) is one static buffer, filled with
 // NaN bytes before every block (so a read of something never copied is caught too).
 //
 // Only what ferroscan's kernels use is provided, for FS_DTYPE = 3 (float64: no inline PTX).
@@ -269,6 +270,11 @@ inline void mbarrier_wait(unsigned long long*, unsigned) { emu::barrier(true); }
 #define FS_DYNAMIC_SHARED(T, name) T* const name = reinterpret_cast<T*>(emu::g_dynamic_shared)
 template <class T>
 inline void copy_async(T* to, const T* from) {
+    if (reinterpret_cast<uintptr_t>(to) % sizeof(T) || reinterpret_cast<uintptr_t>(from) % sizeof(T)) {
+        std::fprintf(stderr, "emulator: copy_async of %zu bytes at a misaligned address\n", sizeof(T));
+        std::abort();
+    }
+    std::memset(static_cast<void*>(to), 0xff, sizeof(T));  // in flight: neither old nor new data
     emu::g_current->open_copies.push_back({to, from, sizeof(T)});
 }
 inline void copy_async_commit() {

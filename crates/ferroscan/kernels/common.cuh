@@ -169,7 +169,8 @@ __device__ __forceinline__ void send_map(const AffineMap* slot, unsigned long lo
 // may rely on its copies after its wait. Older GPUs copy at once; the host emulation provides
 // its own, which copies at the wait.
 #ifndef FS_HOST_EMULATION
-#define FS_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+// Dynamic shared memory, aligned for 16-byte copies whatever T and the static shared memory before it.
+#define FS_DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) T name[]
 // 16 bytes bypass L1 (.cg): a copy in flight through L1 (.ca, the only kind for 4 and 8 bytes)
 // holds L1 space, which a kernel with much shared memory has little of.
 template <class T>

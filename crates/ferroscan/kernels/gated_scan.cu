@@ -559,8 +559,9 @@ struct RegisterWindows {
 
     // Before the first window, whose segment of this warp starts at u0.
     __device__ __forceinline__ void begin(const GatedParams& P, const GatedLane& l, i64 u0) { cur.load(P, l, u0); }
-    // At the start of window w0, whose segment of this warp starts at u0; returns it.
-    __device__ __forceinline__ const Segment& enter(const GatedParams& P, const GatedLane& l, i64 w0, i64 u0) {
+    // At the start of window n, from position w0, whose segment of this warp starts at u0;
+    // returns it.
+    __device__ __forceinline__ const Segment& enter(const GatedParams& P, const GatedLane& l, i64, i64 w0, i64 u0) {
         constexpr i64 WINDOW = FS_GATED_SEGMENTS * FS_GATED_SEG;
         has_next = w0 + WINDOW < l.len;
         if (has_next) next.load(P, l, u0 + WINDOW);
@@ -591,7 +592,6 @@ struct StagedWindows {
     // src/cuda/gated_scan.rs.
     static constexpr int STAGE_VALUES = FS_GATED_WARPS * Slots::WARP_VALUES;
     LaneVals* lane_stage0;  // this lane's values in stage 0
-    i64 n = 0;              // windows entered
 
     __device__ __forceinline__ explicit StagedWindows(LaneVals* stages) {
         lane_stage0 = stages + (threadIdx.x / FS_WARP) * Slots::WARP_VALUES + threadIdx.x % FS_WARP;
@@ -608,7 +608,7 @@ struct StagedWindows {
             copy_async_commit();
         }
     }
-    __device__ __forceinline__ Segment enter(const GatedParams& P, const GatedLane& l, i64 w0, i64 u0) {
+    __device__ __forceinline__ Segment enter(const GatedParams& P, const GatedLane& l, i64 n, i64 w0, i64 u0) {
         constexpr i64 AHEAD = (FS_GATED_STAGES - 1) * FS_GATED_SEGMENTS * FS_GATED_SEG;
         __syncwarp();  // the warp is done reading the stage refilled here (the previous window's)
         if (w0 + AHEAD < l.len) in_stage_of(n + FS_GATED_STAGES - 1).load(P, l, u0 + AHEAD);
@@ -617,7 +617,7 @@ struct StagedWindows {
         __syncwarp();                            // and so are the other lanes'
         return in_stage_of(n);
     }
-    __device__ __forceinline__ void leave() { ++n; }
+    __device__ __forceinline__ void leave() {}
 };
 #endif
 
@@ -643,7 +643,7 @@ __device__ __forceinline__ void gated_forward(const GatedParams& P) {
     i64 n = 0;  // windows done
     for (i64 w0 = 0; w0 < len; w0 += WINDOW, ++n) {
         const i64 u0 = w0 + (i64)seg * FS_GATED_SEG;
-        const auto& cur = windows.enter(P, l, w0, u0);
+        const auto& cur = windows.enter(P, l, n, w0, u0);
 #pragma unroll
         for (int i = 0; i < FS_GATED_LS; ++i) {
             AffineMap m = identity_map();

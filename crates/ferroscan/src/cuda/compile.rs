@@ -132,20 +132,30 @@ pub const GATED_SCAN_SOURCES: [KernelSource; 6] = [
     GATED_SCAN_CLUSTER_SOURCE,
 ];
 
-/// Every kernel source of the crate.
-pub const ALL_SOURCES: [KernelSource; 11] = [
-    SCAN_SOURCE,
-    GATED_SCAN_SOURCES[0],
-    GATED_SCAN_SOURCES[1],
-    GATED_SCAN_SOURCES[2],
-    GATED_SCAN_SOURCES[3],
-    GATED_SCAN_SOURCES[4],
-    GATED_SCAN_SOURCES[5],
+/// The builds of `kernels/selective_scan.cu`.
+pub const SELECTIVE_SOURCES: [KernelSource; 4] = [
     SELECTIVE_FWD_REAL_SOURCE,
     SELECTIVE_FWD_COMPLEX_SOURCE,
     SELECTIVE_BWD_REAL_SOURCE,
     SELECTIVE_BWD_COMPLEX_SOURCE,
 ];
+
+/// Every kernel source of the crate: [`SCAN_SOURCE`], [`GATED_SCAN_SOURCES`],
+/// [`SELECTIVE_SOURCES`].
+pub const ALL_SOURCES: [KernelSource; 1 + GATED_SCAN_SOURCES.len() + SELECTIVE_SOURCES.len()] = {
+    let mut all = [SCAN_SOURCE; 1 + GATED_SCAN_SOURCES.len() + SELECTIVE_SOURCES.len()];
+    let mut i = 0;
+    while i < GATED_SCAN_SOURCES.len() {
+        all[1 + i] = GATED_SCAN_SOURCES[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < SELECTIVE_SOURCES.len() {
+        all[1 + GATED_SCAN_SOURCES.len() + j] = SELECTIVE_SOURCES[j];
+        j += 1;
+    }
+    all
+};
 
 impl PartialEq for KernelSource {
     fn eq(&self, other: &Self) -> bool {

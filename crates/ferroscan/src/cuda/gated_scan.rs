@@ -222,6 +222,8 @@ pub const STAGED_ENV: &str = "FERROSCAN_GATED_STAGED";
 const STAGED_WARPS: usize = 16;
 /// Stages of shared memory of [`GATED_SCAN_STAGED_SOURCE`] (`FS_GATED_STAGES`).
 const STAGED_STAGES: usize = 2;
+/// The oldest architecture with asynchronous copies into shared memory (`cp.async`).
+const ASYNC_COPY_ARCH: (i32, i32) = (8, 0);
 
 /// The bytes of dynamic shared memory `kernel` takes when it runs on
 /// [`GATED_SCAN_STAGED_SOURCE`] (the launcher checks that they fit a block), or `None` when it
@@ -229,16 +231,23 @@ const STAGED_STAGES: usize = 2;
 /// blocks take the 16-warp build (at most one block per multiprocessor). Those forwards load a
 /// window ahead into registers, capped at 128 per thread, which the two-state forward with `b`
 /// and `c` exceeds (it spills); the staged build copies the window ahead into shared memory in
-/// 16-byte pieces instead (a quarter of the copy instructions, no registers held). H100,
+/// 16-byte pieces instead (a quarter of the copy instructions; copies in flight hold no
+/// registers). It needs sm_80 or newer (`cp.async`; older GPUs would copy at once). H100,
 /// bfloat16 (4,8192,1536) with `b` and `c`, 96 blocks, forward ms: 0.223 in registers, 0.189
 /// staged (2 stages; 3 stages 0.222, 8 warps with 3 or 4 stages 0.214, float32 8 warps 0.41
 /// against 0.36 in registers). `$FERROSCAN_GATED_STAGED` (0 or 1) forces the choice for
 /// 16-bit two-state forwards, for tuning and for tests of both paths.
-fn staged_forward(kernel: GatedKernel, dtype: DType, lanes: usize, warps: usize) -> Option<usize> {
+fn staged_forward(
+    kernel: GatedKernel,
+    arch: (i32, i32),
+    dtype: DType,
+    lanes: usize,
+    warps: usize,
+) -> Option<usize> {
     let GatedKernel::Forward { has_b, has_c } = kernel else {
         return None;
     };
-    if lanes != 2 || !matches!(dtype, DType::F16 | DType::BF16) {
+    if arch < ASYNC_COPY_ARCH || lanes != 2 || !matches!(dtype, DType::F16 | DType::BF16) {
         return None;
     }
     let forced = std::env::var(STAGED_ENV)
@@ -421,7 +430,7 @@ pub(super) unsafe fn launch(
     }
     let regs = device.registers(source(dtype, lanes, 8), dtype, &name)?;
     let warps = warps(sm_count, dtype, lanes, shape, regs);
-    let staged = match staged_forward(kernel, dtype, lanes, warps) {
+    let staged = match staged_forward(kernel, device.arch(), dtype, lanes, warps) {
         Some(bytes) => Some((
             device.loaded(GATED_SCAN_STAGED_SOURCE, dtype, &name)?,
             bytes,
@@ -446,7 +455,8 @@ pub(super) unsafe fn launch(
     let function = kernel_build.function;
     let mut builder = stream.launch_builder(&function);
     builder.arg(&params);
-    // SAFETY: the kernel touches only the buffers in `params`, valid as the caller guarantees.
+    // SAFETY: the kernel touches only the buffers in `params`, valid as the caller guarantees, and
+    // (the staged build) the dynamic shared memory it indexes, `staged_shared_bytes` of it.
     unsafe { builder.launch(cfg) }.map_err(driver_error("launching a gated scan kernel"))?;
     Ok(())
 }
@@ -716,28 +726,40 @@ mod tests {
             "#define FS_GATED_WARPS {STAGED_WARPS}\n#define FS_GATED_STAGES {STAGED_STAGES}\n"
         )));
         let forward = |has_b, has_c| GatedKernel::Forward { has_b, has_c };
+        const H100: (i32, i32) = (9, 0);
         // Two stages of 16 warps' segments of 8 steps, 4 bytes per lane and tensor: 128 KiB
         // with b and c (x, a, b, c), 64 KiB without.
         assert_eq!(
-            staged_forward(forward(true, true), DType::BF16, 2, 16),
+            staged_forward(forward(true, true), H100, DType::BF16, 2, 16),
             Some(128 * 1024)
         );
         assert_eq!(
-            staged_forward(forward(false, false), DType::F16, 2, 16),
+            staged_forward(forward(false, false), H100, DType::F16, 2, 16),
             Some(64 * 1024)
         );
         // Blocks of fewer warps, 32-bit types, one state per lane, backwards: in registers.
-        assert_eq!(staged_forward(forward(true, true), DType::BF16, 2, 8), None);
-        assert_eq!(staged_forward(forward(true, true), DType::F32, 1, 16), None);
         assert_eq!(
-            staged_forward(forward(true, true), DType::BF16, 1, 16),
+            staged_forward(forward(true, true), H100, DType::BF16, 2, 8),
+            None
+        );
+        assert_eq!(
+            staged_forward(forward(true, true), H100, DType::F32, 1, 16),
+            None
+        );
+        assert_eq!(
+            staged_forward(forward(true, true), H100, DType::BF16, 1, 16),
             None
         );
         let backward = GatedKernel::Backward {
             has_b: true,
             has_c: true,
         };
-        assert_eq!(staged_forward(backward, DType::BF16, 2, 16), None);
+        assert_eq!(staged_forward(backward, H100, DType::BF16, 2, 16), None);
+        // No cp.async before sm_80.
+        assert_eq!(
+            staged_forward(forward(false, false), (7, 5), DType::BF16, 2, 16),
+            None
+        );
         // The bfloat16 (4,8192,1536) forward takes 16 warps on an H100 (96 blocks).
         let shape = ScanShape::new(4, 8192, 1536).unwrap();
         assert_eq!(warps(132, DType::BF16, 2, &shape, 128), STAGED_WARPS);
