@@ -19,7 +19,9 @@ use super::compile::{
     GATED_SCAN_ONE_STATE_SOURCE, GATED_SCAN_SOURCE, GATED_SCAN_STAGED_SOURCE,
 };
 use super::device::{driver_error, Device};
-use super::launch::{check_required, grid_blocks, launch_clustered, pass_state_through};
+use super::launch::{
+    check_required, grid_blocks, launch_clustered, pass_state_through, tuning_hook,
+};
 use crate::error::Result;
 use crate::layout::{DType, ScanProblem, ScanShape};
 
@@ -42,9 +44,7 @@ pub(super) fn lane_states(
     match dtype {
         DType::F32 | DType::F64 => 1,
         DType::F16 | DType::BF16 => {
-            let forced = std::env::var(LANE_STATES_ENV)
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok());
+            let forced = tuning_hook(LANE_STATES_ENV);
             match forced {
                 Some(lanes @ (1 | 2)) => lanes,
                 _ if few_groups(sm_count, shape.state_numel().div_ceil(64))
@@ -138,9 +138,7 @@ pub(super) fn warps(
     if lanes == 1 && matches!(dtype, DType::F16 | DType::BF16) {
         return 16;
     }
-    let forced = std::env::var(WARPS_ENV)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok());
+    let forced = tuning_hook(WARPS_ENV);
     if let Some(warps @ (4 | 8 | 16)) = forced {
         return warps;
     }
@@ -177,9 +175,7 @@ pub(super) fn cluster_candidate(
     if !possible {
         return Some(false);
     }
-    let forced = std::env::var(CLUSTER_ENV)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok());
+    let forced = tuning_hook(CLUSTER_ENV);
     match forced {
         Some(1) => Some(false),
         Some(CLUSTER_BLOCKS) => Some(true),
@@ -250,9 +246,7 @@ fn staged_forward(
     if arch < ASYNC_COPY_ARCH || lanes != 2 || !matches!(dtype, DType::F16 | DType::BF16) {
         return None;
     }
-    let forced = std::env::var(STAGED_ENV)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok());
+    let forced = tuning_hook(STAGED_ENV);
     let staged = match forced {
         Some(0) => false,
         Some(1) => true,

@@ -120,3 +120,8 @@ pub(crate) unsafe fn launch_clustered<P: DeviceRepr>(
     .result()
     .map_err(driver_error("launching a kernel in thread-block clusters"))
 }
+
+/// The number a tuning hook's environment variable holds (`None`: unset or not a number).
+pub(super) fn tuning_hook(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}

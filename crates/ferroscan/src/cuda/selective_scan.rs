@@ -18,7 +18,7 @@ use super::compile::{
     SELECTIVE_FWD_COMPLEX_SOURCE, SELECTIVE_FWD_REAL_SOURCE,
 };
 use super::device::{driver_error, Device};
-use super::launch::{check_required, grid_blocks};
+use super::launch::{check_required, grid_blocks, tuning_hook};
 use crate::error::{Error, Result};
 use crate::layout::DType;
 use crate::selective::{
@@ -166,10 +166,7 @@ impl SelectiveConfig {
             }
             config = wider;
         }
-        if let Some(lanes) = std::env::var(LANES_ENV)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-        {
+        if let Some(lanes) = tuning_hook(LANES_ENV) {
             if let Some(forced) = configs(problem.complex)
                 .into_iter()
                 .filter(|c| c.lanes == lanes && c.lanes * c.states >= n)
