@@ -252,22 +252,15 @@ fn staged_forward(
         Some(1) => true,
         _ => warps == STAGED_WARPS,
     };
-    staged.then(|| staged_shared_bytes(STAGED_STAGES, STAGED_WARPS, lanes, dtype, has_b, has_c))
+    staged.then(|| staged_shared_bytes(lanes, dtype, has_b, has_c))
 }
 
 /// Bytes of dynamic shared memory of the staged forward (`StagedWindows` in gated_scan.cu):
-/// `stages` stages, each holding every warp's segment of [`CHECKPOINT_SPACING`] steps of the
-/// tensors it reads (`x`, `a`, and `b`, `c` where present), `lanes` states per lane.
-fn staged_shared_bytes(
-    stages: usize,
-    warps: usize,
-    lanes: usize,
-    dtype: DType,
-    has_b: bool,
-    has_c: bool,
-) -> usize {
+/// [`STAGED_STAGES`] stages, each holding every warp's segment of [`CHECKPOINT_SPACING`] steps of
+/// the tensors it reads (`x`, `a`, and `b`, `c` where present), `lanes` states per lane.
+fn staged_shared_bytes(lanes: usize, dtype: DType, has_b: bool, has_c: bool) -> usize {
     let tensors = 2 + usize::from(has_b) + usize::from(has_c);
-    stages * warps * 32 * CHECKPOINT_SPACING * tensors * lanes * dtype.size_bytes()
+    STAGED_STAGES * STAGED_WARPS * 32 * CHECKPOINT_SPACING * tensors * lanes * dtype.size_bytes()
 }
 
 /// `(segments, states)`: the checkpoint buffer's shape, in accumulator elements
@@ -676,24 +669,20 @@ mod tests {
         assert_eq!(GATED_SCAN_CLUSTER_SOURCE.min_arch, (9, 0));
         // Fewer groups than half the multiprocessors: a candidate on sm_90, never on sm_80 nor
         // for the one-state 16-bit build.
-        assert_eq!(cluster_candidate(132, (9, 0), DType::BF16, 2, 48), None);
-        assert_eq!(cluster_candidate(132, (9, 0), DType::F32, 1, 65), None);
-        assert_eq!(
-            cluster_candidate(132, (9, 0), DType::F32, 1, 66),
-            Some(false)
-        );
-        assert_eq!(
-            cluster_candidate(132, (9, 0), DType::BF16, 2, 96),
-            Some(false)
-        );
-        assert_eq!(
-            cluster_candidate(132, (8, 0), DType::F32, 1, 8),
-            Some(false)
-        );
-        assert_eq!(
-            cluster_candidate(132, (9, 0), DType::BF16, 1, 8),
-            Some(false)
-        );
+        for (arch, dtype, lanes, groups, want) in [
+            ((9, 0), DType::BF16, 2, 48, None),
+            ((9, 0), DType::F32, 1, 65, None),
+            ((9, 0), DType::F32, 1, 66, Some(false)),
+            ((9, 0), DType::BF16, 2, 96, Some(false)),
+            ((8, 0), DType::F32, 1, 8, Some(false)),
+            ((9, 0), DType::BF16, 1, 8, Some(false)),
+        ] {
+            assert_eq!(
+                cluster_candidate(132, arch, dtype, lanes, groups),
+                want,
+                "sm_{arch:?} {dtype:?} {lanes} states per lane, {groups} groups"
+            );
+        }
         // 268 blocks of 4 warps: resident at 155 registers (three per multiprocessor), not at
         // 255 (two).
         assert!(fits_at_once(268, 132, 155, CLUSTER_WARPS));
@@ -731,29 +720,25 @@ mod tests {
             staged_forward(forward(false, false), H100, DType::F16, 2, 16),
             Some(64 * 1024)
         );
-        // Blocks of fewer warps, 32-bit types, one state per lane, backwards: in registers.
-        assert_eq!(
-            staged_forward(forward(true, true), H100, DType::BF16, 2, 8),
-            None
-        );
-        assert_eq!(
-            staged_forward(forward(true, true), H100, DType::F32, 1, 16),
-            None
-        );
-        assert_eq!(
-            staged_forward(forward(true, true), H100, DType::BF16, 1, 16),
-            None
-        );
+        // Blocks of fewer warps, 32-bit types, one state per lane, backwards, no cp.async before
+        // sm_80: in registers.
         let backward = GatedKernel::Backward {
             has_b: true,
             has_c: true,
         };
-        assert_eq!(staged_forward(backward, H100, DType::BF16, 2, 16), None);
-        // No cp.async before sm_80.
-        assert_eq!(
-            staged_forward(forward(false, false), (7, 5), DType::BF16, 2, 16),
-            None
-        );
+        for (kernel, arch, dtype, lanes, warps) in [
+            (forward(true, true), H100, DType::BF16, 2, 8),
+            (forward(true, true), H100, DType::F32, 1, 16),
+            (forward(true, true), H100, DType::BF16, 1, 16),
+            (backward, H100, DType::BF16, 2, 16),
+            (forward(false, false), (7, 5), DType::BF16, 2, 16),
+        ] {
+            assert_eq!(
+                staged_forward(kernel, arch, dtype, lanes, warps),
+                None,
+                "{kernel:?} sm_{arch:?} {dtype:?} {lanes} states per lane, {warps} warps"
+            );
+        }
         // The bfloat16 (4,8192,1536) forward takes 16 warps on an H100 (96 blocks).
         let shape = ScanShape::new(4, 8192, 1536).unwrap();
         assert_eq!(warps(132, DType::BF16, 2, &shape, 128), STAGED_WARPS);
