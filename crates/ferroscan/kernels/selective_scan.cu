@@ -288,6 +288,33 @@ __device__ __forceinline__ bool vector_ready(const storage_t* p, const Strides<R
     return ok;
 }
 
+template <int R>
+__device__ __forceinline__ bool same_strides(const Strides<R>& a, const Strides<R>& b) {
+    bool same = true;
+#pragma unroll
+    for (int k = 0; k < R; ++k) same = same && a.s[k] == b.s[k];
+    return same;
+}
+
+// Where this thread's 16-byte vector slots of whole tiles start, found once per block: an element
+// offset from a tensor's start, at step 0 (a tile at step t0 starts t0·parts values further). It
+// is the same for every tensor with the strides it was made for, so one offset (two registers)
+// serves all of them; bit k of `ready` says whether tensor k takes it. Recomputing the 64-bit
+// addresses from the strides took a few dozen integer instructions per tile and chunk.
+template <int R>
+struct VectorCursor {
+    i64 off;
+    Strides<R> st;   // the strides the offset was made for (read where it is made, not kept)
+    bool usable;     // the tiles can go as vectors at all (whole rows; B/C: a state below N)
+    unsigned ready;
+
+    // Tensor k (at p with strides s) takes the cursor when `also` holds too.
+    __device__ __forceinline__ void take(int k, const storage_t* p, const Strides<R>& s, bool also = true) {
+        if (usable && also && p && same_strides(s, st) && vector_ready(p, s)) ready |= 1u << k;
+    }
+    __device__ __forceinline__ bool at(int k) const { return (ready >> k) & 1u; }
+};
+
 // A thread's register share of a staged tile: KS scalar slots (a value per word, two words in
 // float64), or KV 16-byte vector slots packed as loaded (four words each, FS_SEL_VEC values), in
 // the same words: a tile uses one layout at a time.
@@ -409,22 +436,29 @@ struct TileRegs {
         c = (int)fresh_tid() / RV;
         t = (int)fresh_tid() % RV * V;
     }
-    __device__ __forceinline__ void load(const storage_t* src, Strides<3> st, i64 b, i64 c0, i64 ct, i64 dim,
-                                         i64 t0, i64 len) {
-        const int rows = tile_rows(c0, ct, dim), steps = tile_steps<T>(t0, len);
-        const bool full = rows == ROWS && steps == T;
+    // The cursor of tiles of rows c0.. of batch element b, for tensors with strides st: vectors
+    // when the tiles have all ROWS rows.
+    static __device__ __forceinline__ VectorCursor<3> cursor(Strides<3> st, i64 b, i64 c0, i64 ct, i64 dim) {
+        int c, t;
+        vorigin(c, t);
+        return {b * st.s[0] + (c0 + c) * st.s[1] + t, st, VECTORS && tile_rows(c0, ct, dim) == ROWS, 0u};
+    }
+    // Loads the tile at step t0; as vectors from the cursor where tensor k takes it (`vec`) and
+    // the tile is whole.
+    __device__ __forceinline__ void load(bool vec, i64 off, const storage_t* src, Strides<3> st, i64 b, i64 c0,
+                                         i64 ct, i64 dim, i64 t0, i64 len) {
         if constexpr (VECTORS) {
-            if (full && vector_ready(src, st)) {
+            if (vec && t0 + T <= len) {
                 mode = TILE_VECTORS;
-                int c, t;
-                vorigin(c, t);
-                const storage_t* p = src + b * st.s[0] + (c0 + c) * st.s[1] + t0 + t;
+                const storage_t* p = src + off + t0;
                 const i64 step = DCV * st.s[1];
 #pragma unroll
                 for (int i = 0; i < KV; ++i, p += step) r.load_vector(i, p);
                 return;
             }
         }
+        const int rows = tile_rows(c0, ct, dim), steps = tile_steps<T>(t0, len);
+        const bool full = rows == ROWS && steps == T;
         mode = st.s[2] == 1 || st.s[1] != 1 ? TILE_TIME : TILE_CHANNELS;
         int c, t, dc, dt;
         origin(c, t, dc, dt);
@@ -566,6 +600,37 @@ struct BcRegs {
         part = tp % PT;
         return e < E;
     }
+    // Vector slot i lies THREADS / NP · V columns after slot 0, at the same state, when NP divides
+    // the block (so one cursor serves every slot).
+    static constexpr bool CURSOR = VECTORS && FS_SEL_THREADS % NP == 0;
+    static constexpr int VSTEP = FS_SEL_THREADS / NP * V;
+
+    // The cursor of group g of batch element b, for tensors with strides st: vectors when this
+    // thread's state is below N (threads past N take the general path, which reads zeros).
+    static __device__ __forceinline__ VectorCursor<4> cursor(Strides<4> st, i64 b, i64 g, i64 n_states) {
+        int n, tp;
+        vslot(0, n, tp);
+        return {b * st.s[0] + g * st.s[1] + n * st.s[2] + tp, st, CURSOR && n < n_states, 0u};
+    }
+    __device__ __forceinline__ void load(bool vec, i64 off, const storage_t* src, Strides<4> st, i64 b, i64 g,
+                                         i64 n_states, i64 t0, i64 len) {
+        if constexpr (CURSOR) {
+            if (vec && t0 + T <= len) {
+                mode = TILE_VECTORS;
+                const storage_t* p = src + off + t0 * PT;
+#pragma unroll
+                for (int i = 0; i < KV; ++i) {
+                    if (vexists(i))
+                        r.load_vector(i, p + i * VSTEP);
+                    else
+                        r.zero_vector(i);
+                }
+                return;
+            }
+        }
+        load(src, st, b, g, n_states, t0, len);
+    }
+    // Without a cursor (a tile loaded once).
     __device__ __forceinline__ void load(const storage_t* src, Strides<4> st, i64 b, i64 g, i64 n_states, i64 t0,
                                          i64 len) {
         const storage_t* base = src + b * st.s[0] + g * st.s[1];
@@ -695,16 +760,22 @@ __device__ __forceinline__ void lane_bc(bool var, const acc_t* tile, int t, int 
         lane_bc_of<NP, S, false>(tile, t, l, constant, out);
 }
 
-// log(1 + e^r), r past the threshold as is (as mamba). Outside float64 with approximate exp2/log2:
-// log1p(e) = log(u)·e/(u - 1) for u = 1 + e rounded, which cancels u's rounding error (and is e
-// when u rounds to 1), so small results keep their relative accuracy.
+// log(1 + e^r), r past the threshold as is (as mamba). Outside float64, with e = e^r from the
+// hardware's approximate exp2: below e = 1/16, where 1 + e would round away e's low bits, the
+// series e - e²/2 + ... - e⁶/6 (relative error under (1/16)⁶/7 ≈ 1e-8); above, log2(1 + e)·ln 2.
+// Both are computed and one is selected: no branches per element.
 __device__ __forceinline__ acc_t softplus_(acc_t r) {
 #if FS_DTYPE == 3
     return r > acc_t(FS_SEL_SOFTPLUS_THRESHOLD) ? r : log1p(exp(r));
 #else
-    // Every branch computed and selected: no divergent branches per element.
-    const float e = fexp2(fminf(r, FS_SEL_SOFTPLUS_THRESHOLD) * (float)FS_SEL_LOG2E), u = 1.0f + e;
-    const float p = u == 1.0f ? e : flog2(u) * (float)FS_SEL_LN2 * __fdividef(e, u - 1.0f);
+    const float e = fexp2(fminf(r, FS_SEL_SOFTPLUS_THRESHOLD) * (float)FS_SEL_LOG2E);
+    float q = -1.0f / 6.0f;
+    q = fmaf(q, e, 1.0f / 5.0f);
+    q = fmaf(q, e, -1.0f / 4.0f);
+    q = fmaf(q, e, 1.0f / 3.0f);
+    q = fmaf(q, e, -1.0f / 2.0f);
+    q = fmaf(q, e, 1.0f);
+    const float p = e < 0.0625f ? q * e : flog2(1.0f + e) * (float)FS_SEL_LN2;
     return r > FS_SEL_SOFTPLUS_THRESHOLD ? r : p;
 #endif
 }
@@ -877,18 +948,30 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
 
     for (int cc = tid; cc < ROWS; cc += FS_SEL_THREADS)
         s_bias[cc] = (Q.bias && cc < Q.ct && c0 + cc < Q.dim) ? Q.bias[c0 + cc] : acc_t(0);
-    TileRegs<ROWS, T> r_dt, r_u, r_z;
-    BcRegs<NP, T> r_b, r_c;
     // Variable B and C go through registers a chunk ahead only while they take few of them (the
     // wide configurations would spill); otherwise they are staged when their chunk starts.
     constexpr bool PREFETCH_BC = FS_SEL_FWD_PREFETCH && BcRegs<NP, T>::K <= 16;
+    using Tile = TileRegs<ROWS, T>;
+    using Bc = BcRegs<NP, T>;
+    // Cursors for the tensors with u's strides, and B's (bits: 0 delta, 1 u, 2 z; 0 B, 1 C).
+    VectorCursor<3> kt = Tile::cursor(Q.u_s, b, c0, Q.ct, Q.dim);
+    kt.take(0, Q.delta, Q.delta_s);
+    kt.take(1, Q.u, Q.u_s);
+    kt.take(2, Q.z, Q.z_s);
+    VectorCursor<4> kbc = Bc::cursor(Q.b_s, b, gb, N);
+    kbc.take(0, Q.b_var, Q.b_s);
+    kbc.take(1, Q.c_var, Q.c_s, gc == gb);
+    const i64 t_off = kt.off, bc_off = kbc.off;
+    const unsigned t_vec = kt.ready, bc_vec = kbc.ready;
+    Tile r_dt, r_u, r_z;
+    Bc r_b, r_c;
     auto fetch = [&](i64 t0) {
-        r_dt.load(Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, t0, L);
-        r_u.load(Q.u, Q.u_s, b, c0, Q.ct, Q.dim, t0, L);
-        if (Q.z) r_z.load(Q.z, Q.z_s, b, c0, Q.ct, Q.dim, t0, L);
+        r_dt.load(t_vec & 1u, t_off, Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, t0, L);
+        r_u.load(t_vec & 2u, t_off, Q.u, Q.u_s, b, c0, Q.ct, Q.dim, t0, L);
+        if (Q.z) r_z.load(t_vec & 4u, t_off, Q.z, Q.z_s, b, c0, Q.ct, Q.dim, t0, L);
         if constexpr (PREFETCH_BC) {
-            if (Q.b_var) r_b.load(Q.b_var, Q.b_s, b, gb, N, t0, L);
-            if (Q.c_var) r_c.load(Q.c_var, Q.c_s, b, gc, N, t0, L);
+            if (Q.b_var) r_b.load(bc_vec & 1u, bc_off, Q.b_var, Q.b_s, b, gb, N, t0, L);
+            if (Q.c_var) r_c.load(bc_vec & 2u, bc_off, Q.c_var, Q.c_s, b, gc, N, t0, L);
         }
     };
     if (FS_SEL_FWD_PREFETCH) fetch(0);
@@ -1057,18 +1140,31 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
         s_bias[cc] = (Q.bias && cc < Q.ct && c0 + cc < Q.dim) ? Q.bias[c0 + cc] : acc_t(0);
     // A segment's inputs in registers, loaded one segment ahead (see "Staging" above); B and C with
     // them when the segment is one window.
-    TileRegs<ROWS, FS_SEL_CK> r_dt, r_u, r_g, r_z;
-    BcRegs<NP, TS> r_b, r_c;
     num_t r_ck[S];
+    using Tile = TileRegs<ROWS, FS_SEL_CK>;
+    using Bc = BcRegs<NP, TS>;
+    // Cursors as the forward's (bits: 0 delta, 1 u, 2 dout, 3 z; 0 B, 1 C).
+    VectorCursor<3> kt = Tile::cursor(Q.u_s, b, c0, Q.ct, Q.dim);
+    kt.take(0, Q.delta, Q.delta_s);
+    kt.take(1, Q.u, Q.u_s);
+    kt.take(2, Q.dout, Q.dout_s);
+    kt.take(3, Q.z, Q.z_s);
+    VectorCursor<4> kbc = Bc::cursor(Q.b_s, b, gb, N);
+    kbc.take(0, Q.b_var, Q.b_s);
+    kbc.take(1, Q.c_var, Q.c_s, gc == gb);
+    const i64 t_off = kt.off, bc_off = kbc.off;
+    const unsigned t_vec = kt.ready, bc_vec = kbc.ready;
+    Tile r_dt, r_u, r_g, r_z;
+    Bc r_b, r_c;
     auto fetch = [&](i64 seg) {
         const i64 ts0 = seg * FS_SEL_CK;
-        r_dt.load(Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, ts0, L);
-        r_u.load(Q.u, Q.u_s, b, c0, Q.ct, Q.dim, ts0, L);
-        r_g.load(Q.dout, Q.dout_s, b, c0, Q.ct, Q.dim, ts0, L);
-        if (Q.z) r_z.load(Q.z, Q.z_s, b, c0, Q.ct, Q.dim, ts0, L);
+        r_dt.load(t_vec & 1u, t_off, Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, ts0, L);
+        r_u.load(t_vec & 2u, t_off, Q.u, Q.u_s, b, c0, Q.ct, Q.dim, ts0, L);
+        r_g.load(t_vec & 4u, t_off, Q.dout, Q.dout_s, b, c0, Q.ct, Q.dim, ts0, L);
+        if (Q.z) r_z.load(t_vec & 8u, t_off, Q.z, Q.z_s, b, c0, Q.ct, Q.dim, ts0, L);
         if constexpr (R == 1) {
-            if (vb) r_b.load(Q.b_var, Q.b_s, b, gb, N, ts0, L);
-            if (vc) r_c.load(Q.c_var, Q.c_s, b, gc, N, ts0, L);
+            if (vb) r_b.load(bc_vec & 1u, bc_off, Q.b_var, Q.b_s, b, gb, N, ts0, L);
+            if (vc) r_c.load(bc_vec & 2u, bc_off, Q.c_var, Q.c_s, b, gc, N, ts0, L);
         }
 #pragma unroll
         for (int s = 0; s < S; ++s) {
