@@ -780,6 +780,23 @@ __device__ __forceinline__ acc_t softplus_(acc_t r) {
 #endif
 }
 
+// 1 - e^-x for x >= 0: softplus'(r) = sigmoid(r) from Δ = softplus(r) (1 past the threshold,
+// where Δ = r). Outside float64: below x = 1/16 the series x - x²/2 + ... + x⁵/120 (relative error
+// under (1/16)⁵/720 ≈ 1e-9), where 1 - e^-x would cancel; above, 1 - 2^(-x·log2 e). Both computed,
+// one selected (expm1 cost a few dozen instructions with branches).
+__device__ __forceinline__ acc_t one_minus_exp_neg(acc_t x) {
+#if FS_DTYPE == 3
+    return -expm1(-x);
+#else
+    float q = 1.0f / 120.0f;
+    q = fmaf(q, x, -1.0f / 24.0f);
+    q = fmaf(q, x, 1.0f / 6.0f);
+    q = fmaf(q, x, -1.0f / 2.0f);
+    q = fmaf(q, x, 1.0f);
+    return x < 0.0625f ? q * x : 1.0f - fexp2(-x * (float)FS_SEL_LOG2E);
+#endif
+}
+
 // Δ = delta + bias of a tile in registers (softplus'd when asked) to s_dt, rows ROW apart; zero
 // outside the tensor. The softplus choice is made once per tile, not per element.
 template <int ROW, int ROWS, int T>
@@ -1157,6 +1174,7 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
     const unsigned t_vec = kt.ready, bc_vec = kbc.ready;
     Tile r_dt, r_u, r_g, r_z;
     Bc r_b, r_c;
+    const acc_t* ck_lane = Q.ckpt + (row * Q.n_ck * N + l * S) * FS_SEL_PARTS;  // this lane's first state
     auto fetch = [&](i64 seg) {
         const i64 ts0 = seg * FS_SEL_CK;
         r_dt.load(t_vec & 1u, t_off, Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, ts0, L);
@@ -1167,11 +1185,9 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
             if (vb) r_b.load(bc_vec & 1u, bc_off, Q.b_var, Q.b_s, b, gb, N, ts0, L);
             if (vc) r_c.load(bc_vec & 2u, bc_off, Q.c_var, Q.c_s, b, gc, N, ts0, L);
         }
+        const acc_t* ck_seg = ck_lane + seg * N * FS_SEL_PARTS;
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
-            const i64 n = (i64)l * S + s;
-            r_ck[s] = (active && n < N) ? nload(Q.ckpt, (row * Q.n_ck + seg) * N + n) : nzero();
-        }
+        for (int s = 0; s < S; ++s) r_ck[s] = (active && l * S + s < N) ? nload(ck_seg, s) : nzero();
     };
     if (Q.n_ck > 0) fetch(Q.n_ck - 1);
 
@@ -1248,11 +1264,11 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
 #pragma unroll
                 for (int k = 0; k < TS; k += G) {
                     acc_t yv[G];
+                    const AccRun<G> dts = lds_run<G>(s_dt + c * ROW + tw + k), us = lds_run<G>(s_u + c * ROW + tw + k);
 #pragma unroll
                     for (int j = 0; j < G; ++j) {
-                        const int t = tw + k + j;
-                        const acc_t dt = s_dt[c * ROW + t];
-                        const acc_t du = dt * s_u[c * ROW + t];
+                        const acc_t dt = dts.x[j];
+                        const acc_t du = dt * us.x[j];
                         num_t bv[S], cv[S];
                         lane_bc<NP, S>(vb, s_b, k + j, l, w.b, bv);
                         lane_bc<NP, S>(vc, s_c, k + j, l, w.c, cv);
@@ -1357,8 +1373,7 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
                             s_u[c * ROW + t] = dv[i] + d_skip * gy;
                         } else {
                             const acc_t dt = s_dt[c * ROW + t];
-                            // softplus'(r) = sigmoid(r) = 1 - exp(-softplus(r)) (1 past the threshold).
-                            const acc_t dr = Q.softplus ? -dv[i] * expm1(-dt) : dv[i];
+                            const acc_t dr = Q.softplus ? dv[i] * one_minus_exp_neg(dt) : dv[i];
                             if (inside) grad_bias += dr;
                             s_dt[c * ROW + t] = dr;
                         }
