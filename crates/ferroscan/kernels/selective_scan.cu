@@ -901,15 +901,17 @@ __device__ __forceinline__ void fwd_steps(const SelParams& Q, const Weights<S>& 
         for (int k = k0; k < k0 + KS; k += G) {
             acc_t yv[G];
             const AccRun<G> dts = lds_run<G>(s_dt + c * ROW + k), us = lds_run<G>(s_u + c * ROW + k);
-            // B and C from the group's first step: the steps' addresses are then constant offsets.
-            const acc_t *b_group = s_b + k * NP * FS_SEL_PARTS, *c_group = s_c + k * NP * FS_SEL_PARTS;
+            // B and C of this lane's states from the group's first step: the steps' addresses are
+            // then constant offsets from one register.
+            const int lane_group = (k * NP + l * S) * FS_SEL_PARTS;
+            const acc_t *b_lane = s_b + lane_group, *c_lane = s_c + lane_group;
 #pragma unroll
             for (int j = 0; j < G; ++j) {
                 const acc_t dt = dts.x[j];
                 const acc_t du = dt * us.x[j];
                 num_t bv[S], cv[S];
-                lane_bc_of<NP, S, VB>(b_group, j, l, w.b, bv);
-                lane_bc_of<NP, S, VC>(c_group, j, l, w.c, cv);
+                lane_bc_of<NP, S, VB>(b_lane, j, 0, w.b, bv);
+                lane_bc_of<NP, S, VC>(c_lane, j, 0, w.c, cv);
                 acc_t y = 0;
 #pragma unroll
                 for (int s = 0; s < S; ++s) {
