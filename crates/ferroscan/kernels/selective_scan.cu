@@ -299,7 +299,7 @@ __device__ __forceinline__ bool same_strides(const Strides<R>& a, const Strides<
 // Where this thread's 16-byte vector slots of whole tiles start, found once per block: an element
 // offset from a tensor's start, at step 0 (a tile at step t0 starts t0·parts values further). It
 // is the same for every tensor with the strides it was made for, so one offset (two registers)
-// serves all of them; bit k of `ready` says whether tensor k takes it. Recomputing the 64-bit
+// serves all of them; `ready` has the bits of the tensors that take it. Recomputing the 64-bit
 // addresses from the strides took a few dozen integer instructions per tile and chunk.
 template <int R>
 struct VectorCursor {
@@ -308,11 +308,10 @@ struct VectorCursor {
     bool usable;     // the tiles can go as vectors at all (whole rows; B/C: a state below N)
     unsigned ready;
 
-    // Tensor k (at p with strides s) takes the cursor when `also` holds too.
-    __device__ __forceinline__ void take(int k, const storage_t* p, const Strides<R>& s, bool also = true) {
-        if (usable && also && p && same_strides(s, st) && vector_ready(p, s)) ready |= 1u << k;
+    // The tensor of bit `bit` (at p with strides s) takes the cursor when `also` holds too.
+    __device__ __forceinline__ void take(unsigned bit, const storage_t* p, const Strides<R>& s, bool also = true) {
+        if (usable && also && p && same_strides(s, st) && vector_ready(p, s)) ready |= bit;
     }
-    __device__ __forceinline__ bool at(int k) const { return (ready >> k) & 1u; }
 };
 
 // A thread's register share of a staged tile: KS scalar slots (a value per word, two words in
@@ -834,6 +833,26 @@ struct Weights {
     }
 };
 
+// The vector cursors of a block's tiles: one for the (batch, dim, time) tensors with u's strides
+// (bits CURSOR_DELTA..CURSOR_Z of `tiles`), one for variable B and C with B's (bits of `bc`).
+enum CursorBit : unsigned { CURSOR_DELTA = 1, CURSOR_U = 2, CURSOR_DOUT = 4, CURSOR_Z = 8, CURSOR_B = 1, CURSOR_C = 2 };
+struct BlockCursors {
+    i64 tile_off, bc_off;
+    unsigned tiles, bc;
+};
+template <class Tile, class Bc>
+__device__ __forceinline__ BlockCursors block_cursors(const SelParams& Q, i64 b, i64 c0, i64 gb, i64 gc) {
+    VectorCursor<3> kt = Tile::cursor(Q.u_s, b, c0, Q.ct, Q.dim);
+    kt.take(CURSOR_DELTA, Q.delta, Q.delta_s);
+    kt.take(CURSOR_U, Q.u, Q.u_s);
+    kt.take(CURSOR_DOUT, Q.dout, Q.dout_s);
+    kt.take(CURSOR_Z, Q.z, Q.z_s);
+    VectorCursor<4> kbc = Bc::cursor(Q.b_s, b, gb, Q.dstate);
+    kbc.take(CURSOR_B, Q.b_var, Q.b_s);
+    kbc.take(CURSOR_C, Q.c_var, Q.c_s, gc == gb);
+    return {kt.off, kbc.off, kt.ready, kbc.ready};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shared-memory plans (bytes must stay within FS_SEL_SMEM; the launcher only picks configurations
 // that fit: see `max_dstate` in src/cuda/selective_scan.rs)
@@ -973,25 +992,16 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
     constexpr bool PREFETCH_BC = FS_SEL_FWD_PREFETCH && BcRegs<NP, T>::K <= 16;
     using Tile = TileRegs<ROWS, T>;
     using Bc = BcRegs<NP, T>;
-    // Cursors for the tensors with u's strides, and B's (bits: 0 delta, 1 u, 2 z; 0 B, 1 C).
-    VectorCursor<3> kt = Tile::cursor(Q.u_s, b, c0, Q.ct, Q.dim);
-    kt.take(0, Q.delta, Q.delta_s);
-    kt.take(1, Q.u, Q.u_s);
-    kt.take(2, Q.z, Q.z_s);
-    VectorCursor<4> kbc = Bc::cursor(Q.b_s, b, gb, N);
-    kbc.take(0, Q.b_var, Q.b_s);
-    kbc.take(1, Q.c_var, Q.c_s, gc == gb);
-    const i64 t_off = kt.off, bc_off = kbc.off;
-    const unsigned t_vec = kt.ready, bc_vec = kbc.ready;
+    const BlockCursors cursors = block_cursors<Tile, Bc>(Q, b, c0, gb, gc);
     Tile r_dt, r_u, r_z;
     Bc r_b, r_c;
     auto fetch = [&](i64 t0) {
-        r_dt.load(t_vec & 1u, t_off, Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, t0, L);
-        r_u.load(t_vec & 2u, t_off, Q.u, Q.u_s, b, c0, Q.ct, Q.dim, t0, L);
-        if (Q.z) r_z.load(t_vec & 4u, t_off, Q.z, Q.z_s, b, c0, Q.ct, Q.dim, t0, L);
+        r_dt.load(cursors.tiles & CURSOR_DELTA, cursors.tile_off, Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, t0, L);
+        r_u.load(cursors.tiles & CURSOR_U, cursors.tile_off, Q.u, Q.u_s, b, c0, Q.ct, Q.dim, t0, L);
+        if (Q.z) r_z.load(cursors.tiles & CURSOR_Z, cursors.tile_off, Q.z, Q.z_s, b, c0, Q.ct, Q.dim, t0, L);
         if constexpr (PREFETCH_BC) {
-            if (Q.b_var) r_b.load(bc_vec & 1u, bc_off, Q.b_var, Q.b_s, b, gb, N, t0, L);
-            if (Q.c_var) r_c.load(bc_vec & 2u, bc_off, Q.c_var, Q.c_s, b, gc, N, t0, L);
+            if (Q.b_var) r_b.load(cursors.bc & CURSOR_B, cursors.bc_off, Q.b_var, Q.b_s, b, gb, N, t0, L);
+            if (Q.c_var) r_c.load(cursors.bc & CURSOR_C, cursors.bc_off, Q.c_var, Q.c_s, b, gc, N, t0, L);
         }
     };
     if (FS_SEL_FWD_PREFETCH) fetch(0);
@@ -1163,29 +1173,19 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
     num_t r_ck[S];
     using Tile = TileRegs<ROWS, FS_SEL_CK>;
     using Bc = BcRegs<NP, TS>;
-    // Cursors as the forward's (bits: 0 delta, 1 u, 2 dout, 3 z; 0 B, 1 C).
-    VectorCursor<3> kt = Tile::cursor(Q.u_s, b, c0, Q.ct, Q.dim);
-    kt.take(0, Q.delta, Q.delta_s);
-    kt.take(1, Q.u, Q.u_s);
-    kt.take(2, Q.dout, Q.dout_s);
-    kt.take(3, Q.z, Q.z_s);
-    VectorCursor<4> kbc = Bc::cursor(Q.b_s, b, gb, N);
-    kbc.take(0, Q.b_var, Q.b_s);
-    kbc.take(1, Q.c_var, Q.c_s, gc == gb);
-    const i64 t_off = kt.off, bc_off = kbc.off;
-    const unsigned t_vec = kt.ready, bc_vec = kbc.ready;
+    const BlockCursors cursors = block_cursors<Tile, Bc>(Q, b, c0, gb, gc);
     Tile r_dt, r_u, r_g, r_z;
     Bc r_b, r_c;
     const acc_t* ck_lane = Q.ckpt + (row * Q.n_ck * N + l * S) * FS_SEL_PARTS;  // this lane's first state
     auto fetch = [&](i64 seg) {
         const i64 ts0 = seg * FS_SEL_CK;
-        r_dt.load(t_vec & 1u, t_off, Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, ts0, L);
-        r_u.load(t_vec & 2u, t_off, Q.u, Q.u_s, b, c0, Q.ct, Q.dim, ts0, L);
-        r_g.load(t_vec & 4u, t_off, Q.dout, Q.dout_s, b, c0, Q.ct, Q.dim, ts0, L);
-        if (Q.z) r_z.load(t_vec & 8u, t_off, Q.z, Q.z_s, b, c0, Q.ct, Q.dim, ts0, L);
+        r_dt.load(cursors.tiles & CURSOR_DELTA, cursors.tile_off, Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, ts0, L);
+        r_u.load(cursors.tiles & CURSOR_U, cursors.tile_off, Q.u, Q.u_s, b, c0, Q.ct, Q.dim, ts0, L);
+        r_g.load(cursors.tiles & CURSOR_DOUT, cursors.tile_off, Q.dout, Q.dout_s, b, c0, Q.ct, Q.dim, ts0, L);
+        if (Q.z) r_z.load(cursors.tiles & CURSOR_Z, cursors.tile_off, Q.z, Q.z_s, b, c0, Q.ct, Q.dim, ts0, L);
         if constexpr (R == 1) {
-            if (vb) r_b.load(bc_vec & 1u, bc_off, Q.b_var, Q.b_s, b, gb, N, ts0, L);
-            if (vc) r_c.load(bc_vec & 2u, bc_off, Q.c_var, Q.c_s, b, gc, N, ts0, L);
+            if (vb) r_b.load(cursors.bc & CURSOR_B, cursors.bc_off, Q.b_var, Q.b_s, b, gb, N, ts0, L);
+            if (vc) r_c.load(cursors.bc & CURSOR_C, cursors.bc_off, Q.c_var, Q.c_s, b, gc, N, ts0, L);
         }
         const acc_t* ck_seg = ck_lane + seg * N * FS_SEL_PARTS;
 #pragma unroll
