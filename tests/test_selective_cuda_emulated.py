@@ -69,6 +69,7 @@ class Case:
     initial: bool = True
     grad_last: bool = True
     channels_last: bool = False  # u, delta, z, dout as transposed (batch, L, dim) storage
+    delta_dim_major: bool = False  # delta stored (dim, batch, L), as Mamba's rearranged dt_proj output
     b_time_major: bool = False  # a variable B stored as (batch, G, L·parts, N)
     lanes: Optional[int] = None  # P; default: the launcher's choice
     states: Optional[int] = None
@@ -123,6 +124,8 @@ def _inputs(case: Case, seed: int) -> dict[str, Optional[torch.Tensor]]:
     delta = 0.5 * torch.rand(batch, dim, length, generator=gen, dtype=f64) + (0.0 if case.softplus else 0.05)
     if case.channels_last:
         delta = delta.transpose(1, 2).contiguous().transpose(1, 2)
+    if case.delta_dim_major:  # other strides than u's: delta does not share u's vector cursor
+        delta = delta.transpose(0, 1).contiguous().transpose(0, 1)
     return {
         "u": seq(),
         "delta": delta,
@@ -226,6 +229,7 @@ CASES = {
     "real-N16-full-tiles": Case(dim=32, length=150, b_groups=1, c_groups=1),  # whole tiles: 16-byte vectors
     "complex-N16-full-tiles": Case(complex_=True, dim=32, length=128, b_groups=1, c_groups=2),  # 16-byte vectors
     "real-N16-full-tiles-channels-last": Case(dim=32, length=130, b_groups=1, c_groups=2, channels_last=True),
+    "real-N16-full-tiles-delta-dim-major": Case(dim=32, length=150, b_groups=1, c_groups=1, delta_dim_major=True),
     "real-L1": Case(length=1, b_groups=1, c_groups=1),
     "real-L0": Case(length=0, b_groups=1),
     "complex-N16-varB1-varC2": Case(complex_=True, b_groups=1, c_groups=2, length=35),

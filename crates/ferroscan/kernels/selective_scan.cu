@@ -442,22 +442,26 @@ struct TileRegs {
         vorigin(c, t);
         return {b * st.s[0] + (c0 + c) * st.s[1] + t, st, VECTORS && tile_rows(c0, ct, dim) == ROWS, 0u};
     }
-    // Loads the tile at step t0; as vectors from the cursor where tensor k takes it (`vec`) and
-    // the tile is whole.
+    // Vector slots from p (this thread's slot 0), channels `step` values apart.
+    __device__ __forceinline__ void load_vectors(const storage_t* p, i64 step) {
+        mode = TILE_VECTORS;
+#pragma unroll
+        for (int i = 0; i < KV; ++i, p += step) r.load_vector(i, p);
+    }
+    // Loads the tile at step t0: as vectors from the block's cursor when the tensor takes it
+    // (`vec`, cursor offset `off`) and the tile is whole; as vectors from its own offset when it
+    // does not (other strides) but could; else scalar slots.
     __device__ __forceinline__ void load(bool vec, i64 off, const storage_t* src, Strides<3> st, i64 b, i64 c0,
                                          i64 ct, i64 dim, i64 t0, i64 len) {
         if constexpr (VECTORS) {
-            if (vec && t0 + T <= len) {
-                mode = TILE_VECTORS;
-                const storage_t* p = src + off + t0;
-                const i64 step = DCV * st.s[1];
-#pragma unroll
-                for (int i = 0; i < KV; ++i, p += step) r.load_vector(i, p);
-                return;
-            }
+            if (vec && t0 + T <= len) return load_vectors(src + off + t0, DCV * st.s[1]);
         }
         const int rows = tile_rows(c0, ct, dim), steps = tile_steps<T>(t0, len);
         const bool full = rows == ROWS && steps == T;
+        if constexpr (VECTORS) {
+            if (!vec && full && vector_ready(src, st))
+                return load_vectors(src + cursor(st, b, c0, ct, dim).off + t0, DCV * st.s[1]);
+        }
         mode = st.s[2] == 1 || st.s[1] != 1 ? TILE_TIME : TILE_CHANNELS;
         int c, t, dc, dt;
         origin(c, t, dc, dt);
