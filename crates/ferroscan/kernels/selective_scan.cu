@@ -609,7 +609,8 @@ struct BcRegs {
     static constexpr int VSTEP = FS_SEL_THREADS / NP * V;
 
     // The cursor of group g of batch element b, for tensors with strides st: vectors when this
-    // thread's state is below N (threads past N take the general path, which reads zeros).
+    // thread's state is below N. Threads past N load without a cursor, which gives them zero
+    // vectors in the same slots (the block's slots must cover the tile in one layout).
     static __device__ __forceinline__ VectorCursor<4> cursor(Strides<4> st, i64 b, i64 g, i64 n_states) {
         int n, tp;
         vslot(0, n, tp);
