@@ -634,7 +634,7 @@ struct BcRegs {
         }
         load(src, st, b, g, n_states, t0, len);
     }
-    // Without a cursor (a tile loaded once).
+    // Without a cursor: a tile loaded once, or a thread or tensor that does not take the cursor.
     __device__ __forceinline__ void load(const storage_t* src, Strides<4> st, i64 b, i64 g, i64 n_states, i64 t0,
                                          i64 len) {
         const storage_t* base = src + b * st.s[0] + g * st.s[1];
