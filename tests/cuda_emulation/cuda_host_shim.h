@@ -3,7 +3,8 @@
 // Every CUDA thread of a block is a fiber (ucontext) of one OS thread; blocks run one after the
 // other (the blocks of a thread-block cluster together, as one set of fibers). The scheduler runs the fibers round-robin, alternating ascending and descending thread
 // order between rounds, so that a read of shared memory not ordered by a barrier after the write
-// it needs returns stale data (and fails a test) whichever thread comes first. `__shared__` variables become `static` (one block at a time), `__syncthreads()` waits
+// it needs returns stale data (and fails a test) whichever thread comes first. `__shared__` variables become `static` (one block at a time, each starting with them filled with
+// 0x7f bytes, so that a read before the block's first write sees garbage), `__syncthreads()` waits
 // until every thread of the block has arrived, and the `__shfl_*_sync` functions exchange values
 // through a per-warp buffer once all 32 lanes have arrived (`__ballot_sync` likewise). A barrier or
 // shuffle that not every thread reaches (a divergence bug) is reported as a deadlock instead of
@@ -43,7 +44,11 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// Static shared variables live in one section, which every block (cluster) starts with filled
+// with a byte pattern: a read before the block's first write returns garbage, as on a GPU.
+#define __shared__ static __attribute__((section("fs_emu_shared")))
+extern "C" unsigned char __start_fs_emu_shared[], __stop_fs_emu_shared[];
+__shared__ __attribute__((used)) unsigned char fs_emu_shared_anchor;  // the section exists in every kernel
 #define FS_HOST_EMULATION 1
 
 using std::isfinite;
@@ -120,6 +125,7 @@ inline ucontext_t g_scheduler;
 inline std::vector<Fiber>* g_fibers = nullptr;
 inline Fiber* g_current = nullptr;
 inline dim3_ g_block_dim;
+inline dim3_ g_grid_dim{1, 1, 1};
 inline unsigned g_cluster = 1;  // blocks per cluster
 inline long g_progress = 0;
 inline long g_sleeps = 0;  // pauses of spinning threads, over all launches
@@ -218,9 +224,11 @@ void launch(void (*kernel)(P), P params, unsigned grid, unsigned block, unsigned
     std::vector<Fiber> fibers(threads);
     g_fibers = &fibers;
     g_block_dim = dim3_{block, 1, 1};
+    g_grid_dim = dim3_{grid, 1, 1};
     g_cluster = cluster;
     for (unsigned b = 0; b < grid; b += cluster) {
         std::memset(g_dynamic_shared, 0xff, kDynamicShared);
+        std::memset(__start_fs_emu_shared, 0x7f, (size_t)(__stop_fs_emu_shared - __start_fs_emu_shared));
         for (unsigned t = 0; t < threads; ++t) {
             Fiber& f = fibers[t];
             f = Fiber{};
@@ -258,6 +266,7 @@ void launch(void (*kernel)(P), P params, unsigned grid, unsigned block, unsigned
 #define threadIdx (emu::g_current->idx)
 #define blockIdx (emu::g_current->block)
 #define blockDim (emu::g_block_dim)
+#define gridDim (emu::g_grid_dim)
 
 inline void __syncthreads() { emu::barrier(false); }
 inline unsigned cluster_block_rank() { return emu::g_current->block.x % emu::g_cluster; }
