@@ -1464,17 +1464,38 @@ extern "C" __global__ void __launch_bounds__(256) selective_reduce_params(const 
     dst[at] = sum;
 }
 
-// Variable ∂B or ∂C: one thread per output element, summing the tiles of its group in order.
+// Variable ∂B or ∂C: each thread sums the tiles of its group in tile order for a run of
+// FS_SEL_REDUCE_RUN consecutive values of one (batch, group, state) row: 16-byte loads keep more
+// bytes in flight per thread. Rows whose length is not a multiple of the run are summed one value
+// at a time.
+#define FS_SEL_REDUCE_RUN 4
 extern "C" __global__ void __launch_bounds__(256) selective_reduce_bc(const SelReduceParams R) {
-    constexpr int PT = FS_SEL_PARTS;
-    const i64 span = R.len * PT, N = R.dstate;
-    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= R.batch * R.groups * N * span) return;
-    const i64 tau = i % span, n = (i / span) % N, g = (i / span / N) % R.groups, b = i / span / N / R.groups;
-    const i64 per_group = R.dim / R.groups / R.ct;
-    acc_t sum = 0;
-    for (i64 k = 0; k < per_group; ++k) sum += R.src[((b * R.tiles + g * per_group + k) * N + n) * span + tau];
-    R.dvar[i] = from_acc(sum);
+    constexpr int PT = FS_SEL_PARTS, V = FS_SEL_REDUCE_RUN;
+    const i64 span = R.len * PT, N = R.dstate, rows = R.batch * R.groups * N;
+    const i64 per_group = R.dim / R.groups / R.ct, tile_stride = N * span;
+    const bool whole_runs = span % V == 0;  // then every run is 16-byte aligned (scratch is aligned)
+    const i64 runs = whole_runs ? span / V : span, per_run = whole_runs ? V : 1;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < rows * runs; i += stride) {
+        const i64 row = i / runs, tau = i % runs * per_run;
+        const i64 n = row % N, g = row / N % R.groups, b = row / N / R.groups;
+        const acc_t* src = R.src + ((b * R.tiles + g * per_group) * N + n) * span + tau;
+        if (whole_runs) {
+            AccRun<V> sum = lds_run<V>(src);
+#pragma unroll 8
+            for (i64 k = 1; k < per_group; ++k) {
+                const AccRun<V> x = lds_run<V>(src + k * tile_stride);
+#pragma unroll
+                for (int j = 0; j < V; ++j) sum.x[j] += x.x[j];
+            }
+#pragma unroll
+            for (int j = 0; j < V; ++j) R.dvar[row * span + tau + j] = from_acc(sum.x[j]);
+        } else {
+            acc_t sum = 0;
+            for (i64 k = 0; k < per_group; ++k) sum += src[k * tile_stride];
+            R.dvar[row * span + tau] = from_acc(sum);
+        }
+    }
 }
 #endif  // FS_SEL_PASS == 1
 

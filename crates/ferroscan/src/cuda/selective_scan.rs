@@ -30,6 +30,9 @@ use crate::selective::{
 const THREADS: usize = 128;
 /// Threads per block of the reduction kernels.
 const REDUCE_THREADS: usize = 256;
+/// Values of a variable ∂B/∂C each thread of `selective_reduce_bc` sums (`FS_SEL_REDUCE_RUN`; the
+/// kernel loops over the grid, so a mismatch would cost speed, not correctness).
+const REDUCE_BC_RUN: usize = 4;
 /// Byte alignment of the scratch regions.
 const SCRATCH_ALIGN: usize = 256;
 
@@ -652,7 +655,7 @@ pub unsafe fn selective_scan_backward_raw(
             groups: g as i64,
             ..reduce
         };
-        let work = problem.variable_numel(g);
+        let work = problem.variable_numel(g).div_ceil(REDUCE_BC_RUN);
         // SAFETY: as above.
         unsafe {
             launch(
