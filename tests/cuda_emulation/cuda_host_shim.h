@@ -1,17 +1,19 @@
 // Runs CUDA kernel sources on the CPU, for tests on machines without a GPU.
 //
 // Every CUDA thread of a block is a fiber (ucontext) of one OS thread; blocks run one after the
-// other (the blocks of a thread-block cluster together, as one set of fibers). The scheduler runs the fibers round-robin, alternating ascending and descending thread
-// order between rounds, so that a read of shared memory not ordered by a barrier after the write
-// it needs returns stale data (and fails a test) whichever thread comes first. `__shared__` variables become `static` (one block at a time, each starting with them filled with
-// 0x7f bytes, so that a read before the block's first write sees garbage), `__syncthreads()` waits
-// until every thread of the block has arrived, and the `__shfl_*_sync` functions exchange values
-// through a per-warp buffer once all 32 lanes have arrived (`__ballot_sync` likewise). A barrier or
-// shuffle that not every thread reaches (a divergence bug) is reported as a deadlock instead of
-// hanging. Global memory is plain host memory seen by one OS thread, so `volatile` accesses are
-// plain ones, `__threadfence()` does nothing and atomics are plain read-modify-writes;
-// `__nanosleep` yields to the other threads of the block (a thread spinning on a flag that another
-// warp of its block sets lets that warp run) and aborts a spin that never ends.
+// other (the blocks of a thread-block cluster together, as one set of fibers). The scheduler runs
+// the fibers round-robin, alternating ascending and descending thread order between rounds, so that
+// a read of shared memory not ordered by a barrier after the write it needs returns stale data (and
+// fails a test) whichever thread comes first. `__shared__` variables become `static` (one block at
+// a time, each starting with them filled with 0x7f bytes, so that a read before the block's first
+// write sees garbage), `__syncthreads()` waits until every thread of the block has arrived, and the
+// `__shfl_*_sync` functions exchange values through a per-warp buffer once all 32 lanes have
+// arrived (`__ballot_sync` likewise). A barrier or shuffle that not every thread reaches (a
+// divergence bug) is reported as a deadlock instead of hanging. Global memory is plain host memory
+// seen by one OS thread, so `volatile` accesses are plain ones, `__threadfence()` does nothing and
+// atomics are plain read-modify-writes; `__nanosleep` yields to the other threads of the block (a
+// thread spinning on a flag that another warp of its block sets lets that warp run) and aborts a
+// spin that never ends.
 //
 // Clusters: `cluster_barrier()` and an mbarrier wait stand for a barrier of every thread of the
 // cluster. A cluster's blocks share the one (static) copy of each `__shared__` variable and

@@ -361,8 +361,9 @@ __device__ __forceinline__ void store_vector(storage_t* p, const acc_t* v) {
     r.store(p);
 }
 
-// V consecutive values of a shared-memory row, moved as one: 128-bit accesses (the address must be
-// a multiple of the run's size in bytes, or of 16).
+// V consecutive values of a shared-memory row (or of global scratch, in `selective_reduce_bc`),
+// moved as one: 128-bit accesses (the address must be a multiple of the run's size in bytes, or of
+// 16).
 template <int V>
 struct alignas(16) AccRun {
     static_assert(V * sizeof(acc_t) % 16 == 0, "a run is whole 16-byte vectors");
