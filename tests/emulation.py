@@ -53,8 +53,9 @@ def read(folder: Path, name: str) -> np.ndarray:
     return np.fromfile(folder / f"{name}.bin", dtype=np.float64)
 
 
-def run(exe: Path, folder: Path) -> None:
-    subprocess.run([str(exe), str(folder)], check=True, timeout=600)
+def run(exe: Path, folder: Path, timeout: float = 600) -> None:
+    """Runs the harness on ``folder``; a run past ``timeout`` seconds (a hang) raises."""
+    subprocess.run([str(exe), str(folder)], check=True, timeout=timeout)
 
 
 def assert_close(got: np.ndarray, want: np.ndarray, what: str, rtol: float = 1e-10) -> None:

@@ -53,7 +53,7 @@ class Case:
     publish_state: bool = True  # False: the FS_LOOKBACK_PUBLISH_STATE=0 build
     chunk_tiles: Optional[int] = None  # tiles per look-back chunk, if not the kernel's maximum
     misalign: Optional[str] = None  # a tensor placed one element off a vector boundary
-    repeat: int = 1  # launches on the same scratch (the counter and flags zeroed before each)
+    repeat: int = 1  # launches on the same scratch (reset before each, as the launcher does)
 
 
 def _inputs(case: Case, seed: int) -> dict[str, Optional[torch.Tensor]]:
@@ -165,3 +165,41 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_emulated_scan_rows_kernels_match_a_loop(emulators: dict[bool, Path], tmp_path: Path, name: str) -> None:
     run_case(CASES[name], emulators, tmp_path, seed=len(name))
+
+
+def test_emulated_look_back_publishes_the_all_ones_nan(emulators: dict[bool, Path], tmp_path: Path) -> None:
+    """A look-back record starts with every bit set, and a reader waits until a word differs. A
+    NaN gate with exactly that bit pattern makes chunk 0's map and end state that pattern too (the
+    host's arithmetic keeps a NaN operand's payload); publishing it unchanged would leave chunk 1
+    waiting forever. The kernels publish another NaN instead: the run ends, the states are NaN
+    from that step on in both passes, and equal to the loop's before it."""
+    case = Case(outer=2, length=3 * CHUNK, initial=False)
+    x = _inputs(case, seed=7)
+    all_ones = np.array([0xFFFFFFFFFFFFFFFF], dtype=np.uint64).view(np.float64)[0]
+    x["a"][0, CHUNK - 5] = float(all_ones)
+    assert np.isnan(x["a"][0, CHUNK - 5].item())
+    want = _reference(x, reverse=False)
+    base = {"outer": case.outer, "len": case.length, "reverse": 0, "lookback": 1}
+
+    def check(got: np.ndarray, expected: torch.Tensor, what: str) -> None:
+        e = _np(expected)
+        assert np.array_equal(np.isnan(got), np.isnan(e)), f"{what}: NaN where the loop has none, or the reverse"
+        finite = ~np.isnan(e)
+        assert finite.any() and not finite.all()
+        assert_close(got[finite], e[finite], what)
+
+    fwd = tmp_path / "fwd"
+    fwd.mkdir()
+    write_params(fwd, {**base, "pass": 0, "want_final": 1})
+    for name in ("a", "x"):
+        write(fwd, name, _np(x[name]))
+    run(emulators[True], fwd, timeout=60)
+    check(read(fwd, "h"), want["h"], "h")
+    bwd = tmp_path / "bwd"
+    bwd.mkdir()
+    write_params(bwd, {**base, "pass": 1, "want_grad_initial": 0})
+    for name in ("a", "grad_h", "grad_final"):
+        write(bwd, name, _np(x[name]))
+    write(bwd, "hidden", read(fwd, "h"))
+    run(emulators[True], bwd, timeout=60)
+    check(read(bwd, "grad_x"), want["grad_x"], "grad_x")

@@ -18,12 +18,15 @@
 //           smaller items, which are already running (forward progress whatever the
 //           scheduling). The warps load their spans into registers (every input element is read
 //           once) and combine their maps in shared memory; warp 0 publishes the chunk's
-//           affine map s -> A*s + B (flag 1), folds its predecessors' published maps back to the
-//           nearest one that published its end state (flag 2; before chunk 0: the row's initial
-//           state), publishes its own end state S = A*s_in + B (flag 2), and shares s_in; each
-//           warp then rescans its registers from the state entering its span. Status per (row, chunk): a 32-bit flag and (A, B, S) in acc_t;
-//           the counter and the flags are zeroed before each launch (`ScratchLayout` in
-//           src/cuda/scan.rs). The end state is a value, not a map: the initial state is known.
+//           affine map s -> A*s + B, folds its predecessors' published maps back to the nearest
+//           one that published its end state (before chunk 0: the row's initial state),
+//           publishes its own end state S = A*s_in + B, and shares s_in; each warp then rescans
+//           its registers from the state entering its span. A record (A, B, S, unused) in acc_t
+//           per (row, chunk) starts with every bit set, a pattern no published word has, so a
+//           reader polls the values themselves: no flags and no fences, one memory round trip
+//           per poll. The counter is zeroed and the records filled before each launch
+//           (`ScratchLayout` in src/cuda/scan.rs). The end state is a value, not a map: the
+//           initial state is known.
 //   strided (inner  > 1): one thread per (outer, inner, chunk); consecutive threads own
 //           consecutive inner indices, so every load and store of a warp is coalesced. With
 //           several chunks a reduce launch stores each chunk's map (A, B), and the apply launch
@@ -55,7 +58,7 @@
 #ifndef FS_LOOKBACK_TILES
 #define FS_LOOKBACK_TILES 2
 #endif
-// Back-off between polls of a predecessor's flag.
+// Back-off between polls of a predecessor's record.
 #define FS_LOOKBACK_SLEEP_NS 32
 // 0: only chunk 0 publishes an end state, so every look-back folds maps back to the row's start
 // (emulation tests use it to cover look-backs of several windows).
@@ -64,10 +67,6 @@
 #endif
 #define FS_STRIDED_THREADS 256
 #define FS_STRIDED_UNROLL 8
-
-// Status flags of a look-back chunk.
-#define FS_FLAG_MAP 1u    // (A, B) of the chunk is published
-#define FS_FLAG_STATE 2u  // S, the state at the chunk's end, is published
 
 // Mirrored by `ScanParams` in src/cuda/scan.rs; keep the two in the same order.
 struct ScanParams {
@@ -80,8 +79,8 @@ struct ScanParams {
     storage_t* out1;             // backward: dL/dx
     storage_t* final_out;        // forward: h_final; backward: dL/dh0     (may be null: skipped)
     acc_t* maps;                 // strided, n_chunks > 1: (outer, n_chunks, inner) pairs (A, B);
-                                 // look-back: (outer, n_chunks) records (A, B, S, unused)
-    unsigned* flags;             // look-back: (outer, n_chunks) status flags, zero at launch
+                                 // look-back: (outer, n_chunks) records (A, B, S, unused),
+                                 // every bit set at launch (unpublished)
     unsigned long long* ticket;  // look-back: the ticket counter, zero at launch
     i64 outer, len, inner, chunk_len, n_chunks;
 };
@@ -247,20 +246,30 @@ __device__ __forceinline__ void scan_rows(const ScanParams& P) {
 
 __device__ __forceinline__ acc_t load_volatile(const acc_t* p) { return *(const volatile acc_t*)p; }
 
-// Lane 0 publishes a look-back record's values, then (after a fence, so that a reader who sees
-// the flag sees the values) its flag.
-__device__ __forceinline__ void publish(const ScanParams& P, i64 record, int lane, AffineMap map, acc_t end_state,
-                                        unsigned flag) {
+// Look-back records start with every bit set (the launcher fills them with 0xff bytes): a NaN
+// pattern that `publishable` keeps out of published values, so each word tells by itself whether
+// it has been written. A reader needs no flag, and no fence between a flag and the values.
+__device__ __forceinline__ bool unpublished(acc_t v) {
+#if FS_DTYPE == 3
+    return (__double2hiint(v) & __double2loint(v)) == -1;
+#else
+    return __float_as_uint(v) == 0xFFFFFFFFu;
+#endif
+}
+// The all-ones NaN becomes its negation, another NaN.
+__device__ __forceinline__ acc_t publishable(acc_t v) { return unpublished(v) ? -v : v; }
+
+// Lane 0 publishes a chunk's map (A, B) in words 0 and 1 of its record.
+__device__ __forceinline__ void publish_map(const ScanParams& P, i64 record, int lane, AffineMap map) {
     if (lane != 0) return;
     volatile acc_t* r = P.maps + 4 * record;
-    if (flag == FS_FLAG_MAP) {
-        r[0] = map.a;
-        r[1] = map.b;
-    } else {
-        r[2] = end_state;
-    }
-    __threadfence();
-    *(volatile unsigned*)(P.flags + record) = flag;
+    r[0] = publishable(map.a);
+    r[1] = publishable(map.b);
+}
+
+// Lane 0 publishes the state at a chunk's end in word 2 of its record.
+__device__ __forceinline__ void publish_state(const ScanParams& P, i64 record, int lane, acc_t end_state) {
+    if (lane == 0) *(volatile acc_t*)(P.maps + 4 * record + 2) = publishable(end_state);
 }
 
 // The state entering chunk `chunk` of `row`: the predecessors' maps, 32 chunks per round (lane
@@ -268,25 +277,29 @@ __device__ __forceinline__ void publish(const ScanParams& P, i64 record, int lan
 // row's initial state, "published" before chunk 0).
 __device__ __forceinline__ acc_t look_back(const ScanParams& P, i64 row, i64 chunk, int lane) {
     const i64 first = row * P.n_chunks;
+    const acc_t initial = P.initial ? to_acc(P.initial[row]) : acc_t(0);
     AffineMap later = identity_map();  // the chunks between the current window and `chunk`
     for (i64 end = chunk;; end -= FS_WARP) {
         const i64 j = end - FS_WARP + lane;
-        unsigned flag;
-        for (;;) {  // wait until every chunk of the window has published something
-            flag = (j >= 0) ? *(const volatile unsigned*)(P.flags + first + j) : FS_FLAG_STATE;
-            if (__ballot_sync(FS_FULL_MASK, flag == 0u) == 0u) break;
+        const acc_t* r = P.maps + 4 * (first + j);
+        acc_t a, b, s;
+        bool has_state, has_map;
+        for (;;) {  // poll until every chunk of the window has published its map or its end state
+            a = (j >= 0) ? load_volatile(r) : acc_t(0);
+            b = (j >= 0) ? load_volatile(r + 1) : acc_t(0);
+            s = (j >= 0) ? load_volatile(r + 2) : initial;
+            has_state = j < 0 || !unpublished(s);
+            has_map = !unpublished(a) && !unpublished(b);
+            if (__ballot_sync(FS_FULL_MASK, !has_state && !has_map) == 0u) break;
             __nanosleep(FS_LOOKBACK_SLEEP_NS);
         }
-        __threadfence();  // the values are read after the flags that announce them
-        const unsigned with_state = __ballot_sync(FS_FULL_MASK, flag == FS_FLAG_STATE);
+        const unsigned with_state = __ballot_sync(FS_FULL_MASK, has_state);
         const int nearest = with_state ? FS_WARP - 1 - __clz((int)with_state) : -1;
         AffineMap m = identity_map();
         if (lane == nearest) {
-            const acc_t s = (j >= 0) ? load_volatile(P.maps + 4 * (first + j) + 2)
-                                     : (P.initial ? to_acc(P.initial[row]) : acc_t(0));
             m = AffineMap{acc_t(0), s};  // the state at the end of chunk j, whatever came before
         } else if (lane > nearest) {
-            m = AffineMap{load_volatile(P.maps + 4 * (first + j)), load_volatile(P.maps + 4 * (first + j) + 1)};
+            m = AffineMap{a, b};
         }
         later = compose(shfl_map(warp_inclusive_scan(m, lane), FS_WARP - 1), later);
         if (with_state) return later.b;
@@ -342,11 +355,11 @@ __device__ __forceinline__ void scan_rows_lookback(const ScanParams& P) {
         if (chunk == 0) {
             state_in = P.initial ? to_acc(P.initial[row]) : acc_t(0);
         } else {
-            if (!last) publish(P, record, lane, chunk_map, acc_t(0), FS_FLAG_MAP);
+            if (!last) publish_map(P, record, lane, chunk_map);
             state_in = look_back(P, row, chunk, lane);
         }
         if (!last && (FS_LOOKBACK_PUBLISH_STATE || chunk == 0))
-            publish(P, record, lane, chunk_map, apply(chunk_map, state_in), FS_FLAG_STATE);
+            publish_state(P, record, lane, apply(chunk_map, state_in));
         if (lane == 0) chunk_state_in = state_in;
     }
     __syncthreads();

@@ -46,7 +46,7 @@ pub(crate) unsafe fn pass_state_through(
     }
     if src == 0 {
         // SAFETY: guaranteed by the caller.
-        return unsafe { zero_async(stream, dst, bytes) };
+        return unsafe { fill_async(stream, dst, bytes, 0) };
     }
     stream
         .context()
@@ -57,18 +57,23 @@ pub(crate) unsafe fn pass_state_through(
         .map_err(driver_error("copying the state of an empty scan"))
 }
 
-/// Zeroes `bytes` bytes at `dst` on the stream (asynchronously).
+/// Sets `bytes` bytes at `dst` to `value` on the stream (asynchronously).
 ///
 /// # Safety
 /// `dst` must be a valid device buffer of `bytes` bytes on the stream's context.
-pub(crate) unsafe fn zero_async(stream: &CudaStream, dst: u64, bytes: usize) -> Result<()> {
+pub(crate) unsafe fn fill_async(
+    stream: &CudaStream,
+    dst: u64,
+    bytes: usize,
+    value: u8,
+) -> Result<()> {
     stream
         .context()
         .bind_to_thread()
         .map_err(driver_error("binding the context"))?;
     // SAFETY: guaranteed by the caller.
-    unsafe { driver_result::memset_d8_async(dst, 0, bytes, stream.cu_stream()) }
-        .map_err(driver_error("zeroing device memory"))
+    unsafe { driver_result::memset_d8_async(dst, value, bytes, stream.cu_stream()) }
+        .map_err(driver_error("filling device memory"))
 }
 
 /// Launches `function` with one by-value parameter in thread-block clusters of `cluster` blocks

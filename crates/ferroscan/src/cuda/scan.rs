@@ -32,7 +32,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
 use super::compile::{kernel_define, SCAN_SOURCE};
 use super::device::{driver_error, Device};
 use super::gated_scan::{self, GatedKernel, GatedParams};
-use super::launch::{check_required, grid_blocks, pass_state_through, zero_async};
+use super::launch::{check_required, fill_async, grid_blocks, pass_state_through};
 use crate::args::{ScanGradInputs, ScanGradOutputs, ScanInputs, ScanOutputs};
 use crate::cpu::Element;
 use crate::error::{Error, Result};
@@ -62,7 +62,6 @@ struct ScanParams {
     out1: u64,
     final_out: u64,
     maps: u64,
-    flags: u64,
     ticket: u64,
     outer: i64,
     len: i64,
@@ -125,18 +124,19 @@ pub struct ScanPlan {
     pub n_chunks: usize,
 }
 
-/// Where the parts of a scan's scratch buffer lie, in bytes from its start.
+/// Where the parts of a scan's scratch buffer lie, in bytes from its start. Look-back: the
+/// ticket counter (a `u64` at offset 0) must be zero and every bit of the records set (each word
+/// "unpublished") when a launch begins.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScratchLayout {
-    /// Look-back: the ticket counter (a `u64`).
-    pub ticket: usize,
-    /// Look-back: one `u32` status flag per (row, chunk).
-    pub flags: usize,
-    /// The bytes from the start that must be zero when a launch begins (counter and flags).
+    /// The bytes from the start that must be zero when a launch begins (look-back: the counter).
     pub zeroed: usize,
     /// Reduce + apply: (A, B) per (sequence, chunk); look-back: (A, B, S, unused) per
     /// (row, chunk); accumulators of the dtype (`double` for float64, else `float`).
     pub maps: usize,
+    /// The bytes from `maps` on that must have every bit set when a launch begins (look-back:
+    /// all its records; 0 otherwise).
+    pub unpublished: usize,
     /// Total bytes (0: no scratch).
     pub total: usize,
 }
@@ -213,15 +213,12 @@ impl ScanPlan {
         let chunks = shape.state_numel() * self.n_chunks;
         match self.phases() {
             [Phase::LookBack] => {
-                let flags = 8;
-                let zeroed = flags + 4 * chunks;
-                let maps = zeroed.next_multiple_of(16);
+                let records = chunks * 4 * acc;
                 ScratchLayout {
-                    ticket: 0,
-                    flags,
-                    zeroed,
-                    maps,
-                    total: maps + chunks * 4 * acc,
+                    zeroed: 8,
+                    maps: 16,
+                    unpublished: records,
+                    total: 16 + records,
                 }
             }
             [Phase::Reduce, Phase::Apply] => ScratchLayout {
@@ -310,7 +307,7 @@ fn check_scratch(
 }
 
 /// Launches the plan's phases of the (backward?, reverse?) scan, zeroing the look-back's
-/// counter and flags first.
+/// counter and marking its records unpublished first.
 ///
 /// # Safety
 /// Every non-zero address in `params` must be valid for the shape it describes; `scratch`
@@ -348,9 +345,21 @@ unsafe fn launch(
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    if scratch.1.zeroed > 0 {
+    let layout = scratch.1;
+    if layout.zeroed > 0 {
         // SAFETY: the caller guarantees the scratch holds the layout.
-        unsafe { zero_async(stream, scratch.0, scratch.1.zeroed) }?;
+        unsafe { fill_async(stream, scratch.0, layout.zeroed, 0) }?;
+    }
+    if layout.unpublished > 0 {
+        // SAFETY: as above.
+        unsafe {
+            fill_async(
+                stream,
+                scratch.0 + layout.maps as u64,
+                layout.unpublished,
+                0xff,
+            )
+        }?;
     }
     for &phase in plan.phases() {
         let name = kernel_name(plan.mapping, backward, phase, reverse, vectorized);
@@ -448,8 +457,7 @@ unsafe fn run_pass(
     let layout = plan.scratch_layout(dtype, &shape);
     if layout.total > 0 {
         params.maps = scratch + layout.maps as u64;
-        params.flags = scratch + layout.flags as u64;
-        params.ticket = scratch + layout.ticket as u64;
+        params.ticket = scratch;
     }
     params.outer = shape.outer as i64;
     params.len = shape.len as i64;
@@ -736,11 +744,10 @@ mod tests {
         assert_eq!(
             plan.scratch_layout(DType::F32, &s),
             ScratchLayout {
-                ticket: 0,
-                flags: 8,
-                zeroed: 8 + 4 * records,
-                maps: 16 + 4 * records, // rounded up to a multiple of 16
-                total: 16 + 4 * records + 16 * records,
+                zeroed: 8,
+                maps: 16,
+                unpublished: 16 * records,
+                total: 16 + 16 * records,
             }
         );
         // float64: 8 x 2 tiles of 128, records of four doubles; bfloat16: 8 x 2 tiles of 512.
@@ -750,7 +757,7 @@ mod tests {
         assert_eq!(layout.total, layout.maps + 32 * 64 * 512);
         let plan = ScanPlan::new(SMS, DType::BF16, &s);
         assert_eq!((plan.chunk_len, plan.n_chunks), (8192, 128));
-        assert_eq!(plan.scratch_bytes(DType::BF16, &s), 16 + 20 * (records / 2));
+        assert_eq!(plan.scratch_bytes(DType::BF16, &s), 16 + 16 * (records / 2));
     }
 
     #[test]
@@ -765,18 +772,11 @@ mod tests {
                 assert!(plan.chunk_len * (plan.n_chunks - 1) < len);
                 let records = outer * plan.n_chunks;
                 let l = plan.scratch_layout(dtype, &s);
-                for offset in [l.ticket, l.flags, l.zeroed, l.maps, l.total] {
-                    assert_eq!(offset % 4, 0);
-                }
-                assert_eq!([l.ticket % 8, l.maps % 16, l.total % 8], [0, 0, 0]);
-                assert_eq!(
-                    l.flags,
-                    l.ticket + 8,
-                    "the counter and the flags are one zeroed span"
-                );
-                assert_eq!(l.zeroed, l.flags + 4 * records);
+                assert_eq!(l.zeroed, 8, "the counter");
+                assert_eq!(l.maps % 16, 0, "records start 16-byte aligned");
                 assert!(l.maps >= l.zeroed);
-                assert_eq!(l.total, l.maps + records * 4 * dtype.accumulator_bytes());
+                assert_eq!(l.unpublished, records * 4 * dtype.accumulator_bytes());
+                assert_eq!(l.total, l.maps + l.unpublished);
             }
         }
     }
