@@ -3,7 +3,7 @@ under the host emulation of CUDA (``tests/cuda_emulation/cuda_host_shim.h``; see
 ``test_selective_cuda_emulated.py``), against a float64 loop written here.
 
 ``scan_harness.cpp`` launches a pass as ``src/cuda/scan.rs`` does: the single-pass look-back
-kernels for rows cut into chunks (a block per chunk, its 8 warps 2 tiles each of 32 lanes x 4
+kernels for rows cut into chunks (a block per chunk, its 4 warps 4 tiles each of 32 lanes x 4
 items in float64: 2048 steps per chunk), and the one-warp-per-row kernels. The emulator runs
 blocks one after another in ``blockIdx`` order, so a chunk's predecessors are complete when it
 looks back (the waiting itself only runs on a GPU). A build with ``FS_LOOKBACK_PUBLISH_STATE=0``
@@ -28,7 +28,7 @@ from emulation import GXX, assert_close, build, read, run, source, write, write_
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="the CUDA host emulation needs g++ (C++20)")
 
-CHUNK = 2048  # float64 look-back chunk: 8 warps x FS_LOOKBACK_TILES (2) x 32 lanes x FS_ITEMS (4)
+CHUNK = 2048  # float64 look-back chunk: FS_LOOKBACK_WARPS (4) x FS_LOOKBACK_TILES (4) x 32 lanes x FS_ITEMS (4)
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +137,7 @@ CASES = {
     "lookback-4-chunks": Case(outer=2, length=4 * CHUNK),
     "lookback-partial-tile-reverse": Case(outer=3, length=3 * CHUNK + 100, reverse=True),
     "lookback-empty-last-tile": Case(outer=5, length=2 * CHUNK + 40, initial=False),
-    "lookback-last-chunk-ends-in-third-warp": Case(outer=3, length=2 * CHUNK + 600, reverse=True),
+    "lookback-last-chunk-ends-in-third-warp": Case(outer=3, length=2 * CHUNK + 1100, reverse=True),
     "lookback-last-chunk-ends-in-last-warp": Case(outer=2, length=3 * CHUNK - 9),
     # scalar path: a length that is not a multiple of FS_ITEMS, or a misaligned tensor
     "lookback-scalar": Case(outer=2, length=4 * CHUNK + 1, grad_final=False),

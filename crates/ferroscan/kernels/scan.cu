@@ -45,18 +45,18 @@
 #ifndef FS_ROWS_PREFETCH
 #define FS_ROWS_PREFETCH (sizeof(storage_t) >= 4)
 #endif
-// Warps per look-back block (one chunk per block): a bigger chunk spreads the look-back's fixed
-// latency over more bytes. Mirrored by `lookback_warps` in src/cuda/scan.rs, which also reads
-// an override from FERROSCAN_KERNEL_DEFINES.
+// Look-back blocks: FS_LOOKBACK_WARPS warps of FS_LOOKBACK_TILES tiles each, all held in
+// registers, make one chunk (4096 steps in float32 and the 16-bit types). A bigger chunk spreads
+// the look-back's fixed latency over more bytes; registers bound it (16-bit types take a float
+// register per value, twice float32's). H100, (1,16,2^24) forward / forward+backward, % of the
+// roofline: float32 8x2 88/90, 8x3 89/92, 4x4 91/92; bfloat16 8x2 75/65, 4x2 71/73, 4x1 62/65.
+// Mirrored by `lookback_warps` and `lookback_tiles` in src/cuda/scan.rs, which also read
+// overrides from FERROSCAN_KERNEL_DEFINES, so that `FS_LOOKBACK_TILES=N` there changes both.
 #ifndef FS_LOOKBACK_WARPS
-#define FS_LOOKBACK_WARPS 8
+#define FS_LOOKBACK_WARPS 4
 #endif
-// Tiles per warp of a look-back block, all held in registers (float32: 64 bytes of each input
-// per lane; 16-bit types take a float register per value, twice the registers, and still measure
-// best at 2). Mirrored by `lookback_tiles` in src/cuda/scan.rs, which also reads an override from
-// FERROSCAN_KERNEL_DEFINES, so that `FS_LOOKBACK_TILES=N` there changes both.
 #ifndef FS_LOOKBACK_TILES
-#define FS_LOOKBACK_TILES 2
+#define FS_LOOKBACK_TILES (sizeof(storage_t) >= 4 ? 4 : 2)
 #endif
 // Back-off between polls of a predecessor's record.
 #define FS_LOOKBACK_SLEEP_NS 32
