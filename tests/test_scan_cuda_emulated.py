@@ -3,12 +3,13 @@ under the host emulation of CUDA (``tests/cuda_emulation/cuda_host_shim.h``; see
 ``test_selective_cuda_emulated.py``), against a float64 loop written here.
 
 ``scan_harness.cpp`` launches a pass as ``src/cuda/scan.rs`` does: the single-pass look-back
-kernels for rows cut into chunks (a block per chunk, its 4 warps 4 tiles each of 32 lanes x 4
-items in float64: 2048 steps per chunk), and the one-warp-per-row kernels. The emulator runs
-blocks one after another in ``blockIdx`` order, so a chunk's predecessors are complete when it
-looks back (the waiting itself only runs on a GPU). A build with ``FS_LOOKBACK_PUBLISH_STATE=0``
-publishes only chunk 0's end state, so every look-back folds aggregates back through several
-windows of 32 chunks to the row's start.
+kernels for rows cut into chunks (a block per chunk of 16 tiles of 32 lanes x 4 items in float64:
+2048 steps, 4 warps of 4 tiles each), and the one-warp-per-row kernels. The emulator runs blocks
+one after another in ``blockIdx`` order, so a chunk's predecessors are complete when it looks back
+(the waiting itself only runs on a GPU). A build with ``FS_LOOKBACK_PUBLISH_STATE=0`` publishes
+only chunk 0's end state, so every look-back folds aggregates back through several windows of 32
+chunks to the row's start; it also cuts chunks as other dtypes do (forward 2 warps of 8 tiles,
+backward 8 warps of 2 tiles, as the 16-bit types' backward).
 
 Not checked here: memory ordering between multiprocessors (the emulator runs one thread at a
 time; fences do nothing), the 16-bit and float32 specializations, timing; the ``cuda`` tests and
@@ -28,16 +29,19 @@ from emulation import GXX, assert_close, build, read, run, source, write, write_
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="the CUDA host emulation needs g++ (C++20)")
 
-CHUNK = 2048  # float64 look-back chunk: FS_LOOKBACK_WARPS (4) x FS_LOOKBACK_TILES (4) x 32 lanes x FS_ITEMS (4)
+CHUNK = 2048  # float64 look-back chunk: FS_LOOKBACK_CHUNK_TILES (16) x 32 lanes x FS_ITEMS (4)
 
 
 @pytest.fixture(scope="session")
 def emulators(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
-    """The harness as the GPU runs it (True) and with only chunk 0 publishing its end state (False)."""
+    """The harness as the GPU runs float64 (True), and with only chunk 0 publishing its end state
+    and other cuts of a chunk over warps (False)."""
     out = tmp_path_factory.mktemp("cuda_emulation_scan")
     binaries = {}
     for publish in (True, False):
         defines = {"FS_DTYPE": 3, "FS_LOOKBACK_PUBLISH_STATE": int(publish)}
+        if not publish:
+            defines.update(FS_LOOKBACK_WARPS_FWD=2, FS_LOOKBACK_WARPS_BWD=8)
         binaries[publish] = build(out, f"scan_p{int(publish)}", source("scan.cu", defines, "scan_harness.cpp"))
     return binaries
 

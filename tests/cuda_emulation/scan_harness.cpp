@@ -1,7 +1,7 @@
 // Host harness for the rows kernels of kernels/scan.cu under cuda_host_shim.h: appended to the
 // kernel source (compiled with FS_DTYPE 3), it runs one pass the way src/cuda/scan.rs launches
 // it. Usage: `harness DIR` (see harness_io.h). Parameters: outer, len, reverse, pass (0 forward,
-// 1 backward), lookback (1: chunks of `chunk_tiles` tiles, default FS_LOOKBACK_TILES, on the
+// 1 backward), lookback (1: chunks of `chunk_tiles` tiles, default FS_LOOKBACK_CHUNK_TILES, on the
 // look-back kernels; 0: one warp per row on the apply kernels), want_final (forward),
 // want_grad_initial (backward), repeat N (launch N times, zeroing the counter and setting every
 // bit of the records before each, as the launcher does), and misalign_NAME 1 to place tensor NAME
@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
     const long long outer = get("outer"), len = get("len"), pass = get("pass");
     const bool rev = get("reverse") != 0, lookback = get("lookback") != 0, bwd = pass != 0;
     const long long numel = outer * len;
-    const long long chunk_len = lookback ? get_or("chunk_tiles", FS_LOOKBACK_TILES) * FS_ROWS_TILE * FS_LOOKBACK_WARPS
+    const long long chunk_len = lookback ? get_or("chunk_tiles", FS_LOOKBACK_CHUNK_TILES) * FS_ROWS_TILE
                                          : (len + FS_ROWS_TILE - 1) / FS_ROWS_TILE * FS_ROWS_TILE;
     const long long n_chunks = (len + chunk_len - 1) / chunk_len;
     bool aligned = true;
@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
     for (long long i = 0; i < get_or("repeat", 1); ++i) {
         ticket = 0;
         std::memset(maps.data(), 0xff, maps.size() * sizeof(double));
-        emu::launch(pick(bwd, lookback, rev, vec), P, grid, (lookback ? FS_LOOKBACK_WARPS : FS_ROWS_WARPS) * FS_WARP);
+        emu::launch(pick(bwd, lookback, rev, vec), P, grid, (lookback ? FS_LOOKBACK_WARPS(bwd) : FS_ROWS_WARPS) * FS_WARP);
     }
     save(bwd ? "grad_a" : "h", out0.values());
     save("grad_x", out1.values());

@@ -12,7 +12,7 @@
 //           in registers, then the warp scans the lanes' maps. Enough rows to fill the GPU: one
 //           warp walks a whole row (`apply` kernels). Few long rows: single-pass decoupled
 //           look-back (`lookback` kernels; Merrill & Garland 2016): a block owns one chunk of
-//           FS_LOOKBACK_WARPS * FS_LOOKBACK_TILES tiles, each warp a span of FS_LOOKBACK_TILES. A
+//           FS_LOOKBACK_CHUNK_TILES tiles, each of its warps a span of consecutive tiles. A
 //           block takes a ticket from a counter in scratch: its work item in chunk-major order
 //           (row = item % outer, chunk = item / outer), so a chunk only waits on chunks with
 //           smaller items, which are already running (forward progress whatever the
@@ -45,19 +45,26 @@
 #ifndef FS_ROWS_PREFETCH
 #define FS_ROWS_PREFETCH (sizeof(storage_t) >= 4)
 #endif
-// Look-back blocks: FS_LOOKBACK_WARPS warps of FS_LOOKBACK_TILES tiles each, all held in
-// registers, make one chunk (4096 steps in float32 and the 16-bit types). A bigger chunk spreads
-// the look-back's fixed latency over more bytes; registers bound it (16-bit types take a float
-// register per value, twice float32's). H100, (1,16,2^24) forward / forward+backward, % of the
-// roofline: float32 8x2 88/90, 8x3 89/92, 4x4 91/92; bfloat16 8x2 75/65, 4x2 71/73, 4x1 62/65.
-// Mirrored by `lookback_warps` and `lookback_tiles` in src/cuda/scan.rs, which also read
-// overrides from FERROSCAN_KERNEL_DEFINES, so that `FS_LOOKBACK_TILES=N` there changes both.
-#ifndef FS_LOOKBACK_WARPS
-#define FS_LOOKBACK_WARPS 4
+// A look-back chunk is FS_LOOKBACK_CHUNK_TILES tiles (4096 steps in float32, 8192 in 16-bit
+// types), split over the warps of a block, all held in registers. A bigger chunk spreads the
+// look-back's fixed latency over more bytes; registers bound it. The forward and the backward
+// may cut a chunk differently (the backward holds three inputs, the forward two). H100,
+// (1,16,2^24), % of the roofline, forward / forward+backward, warps x tiles: float32 4x4 91/92
+// (8x2 88/90); bfloat16 4x4 87/77, 8x2 83/87, 4x2 (4096-step chunks) 80/84. Mirrored by
+// `lookback_chunk_tiles` and `lookback_warps` in src/cuda/scan.rs, which also read overrides
+// from FERROSCAN_KERNEL_DEFINES, so that `FS_LOOKBACK_WARPS_BWD=N` there changes both.
+#ifndef FS_LOOKBACK_CHUNK_TILES
+#define FS_LOOKBACK_CHUNK_TILES 16
 #endif
-#ifndef FS_LOOKBACK_TILES
-#define FS_LOOKBACK_TILES (sizeof(storage_t) >= 4 ? 4 : 2)
+#ifndef FS_LOOKBACK_WARPS_FWD
+#define FS_LOOKBACK_WARPS_FWD 4
 #endif
+#ifndef FS_LOOKBACK_WARPS_BWD
+#define FS_LOOKBACK_WARPS_BWD (sizeof(storage_t) >= 4 ? 4 : 8)
+#endif
+#define FS_LOOKBACK_WARPS(BWD) ((BWD) ? FS_LOOKBACK_WARPS_BWD : FS_LOOKBACK_WARPS_FWD)
+// Tiles per warp (a warp's span is at most that many; the last warps' spans may be shorter).
+#define FS_LOOKBACK_TILES(BWD) ((FS_LOOKBACK_CHUNK_TILES + FS_LOOKBACK_WARPS(BWD) - 1) / FS_LOOKBACK_WARPS(BWD))
 // Back-off between polls of a predecessor's record.
 #define FS_LOOKBACK_SLEEP_NS 32
 // 0: only chunk 0 publishes an end state, so every look-back folds maps back to the row's start
@@ -88,20 +95,27 @@ struct ScanParams {
 template <bool DESC>
 __device__ __forceinline__ i64 phys(i64 u, i64 len) { return DESC ? len - 1 - u : u; }
 
-// v[k] = element at scan position u0 + k, or `fill` at and past `limit`.
+// r = the K elements from scan position u0 on, as stored (element k at run_at<DESC>(r, k)), or
+// `fill` at and past `limit`.
 template <bool VEC, bool DESC>
-__device__ __forceinline__ void load_run(const storage_t* row, i64 len, i64 limit, i64 u0,
-                                         acc_t (&v)[FS_ITEMS], acc_t fill) {
+__device__ __forceinline__ void load_run(const storage_t* row, i64 len, i64 limit, i64 u0, Run<FS_ITEMS>& r,
+                                         acc_t fill) {
     constexpr int K = FS_ITEMS;
     if (VEC && u0 + K <= limit) {
-        Run<K> r;
         r.load(row + (DESC ? len - u0 - K : u0));
-#pragma unroll
-        for (int k = 0; k < K; ++k) v[k] = r.get(DESC ? K - 1 - k : k);
     } else {
 #pragma unroll
-        for (int k = 0; k < K; ++k) v[k] = (u0 + k < limit) ? to_acc(row[phys<DESC>(u0 + k, len)]) : fill;
+        for (int i = 0; i < Run<K>::WORDS; ++i) r.w[i] = 0;
+#pragma unroll
+        for (int k = 0; k < K; ++k)
+            r.set(DESC ? K - 1 - k : k, (u0 + k < limit) ? to_acc(row[phys<DESC>(u0 + k, len)]) : fill);
     }
+}
+
+// Element k, in scan order, of a run that load_run filled.
+template <bool DESC>
+__device__ __forceinline__ acc_t run_at(const Run<FS_ITEMS>& r, int k) {
+    return r.get(DESC ? FS_ITEMS - 1 - k : k);
 }
 
 template <bool VEC, bool DESC>
@@ -122,13 +136,16 @@ __device__ __forceinline__ void store_run(storage_t* row, i64 len, i64 limit, i6
 }
 
 // One tile of the rows mapping, in registers: a lane's K positions starting at u0, up to u_end
-// (the end of the warp's chunk).
+// (the end of the warp's chunk). The inputs stay as stored until used (16-bit types two to a
+// register: half the registers of converted values, so a look-back block holds more tiles).
 struct RowTile {
     i64 u0;
-    acc_t g[FS_ITEMS], x[FS_ITEMS];  // gates (backward: after shift_gates) and tokens
-    acc_t h[FS_ITEMS];               // backward: h, and h at the position after the lane's last
-    acc_t h_next;                    //   (read by lane 31 only; the others take it from lane + 1)
-    AffineMap inclusive;             // the map of the tile's lanes 0..lane (after scan_tile)
+    Run<FS_ITEMS> g, x;  // gates and tokens
+    Run<FS_ITEMS> h;     // backward: h
+    acc_t g_first;       // backward: the gate of position u0, a at the position before (shift_gates)
+    acc_t h_next;        // backward: h at the position after the lane's last (read by lane 31
+                         //   only; the others take it from lane + 1)
+    AffineMap inclusive; // the map of the tile's lanes 0..lane (after scan_tile)
 };
 
 // Issues the loads of a tile (no shuffles, so a warp can have several tiles' loads in flight).
@@ -148,26 +165,30 @@ __device__ __forceinline__ void load_tile(const ScanParams& P, i64 base, i64 u_e
 
 // Backward: the gate at position u is a at position u-1; `gate_before` is the gate of the
 // position before the tile, and becomes the tile's last.
-template <bool BWD>
-__device__ __forceinline__ void shift_gates(RowTile& t, i64 u_end, int lane, acc_t& gate_before) {
+template <bool BWD, bool DESC>
+__device__ __forceinline__ void shift_gates(RowTile& t, int lane, acc_t& gate_before) {
     if (!BWD) return;
-    constexpr int K = FS_ITEMS;
-    const acc_t last = t.g[K - 1];
+    const acc_t last = run_at<DESC>(t.g, FS_ITEMS - 1);
     const acc_t from_left = __shfl_up_sync(FS_FULL_MASK, last, 1);
     const acc_t tile_last = __shfl_sync(FS_FULL_MASK, last, FS_WARP - 1);
-#pragma unroll
-    for (int k = K - 1; k > 0; --k) t.g[k] = (t.u0 + k < u_end) ? t.g[k - 1] : acc_t(1);
-    t.g[0] = (t.u0 < u_end) ? (lane == 0 ? gate_before : from_left) : acc_t(1);
+    t.g_first = lane == 0 ? gate_before : from_left;
     gate_before = tile_last;
 }
 
+// The gate of the step at the lane's position u0 + k (1 at and past u_end).
+template <bool BWD, bool DESC>
+__device__ __forceinline__ acc_t tile_gate(const RowTile& t, int k, i64 u_end) {
+    if (!BWD) return run_at<DESC>(t.g, k);  // loaded as 1 past u_end
+    return (t.u0 + k < u_end) ? (k == 0 ? t.g_first : run_at<DESC>(t.g, k - 1)) : acc_t(1);
+}
+
 // Scans a loaded tile: sets each lane's inclusive map and returns the whole tile's map.
-template <bool BWD>
+template <bool BWD, bool DESC>
 __device__ __forceinline__ AffineMap scan_tile(RowTile& t, i64 u_end, int lane, acc_t& gate_before) {
-    shift_gates<BWD>(t, u_end, lane, gate_before);
+    shift_gates<BWD, DESC>(t, lane, gate_before);
     AffineMap m = identity_map();
 #pragma unroll
-    for (int k = 0; k < FS_ITEMS; ++k) m = then_step(m, t.g[k], t.x[k]);
+    for (int k = 0; k < FS_ITEMS; ++k) m = then_step(m, tile_gate<BWD, DESC>(t, k, u_end), run_at<DESC>(t.x, k));
     t.inclusive = warp_inclusive_scan(m, lane);
     return shfl_map(t.inclusive, FS_WARP - 1);
 }
@@ -186,18 +207,19 @@ __device__ __forceinline__ void store_tile(const ScanParams& P, i64 base, i64 u_
         acc_t h[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-            s = t.g[k] * s + t.x[k];
+            s = tile_gate<BWD, DESC>(t, k, u_end) * s + run_at<DESC>(t.x, k);
             h[k] = s;
         }
         store_run<VEC, DESC>(P.out0 + base, len, u_end, u0, h);
     } else {
-        const acc_t from_right = __shfl_down_sync(FS_FULL_MASK, t.h[0], 1);
+        const acc_t from_right = __shfl_down_sync(FS_FULL_MASK, run_at<DESC>(t.h, 0), 1);
         const acc_t h_after = (u0 + K >= len) ? h_initial : (lane == FS_WARP - 1) ? t.h_next : from_right;
         acc_t grad_a[K], grad_x[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-            const acc_t h_before = (k + 1 < K) ? ((u0 + k + 1 < len) ? t.h[k + 1] : h_initial) : h_after;
-            s = t.g[k] * s + t.x[k];
+            const acc_t h_before =
+                (k + 1 < K) ? ((u0 + k + 1 < len) ? run_at<DESC>(t.h, k + 1) : h_initial) : h_after;
+            s = tile_gate<BWD, DESC>(t, k, u_end) * s + run_at<DESC>(t.x, k);
             grad_x[k] = s;
             grad_a[k] = s * h_before;
         }
@@ -233,7 +255,7 @@ __device__ __forceinline__ void scan_rows(const ScanParams& P) {
         const bool more = tile + FS_ROWS_TILE < len;
         if (FS_ROWS_PREFETCH && more)
             load_tile<BWD, DESC, VEC>(P, base, len, tile + FS_ROWS_TILE + (i64)lane * FS_ITEMS, lane, next);
-        const AffineMap tile_map = scan_tile<BWD>(t, len, lane, gate_before);
+        const AffineMap tile_map = scan_tile<BWD, DESC>(t, len, lane, gate_before);
         store_tile<BWD, DESC, VEC>(P, base, len, lane, state, t, h_initial);
         state = apply(tile_map, state);
         if (!more) break;
@@ -309,12 +331,12 @@ __device__ __forceinline__ acc_t look_back(const ScanParams& P, i64 row, i64 chu
 // Rows mapping, several chunks per row: one chunk per warp, single pass with decoupled look-back.
 template <bool BWD, bool DESC, bool VEC>
 __device__ __forceinline__ void scan_rows_lookback(const ScanParams& P) {
-    constexpr int T = FS_LOOKBACK_TILES;
+    constexpr int WARPS = FS_LOOKBACK_WARPS(BWD), T = FS_LOOKBACK_TILES(BWD);
     const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
     // A block's ticket is its chunk-major work item: the block's warps split the chunk into
     // consecutive spans, combine their maps in shared memory, and warp 0 alone looks back.
     __shared__ unsigned long long block_ticket;
-    __shared__ AffineMap warp_maps[FS_LOOKBACK_WARPS];
+    __shared__ AffineMap warp_maps[WARPS];
     __shared__ acc_t chunk_state_in;
     if (threadIdx.x == 0) block_ticket = atomicAdd(P.ticket, 1ull);
     __syncthreads();
@@ -325,7 +347,7 @@ __device__ __forceinline__ void scan_rows_lookback(const ScanParams& P) {
     const i64 chunk_begin = chunk * P.chunk_len;
     const i64 chunk_end = min(len, chunk_begin + P.chunk_len);
     // Whole tiles per warp; the launcher's chunk must fit the warps' registers.
-    constexpr int STRIDE = FS_LOOKBACK_WARPS * FS_ROWS_TILE;
+    constexpr int STRIDE = WARPS * FS_ROWS_TILE;
     const i64 span = (P.chunk_len + STRIDE - 1) / STRIDE * FS_ROWS_TILE;
     if (span > T * FS_ROWS_TILE) __trap();
     const i64 u_begin = min(chunk_end, chunk_begin + warp * span);
@@ -341,7 +363,7 @@ __device__ __forceinline__ void scan_rows_lookback(const ScanParams& P) {
     AffineMap tile_map[T], warp_map = identity_map();
 #pragma unroll
     for (int i = 0; i < T; ++i) {
-        tile_map[i] = scan_tile<BWD>(t[i], u_end, lane, gate_before);
+        tile_map[i] = scan_tile<BWD, DESC>(t[i], u_end, lane, gate_before);
         warp_map = compose(warp_map, tile_map[i]);
     }
     if (lane == 0) warp_maps[warp] = warp_map;
@@ -350,7 +372,7 @@ __device__ __forceinline__ void scan_rows_lookback(const ScanParams& P) {
     if (warp == 0) {
         AffineMap chunk_map = identity_map();
 #pragma unroll
-        for (int w = 0; w < FS_LOOKBACK_WARPS; ++w) chunk_map = compose(chunk_map, warp_maps[w]);
+        for (int w = 0; w < WARPS; ++w) chunk_map = compose(chunk_map, warp_maps[w]);
         acc_t state_in;
         if (chunk == 0) {
             state_in = P.initial ? to_acc(P.initial[row]) : acc_t(0);
@@ -373,7 +395,7 @@ __device__ __forceinline__ void scan_rows_lookback(const ScanParams& P) {
         state = apply(tile_map[i], state);
     }
     // The last warp's span ends the chunk (empty spans are identities).
-    if (last && warp == FS_LOOKBACK_WARPS - 1) store_final<BWD, DESC>(P, row, lane, state);
+    if (last && warp == WARPS - 1) store_final<BWD, DESC>(P, row, lane, state);
 }
 
 template <bool BWD, bool DESC, bool REDUCE>
@@ -458,7 +480,7 @@ __device__ __forceinline__ void scan_strided(const ScanParams& P) {
         scan_rows_##PASS##_apply_r##REV##SUFFIX(const ScanParams P) {                              \
         scan_rows<BWD, (BWD) != (REV), VEC>(P);                                                    \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FS_LOOKBACK_WARPS * FS_WARP)                      \
+    extern "C" __global__ void __launch_bounds__(FS_LOOKBACK_WARPS(BWD) * FS_WARP)                 \
         scan_rows_##PASS##_lookback_r##REV##SUFFIX(const ScanParams P) {                           \
         scan_rows_lookback<BWD, (BWD) != (REV), VEC>(P);                                           \
     }

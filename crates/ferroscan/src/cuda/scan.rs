@@ -146,24 +146,29 @@ pub fn items_per_lane(dtype: DType) -> usize {
     32 / dtype.size_bytes()
 }
 
-/// Warps per look-back block (`FS_LOOKBACK_WARPS`, default 4): a block owns one chunk.
-/// `FS_LOOKBACK_WARPS=N` in `$FERROSCAN_KERNEL_DEFINES` (a tuning hook) changes both.
-pub fn lookback_warps() -> usize {
-    kernel_define("FS_LOOKBACK_WARPS")
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&w| (1..=32).contains(&w))
-        .unwrap_or(4)
-}
-
-/// Tiles (of 32 lanes x [`items_per_lane`]) per warp of a look-back block (whose chunk is
-/// [`lookback_warps`] times that), all held in registers (`FS_LOOKBACK_TILES`, default 4 for
-/// 4- and 8-byte types, 2 for 16-bit types, whose values take a register each).
-/// `FS_LOOKBACK_TILES=N` in `$FERROSCAN_KERNEL_DEFINES` (a tuning hook) changes both.
-pub fn lookback_tiles(dtype: DType) -> usize {
-    kernel_define("FS_LOOKBACK_TILES")
+/// Tiles (of 32 lanes x [`items_per_lane`]) per look-back chunk (`FS_LOOKBACK_CHUNK_TILES`,
+/// default 16), split over the warps of a block and held in registers.
+/// `FS_LOOKBACK_CHUNK_TILES=N` in `$FERROSCAN_KERNEL_DEFINES` (a tuning hook) changes both.
+pub fn lookback_chunk_tiles() -> usize {
+    kernel_define("FS_LOOKBACK_CHUNK_TILES")
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&t| t >= 1)
-        .unwrap_or(if dtype.size_bytes() >= 4 { 4 } else { 2 })
+        .unwrap_or(16)
+}
+
+/// Warps per look-back block of a pass (`FS_LOOKBACK_WARPS_FWD`, default 4;
+/// `FS_LOOKBACK_WARPS_BWD`, default 4, or 8 for 16-bit types). `FS_LOOKBACK_WARPS_FWD=N` or
+/// `FS_LOOKBACK_WARPS_BWD=N` in `$FERROSCAN_KERNEL_DEFINES` (tuning hooks) change both.
+pub fn lookback_warps(dtype: DType, backward: bool) -> usize {
+    let (name, default) = match backward {
+        false => ("FS_LOOKBACK_WARPS_FWD", 4),
+        true if dtype.size_bytes() >= 4 => ("FS_LOOKBACK_WARPS_BWD", 4),
+        true => ("FS_LOOKBACK_WARPS_BWD", 8),
+    };
+    kernel_define(name)
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&w| (1..=32).contains(&w))
+        .unwrap_or(default)
 }
 
 impl ScanPlan {
@@ -174,7 +179,7 @@ impl ScanPlan {
             // Rows fill the GPU: a warp per row. Else single-pass look-back over chunks of a
             // fixed number of tiles (what a look-back block's warps hold in registers).
             let tile = 32 * items_per_lane(dtype);
-            let chunk = tile * lookback_tiles(dtype) * lookback_warps();
+            let chunk = tile * lookback_chunk_tiles();
             let wanted = (sm_count * ROWS_WARPS_PER_SM).div_ceil(shape.outer.max(1));
             let chunk_len = if wanted > 1 && len > chunk {
                 chunk
@@ -331,7 +336,7 @@ unsafe fn launch(
         (_, [Phase::LookBack]) => (
             params.outer as usize * plan.n_chunks,
             1,
-            lookback_warps() * 32,
+            lookback_warps(dtype, backward) * 32,
         ),
         (Mapping::Rows, _) => (params.outer as usize, ROWS_WARPS, ROWS_WARPS * 32),
         (Mapping::Strided, _) => (
@@ -718,26 +723,30 @@ mod tests {
         let kernel = SCAN_SOURCE.text;
         assert!(kernel.contains("#define FS_ITEMS (32 / (int)sizeof(storage_t))"));
         assert!(kernel.contains("#define FS_ROWS_WARPS 4"));
-        assert!(kernel.contains("#ifndef FS_LOOKBACK_WARPS\n#define FS_LOOKBACK_WARPS 4\n#endif"));
-        assert_eq!(lookback_warps(), 4);
-        assert!(kernel.contains(
-            "#ifndef FS_LOOKBACK_TILES\n#define FS_LOOKBACK_TILES (sizeof(storage_t) >= 4 ? 4 : 2)\n#endif"
-        ));
+        for define in [
+            "#ifndef FS_LOOKBACK_CHUNK_TILES\n#define FS_LOOKBACK_CHUNK_TILES 16\n#endif",
+            "#ifndef FS_LOOKBACK_WARPS_FWD\n#define FS_LOOKBACK_WARPS_FWD 4\n#endif",
+            "#ifndef FS_LOOKBACK_WARPS_BWD\n#define FS_LOOKBACK_WARPS_BWD (sizeof(storage_t) >= 4 ? 4 : 8)\n#endif",
+        ] {
+            assert!(kernel.contains(define), "{define}");
+        }
+        assert_eq!(lookback_chunk_tiles(), 16);
         assert_eq!(ROWS_WARPS, 4);
-        for (dtype, items, tiles) in [
-            (DType::F16, 16, 2),
-            (DType::BF16, 16, 2),
+        for (dtype, items, bwd_warps) in [
+            (DType::F16, 16, 8),
+            (DType::BF16, 16, 8),
             (DType::F32, 8, 4),
             (DType::F64, 4, 4),
         ] {
             assert_eq!(items_per_lane(dtype), items);
-            assert_eq!(lookback_tiles(dtype), tiles);
+            assert_eq!(lookback_warps(dtype, false), 4);
+            assert_eq!(lookback_warps(dtype, true), bwd_warps);
         }
     }
 
     #[test]
     fn few_long_rows_use_the_look_back() {
-        // (1, 64, 2^20) as a time-last tensor: 64 rows; float32 chunks of 4 warps x 4 tiles of 256.
+        // (1, 64, 2^20) as a time-last tensor: 64 rows; float32 chunks of 16 tiles of 256.
         let s = shape(64, 1 << 20, 1);
         let plan = ScanPlan::new(SMS, DType::F32, &s);
         assert_eq!(plan.mapping, Mapping::Rows);
@@ -753,14 +762,14 @@ mod tests {
                 total: 16 + 16 * records,
             }
         );
-        // float64: 4 x 4 tiles of 128, records of four doubles; bfloat16: 4 x 2 tiles of 512.
+        // float64: 16 tiles of 128, records of four doubles; bfloat16: 16 tiles of 512.
         let plan = ScanPlan::new(SMS, DType::F64, &s);
         assert_eq!((plan.chunk_len, plan.n_chunks), (2048, 512));
         let layout = plan.scratch_layout(DType::F64, &s);
         assert_eq!(layout.total, layout.maps + 32 * 64 * 512);
         let plan = ScanPlan::new(SMS, DType::BF16, &s);
-        assert_eq!((plan.chunk_len, plan.n_chunks), (4096, 256));
-        assert_eq!(plan.scratch_bytes(DType::BF16, &s), 16 + 16 * records);
+        assert_eq!((plan.chunk_len, plan.n_chunks), (8192, 128));
+        assert_eq!(plan.scratch_bytes(DType::BF16, &s), 16 + 16 * (records / 2));
     }
 
     #[test]
