@@ -716,8 +716,9 @@ mod tests {
         ScanShape::new(outer, len, inner).unwrap()
     }
 
-    /// [`lookback_tiles`] and [`items_per_lane`] restate kernel constants; this pins them so
-    /// that changing one side alone fails here rather than as wrong results on a GPU.
+    /// [`lookback_chunk_tiles`], [`lookback_warps`] and [`items_per_lane`] restate kernel
+    /// constants; this pins them so that changing one side alone fails here rather than as wrong
+    /// results on a GPU.
     #[test]
     fn tile_constants_match_the_kernel() {
         let kernel = SCAN_SOURCE.text;
