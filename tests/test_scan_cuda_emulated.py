@@ -58,6 +58,7 @@ class Case:
     chunk_tiles: Optional[int] = None  # tiles per look-back chunk, if not the kernel's maximum
     misalign: Optional[str] = None  # a tensor placed one element off a vector boundary
     repeat: int = 1  # launches on the same scratch (reset before each, as the launcher does)
+    row_lanes: int = 32  # apply kernels: lanes per row (16 or 8: a warp serves 2 or 4 rows)
 
 
 def _inputs(case: Case, seed: int) -> dict[str, Optional[torch.Tensor]]:
@@ -108,6 +109,7 @@ def run_case(case: Case, emulators: dict[bool, Path], folder: Path, seed: int) -
     want = _reference(x, case.reverse)
     base = {"outer": case.outer, "len": case.length, "reverse": int(case.reverse), "lookback": int(case.lookback)}
     base["repeat"] = case.repeat
+    base["row_lanes"] = case.row_lanes
     if case.chunk_tiles:
         base["chunk_tiles"] = case.chunk_tiles
     if case.misalign:
@@ -163,6 +165,14 @@ CASES = {
     "single-chunk-scalar-reverse": Case(outer=5, length=1001, reverse=True, lookback=False, initial=False),
     "single-chunk-short": Case(outer=6, length=5, lookback=False, grad_final=False),
     "single-chunk-misaligned-a": Case(outer=2, length=512, lookback=False, misalign="a"),
+    # short rows, several per warp (the last warp's last segments past the last row): one tile
+    # of 8 lanes x 4 items, vector and scalar paths; 16 lanes reversed; and rows of several
+    # 8-lane tiles (the planner gives such rows 32 lanes, but the segments carry state and the
+    # backward's gate from tile to tile like whole warps)
+    "short-rows-8-lanes": Case(outer=7, length=32, lookback=False, row_lanes=8),
+    "short-rows-8-lanes-scalar-backward-gate": Case(outer=9, length=30, lookback=False, row_lanes=8, initial=False),
+    "short-rows-16-lanes-reverse": Case(outer=5, length=64, reverse=True, lookback=False, row_lanes=16),
+    "short-rows-8-lanes-several-tiles-reverse": Case(outer=6, length=100, reverse=True, lookback=False, row_lanes=8),
 }
 
 

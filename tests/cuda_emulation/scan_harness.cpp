@@ -2,7 +2,7 @@
 // kernel source (compiled with FS_DTYPE 3), it runs one pass the way src/cuda/scan.rs launches
 // it. Usage: `harness DIR` (see harness_io.h). Parameters: outer, len, reverse, pass (0 forward,
 // 1 backward), lookback (1: chunks of `chunk_tiles` tiles, default FS_LOOKBACK_CHUNK_TILES, on the
-// look-back kernels; 0: one warp per row on the apply kernels), want_final (forward),
+// look-back kernels; 0: the apply kernels, `row_lanes` (32, 16 or 8) lanes per row), want_final (forward),
 // want_grad_initial (backward), repeat N (launch N times, zeroing the counter and setting every
 // bit of the records before each, as the launcher does), and misalign_NAME 1 to place tensor NAME
 // one element off a vector boundary (the launcher then picks the scalar kernels, as it does for a
@@ -17,10 +17,15 @@ namespace harness {
 
 using Kernel = void (*)(ScanParams);
 
-Kernel pick(bool bwd, bool lookback, bool rev, bool vec) {
+Kernel pick(bool bwd, bool lookback, bool rev, bool vec, long long lanes) {
+#define FS_HARNESS_APPLY(PASS, R, W) \
+    if (lanes == W) return vec ? scan_rows_##PASS##_apply_r##R##_vec_w##W : scan_rows_##PASS##_apply_r##R##_w##W;
 #define FS_HARNESS_PICK(PASS, R)                                                                      \
     if (lookback) return vec ? scan_rows_##PASS##_lookback_r##R##_vec : scan_rows_##PASS##_lookback_r##R; \
-    return vec ? scan_rows_##PASS##_apply_r##R##_vec : scan_rows_##PASS##_apply_r##R;
+    FS_HARNESS_APPLY(PASS, R, 8)                                                                      \
+    FS_HARNESS_APPLY(PASS, R, 16)                                                                     \
+    FS_HARNESS_APPLY(PASS, R, 32)                                                                     \
+    return nullptr;
     if (!bwd && !rev) { FS_HARNESS_PICK(fwd, 0) }
     if (!bwd && rev) { FS_HARNESS_PICK(fwd, 1) }
     if (bwd && !rev) { FS_HARNESS_PICK(bwd, 0) }
@@ -71,12 +76,15 @@ int main(int argc, char** argv) {
     P.inner = 1;
     P.chunk_len = chunk_len;
     P.n_chunks = n_chunks;
-    // One block per look-back chunk; one warp per row otherwise.
-    const unsigned grid = (unsigned)(lookback ? outer * n_chunks : (outer + FS_ROWS_WARPS - 1) / FS_ROWS_WARPS);
+    // One block per look-back chunk; otherwise a warp per 32 / row_lanes rows.
+    const long long lanes = get_or("row_lanes", 32), rows_per_block = FS_ROWS_WARPS * (FS_WARP / lanes);
+    const unsigned grid = (unsigned)(lookback ? outer * n_chunks : (outer + rows_per_block - 1) / rows_per_block);
+    const Kernel kernel = pick(bwd, lookback, rev, vec, lanes);
+    if (!kernel) return 2;
     for (long long i = 0; i < get_or("repeat", 1); ++i) {
         ticket = 0;
         std::memset(maps.data(), 0xff, maps.size() * sizeof(double));
-        emu::launch(pick(bwd, lookback, rev, vec), P, grid, (lookback ? FS_LOOKBACK_WARPS(bwd) : FS_ROWS_WARPS) * FS_WARP);
+        emu::launch(kernel, P, grid, (lookback ? FS_LOOKBACK_WARPS(bwd) : FS_ROWS_WARPS) * FS_WARP);
     }
     save(bwd ? "grad_a" : "h", out0.values());
     save("grad_x", out1.values());

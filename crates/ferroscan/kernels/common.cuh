@@ -201,9 +201,10 @@ __device__ __forceinline__ void copy_async_wait() {
 #endif
 
 // Inclusive scan of maps over the lanes of a warp, lane 0 first.
+template <int W = FS_WARP>
 __device__ __forceinline__ AffineMap warp_inclusive_scan(AffineMap m, int lane) {
 #pragma unroll
-    for (int d = 1; d < FS_WARP; d <<= 1) {
+    for (int d = 1; d < W; d <<= 1) {
         acc_t pa = __shfl_up_sync(FS_FULL_MASK, m.a, d);
         acc_t pb = __shfl_up_sync(FS_FULL_MASK, m.b, d);
         if (lane >= d) m = compose(AffineMap{pa, pb}, m);

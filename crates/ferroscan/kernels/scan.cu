@@ -148,8 +148,12 @@ struct RowTile {
     AffineMap inclusive; // the map of the tile's lanes 0..lane (after scan_tile)
 };
 
+// Tiles of W < 32 lanes: a warp serves 32 / W short rows, each on a segment of W consecutive
+// lanes; `lane` stays the lane in the warp, `lane & (W - 1)` is the one in the segment, and
+// `lane | (W - 1)` the segment's last.
+
 // Issues the loads of a tile (no shuffles, so a warp can have several tiles' loads in flight).
-template <bool BWD, bool DESC, bool VEC>
+template <bool BWD, bool DESC, bool VEC, int W = FS_WARP>
 __device__ __forceinline__ void load_tile(const ScanParams& P, i64 base, i64 u_end, i64 u0, int lane, RowTile& t) {
     const i64 len = P.len;
     t.u0 = u0;
@@ -158,20 +162,20 @@ __device__ __forceinline__ void load_tile(const ScanParams& P, i64 base, i64 u_e
     if (BWD) {  // h_before(u) = h at position u+1 (h0 past the end)
         load_run<VEC, DESC>(P.aux + base, len, u_end, u0, t.h, acc_t(0));
         const i64 after = u0 + FS_ITEMS;
-        t.h_next = (lane == FS_WARP - 1 && u0 < u_end && after < len) ? to_acc(P.aux[base + phys<DESC>(after, len)])
+        t.h_next = ((lane & (W - 1)) == W - 1 && u0 < u_end && after < len) ? to_acc(P.aux[base + phys<DESC>(after, len)])
                                                                       : acc_t(0);
     }
 }
 
 // Backward: the gate at position u is a at position u-1; `gate_before` is the gate of the
 // position before the tile, and becomes the tile's last.
-template <bool BWD, bool DESC>
+template <bool BWD, bool DESC, int W = FS_WARP>
 __device__ __forceinline__ void shift_gates(RowTile& t, int lane, acc_t& gate_before) {
     if (!BWD) return;
     const acc_t last = run_at<DESC>(t.g, FS_ITEMS - 1);
     const acc_t from_left = __shfl_up_sync(FS_FULL_MASK, last, 1);
-    const acc_t tile_last = __shfl_sync(FS_FULL_MASK, last, FS_WARP - 1);
-    t.g_first = lane == 0 ? gate_before : from_left;
+    const acc_t tile_last = __shfl_sync(FS_FULL_MASK, last, lane | (W - 1));
+    t.g_first = (lane & (W - 1)) == 0 ? gate_before : from_left;
     gate_before = tile_last;
 }
 
@@ -183,25 +187,25 @@ __device__ __forceinline__ acc_t tile_gate(const RowTile& t, int k, i64 u_end) {
 }
 
 // Scans a loaded tile: sets each lane's inclusive map and returns the whole tile's map.
-template <bool BWD, bool DESC>
+template <bool BWD, bool DESC, int W = FS_WARP>
 __device__ __forceinline__ AffineMap scan_tile(RowTile& t, i64 u_end, int lane, acc_t& gate_before) {
-    shift_gates<BWD, DESC>(t, lane, gate_before);
+    shift_gates<BWD, DESC, W>(t, lane, gate_before);
     AffineMap m = identity_map();
 #pragma unroll
     for (int k = 0; k < FS_ITEMS; ++k) m = then_step(m, tile_gate<BWD, DESC>(t, k, u_end), run_at<DESC>(t.x, k));
-    t.inclusive = warp_inclusive_scan(m, lane);
-    return shfl_map(t.inclusive, FS_WARP - 1);
+    t.inclusive = warp_inclusive_scan<W>(m, lane & (W - 1));
+    return shfl_map(t.inclusive, lane | (W - 1));
 }
 
 // Rescans a scanned tile from `state`, the state entering it, and stores its outputs.
-template <bool BWD, bool DESC, bool VEC>
+template <bool BWD, bool DESC, bool VEC, int W = FS_WARP>
 __device__ __forceinline__ void store_tile(const ScanParams& P, i64 base, i64 u_end, int lane, acc_t state,
                                            const RowTile& t, acc_t h_initial) {
     constexpr int K = FS_ITEMS;
     const i64 len = P.len, u0 = t.u0;
     AffineMap before = AffineMap{__shfl_up_sync(FS_FULL_MASK, t.inclusive.a, 1),
                                  __shfl_up_sync(FS_FULL_MASK, t.inclusive.b, 1)};
-    if (lane == 0) before = identity_map();
+    if ((lane & (W - 1)) == 0) before = identity_map();
     acc_t s = apply(before, state);
     if (!BWD) {
         acc_t h[K];
@@ -213,7 +217,7 @@ __device__ __forceinline__ void store_tile(const ScanParams& P, i64 base, i64 u_
         store_run<VEC, DESC>(P.out0 + base, len, u_end, u0, h);
     } else {
         const acc_t from_right = __shfl_down_sync(FS_FULL_MASK, run_at<DESC>(t.h, 0), 1);
-        const acc_t h_after = (u0 + K >= len) ? h_initial : (lane == FS_WARP - 1) ? t.h_next : from_right;
+        const acc_t h_after = (u0 + K >= len) ? h_initial : ((lane & (W - 1)) == W - 1) ? t.h_next : from_right;
         acc_t grad_a[K], grad_x[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -229,41 +233,46 @@ __device__ __forceinline__ void store_tile(const ScanParams& P, i64 base, i64 u_
 }
 
 // The row's last state, as `final_out` wants it (backward: dL/dh0 = a[first step] * g).
-template <bool BWD, bool DESC>
+template <bool BWD, bool DESC, int W = FS_WARP>
 __device__ __forceinline__ void store_final(const ScanParams& P, i64 row, int lane, acc_t state) {
-    if (lane != 0 || !P.final_out) return;
+    if ((lane & (W - 1)) != 0 || !P.final_out) return;
     const acc_t f = BWD ? to_acc(P.gates[row * P.len + phys<DESC>(P.len - 1, P.len)]) * state : state;
     P.final_out[row] = from_acc(f);
 }
 
-// Rows mapping, one chunk per row (n_chunks == 1): a warp walks its row tile by tile.
-template <bool BWD, bool DESC, bool VEC>
+// Rows mapping, one chunk per row (n_chunks == 1): a warp walks its row tile by tile; or, for
+// rows of at most W * FS_ITEMS steps, W < 32 lanes walk each of the warp's 32 / W rows (a row of
+// 128 16-bit steps would leave three quarters of a 32-lane tile empty).
+template <bool BWD, bool DESC, bool VEC, int W>
 __device__ __forceinline__ void scan_rows(const ScanParams& P) {
+    constexpr int TILE = W * FS_ITEMS;
     const int lane = threadIdx.x % FS_WARP;
-    const i64 row = (i64)blockIdx.x * FS_ROWS_WARPS + threadIdx.x / FS_WARP;
-    if (row >= P.outer) return;
-    const i64 len = P.len, base = row * len;
-    acc_t state = P.initial ? to_acc(P.initial[row]) : acc_t(0);
+    const i64 first_row = ((i64)blockIdx.x * FS_ROWS_WARPS + threadIdx.x / FS_WARP) * (FS_WARP / W);
+    if (first_row >= P.outer) return;  // the whole warp
+    const i64 row = first_row + lane / W;
+    // A segment past the last row takes part in the shuffles with an empty row.
+    const bool active = row < P.outer;
+    const i64 len = P.len, limit = active ? len : 0, base = active ? row * len : 0;
+    acc_t state = (active && P.initial) ? to_acc(P.initial[row]) : acc_t(0);
     acc_t gate_before = acc_t(1);
-    const acc_t h_initial = (BWD && P.aux_state) ? to_acc(P.aux_state[row]) : acc_t(0);
+    const acc_t h_initial = (BWD && active && P.aux_state) ? to_acc(P.aux_state[row]) : acc_t(0);
+    const i64 lane_start = (i64)(lane & (W - 1)) * FS_ITEMS;
     // FS_ROWS_PREFETCH: the next tile's loads are issued before this tile is scanned and stored,
     // so a warp keeps two tiles of loads in flight.
     RowTile t;
-    load_tile<BWD, DESC, VEC>(P, base, len, (i64)lane * FS_ITEMS, lane, t);
-    for (i64 tile = 0; tile < len; tile += FS_ROWS_TILE) {
+    load_tile<BWD, DESC, VEC, W>(P, base, limit, lane_start, lane, t);
+    for (i64 tile = 0; tile < len; tile += TILE) {
         RowTile next;
-        const bool more = tile + FS_ROWS_TILE < len;
-        if (FS_ROWS_PREFETCH && more)
-            load_tile<BWD, DESC, VEC>(P, base, len, tile + FS_ROWS_TILE + (i64)lane * FS_ITEMS, lane, next);
-        const AffineMap tile_map = scan_tile<BWD, DESC>(t, len, lane, gate_before);
-        store_tile<BWD, DESC, VEC>(P, base, len, lane, state, t, h_initial);
+        const bool more = tile + TILE < len;
+        if (FS_ROWS_PREFETCH && more) load_tile<BWD, DESC, VEC, W>(P, base, limit, tile + TILE + lane_start, lane, next);
+        const AffineMap tile_map = scan_tile<BWD, DESC, W>(t, limit, lane, gate_before);
+        store_tile<BWD, DESC, VEC, W>(P, base, limit, lane, state, t, h_initial);
         state = apply(tile_map, state);
         if (!more) break;
-        if (!FS_ROWS_PREFETCH)
-            load_tile<BWD, DESC, VEC>(P, base, len, tile + FS_ROWS_TILE + (i64)lane * FS_ITEMS, lane, next);
+        if (!FS_ROWS_PREFETCH) load_tile<BWD, DESC, VEC, W>(P, base, limit, tile + TILE + lane_start, lane, next);
         t = next;
     }
-    store_final<BWD, DESC>(P, row, lane, state);
+    if (active) store_final<BWD, DESC, W>(P, row, lane, state);
 }
 
 __device__ __forceinline__ acc_t load_volatile(const acc_t* p) { return *(const volatile acc_t*)p; }
@@ -472,14 +481,19 @@ __device__ __forceinline__ void scan_strided(const ScanParams& P) {
 #undef FS_AT
 }
 
-// Kernel names: scan_rows_<fwd|bwd>_<apply|lookback>_r<reverse>[_vec] and
+// Kernel names: scan_rows_<fwd|bwd>_apply_r<reverse>[_vec]_w<lanes per row: 32, 16, 8>,
+// scan_rows_<fwd|bwd>_lookback_r<reverse>[_vec] and
 // scan_strided_<fwd|bwd>_<reduce|apply>_r<reverse>; see `kernel_name` in src/cuda/scan.rs.
 // `reverse` is the user's flag: the backward scans against it.
-#define FS_ROWS_KERNELS(PASS, BWD, REV, VEC, SUFFIX)                                              \
+#define FS_ROWS_APPLY_KERNEL(PASS, BWD, REV, VEC, SUFFIX, W)                                       \
     extern "C" __global__ void __launch_bounds__(FS_ROWS_WARPS * FS_WARP)                          \
-        scan_rows_##PASS##_apply_r##REV##SUFFIX(const ScanParams P) {                              \
-        scan_rows<BWD, (BWD) != (REV), VEC>(P);                                                    \
-    }                                                                                              \
+        scan_rows_##PASS##_apply_r##REV##SUFFIX##_w##W(const ScanParams P) {                       \
+        scan_rows<BWD, (BWD) != (REV), VEC, W>(P);                                                 \
+    }
+#define FS_ROWS_KERNELS(PASS, BWD, REV, VEC, SUFFIX)                                              \
+    FS_ROWS_APPLY_KERNEL(PASS, BWD, REV, VEC, SUFFIX, 32)                                          \
+    FS_ROWS_APPLY_KERNEL(PASS, BWD, REV, VEC, SUFFIX, 16)                                          \
+    FS_ROWS_APPLY_KERNEL(PASS, BWD, REV, VEC, SUFFIX, 8)                                           \
     extern "C" __global__ void __launch_bounds__(FS_LOOKBACK_WARPS(BWD) * FS_WARP)                 \
         scan_rows_##PASS##_lookback_r##REV##SUFFIX(const ScanParams P) {                           \
         scan_rows_lookback<BWD, (BWD) != (REV), VEC>(P);                                           \

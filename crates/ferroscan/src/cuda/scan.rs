@@ -122,7 +122,13 @@ pub struct ScanPlan {
     pub chunk_len: usize,
     /// Chunks per sequence (1: one pass; else look-back (rows) or reduce + apply (strided)).
     pub n_chunks: usize,
+    /// Rows mapping, one chunk: the lanes that walk a row (32, or 16 or 8 for rows short enough,
+    /// a warp then serving 2 or 4 rows); 32 otherwise.
+    pub row_lanes: usize,
 }
+
+/// Lanes per row the `apply` rows kernels are built for (`_w<lanes>` in their names).
+const ROW_LANES: [usize; 3] = [8, 16, 32];
 
 /// Where the parts of a scan's scratch buffer lie, in bytes from its start. Look-back: the
 /// ticket counter (a `u64` at offset 0) must be zero and every bit of the records set (each word
@@ -178,18 +184,28 @@ impl ScanPlan {
         if shape.inner == 1 {
             // Rows fill the GPU: a warp per row. Else single-pass look-back over chunks of a
             // fixed number of tiles (what a look-back block's warps hold in registers).
-            let tile = 32 * items_per_lane(dtype);
+            let items = items_per_lane(dtype);
+            let tile = 32 * items;
             let chunk = tile * lookback_chunk_tiles();
             let wanted = (sm_count * ROWS_WARPS_PER_SM).div_ceil(shape.outer.max(1));
-            let chunk_len = if wanted > 1 && len > chunk {
-                chunk
-            } else {
-                len.div_ceil(tile) * tile
-            };
+            if wanted > 1 && len > chunk {
+                return ScanPlan {
+                    mapping: Mapping::Rows,
+                    chunk_len: chunk,
+                    n_chunks: len.div_ceil(chunk),
+                    row_lanes: 32,
+                };
+            }
+            // The fewest lanes whose tile holds the row, so that short rows leave fewer empty.
+            let row_lanes = ROW_LANES
+                .into_iter()
+                .find(|&lanes| lanes * items >= len)
+                .unwrap_or(32);
             ScanPlan {
                 mapping: Mapping::Rows,
-                chunk_len,
-                n_chunks: len.div_ceil(chunk_len),
+                chunk_len: len.div_ceil(row_lanes * items) * row_lanes * items,
+                n_chunks: 1,
+                row_lanes,
             }
         } else {
             let wanted = (sm_count * STRIDED_THREADS_PER_SM).div_ceil(shape.state_numel().max(1));
@@ -200,6 +216,7 @@ impl ScanPlan {
                 mapping: Mapping::Strided,
                 chunk_len,
                 n_chunks: len.div_ceil(chunk_len),
+                row_lanes: 32,
             }
         }
     }
@@ -257,20 +274,20 @@ pub fn kernel_name(
     phase: Phase,
     reverse: bool,
     vectorized: bool,
+    row_lanes: usize,
 ) -> String {
+    let rows = mapping == Mapping::Rows;
     format!(
-        "scan_{}_{}_{}_r{}{}",
-        match mapping {
-            Mapping::Rows => "rows",
-            Mapping::Strided => "strided",
-        },
+        "scan_{}_{}_{}_r{}{}{}",
+        if rows { "rows" } else { "strided" },
         if backward { "bwd" } else { "fwd" },
         phase.name(),
         u8::from(reverse),
-        if vectorized && mapping == Mapping::Rows {
-            "_vec"
+        if vectorized && rows { "_vec" } else { "" },
+        if rows && phase == Phase::Apply {
+            format!("_w{row_lanes}")
         } else {
-            ""
+            String::new()
         }
     )
 }
@@ -283,9 +300,12 @@ pub fn all_kernel_names() -> Vec<String> {
             for &phase in mapping.kernel_phases() {
                 for reverse in [false, true] {
                     for vectorized in [false, true] {
-                        let name = kernel_name(mapping, backward, phase, reverse, vectorized);
-                        if !names.contains(&name) {
-                            names.push(name);
+                        for lanes in ROW_LANES {
+                            let name =
+                                kernel_name(mapping, backward, phase, reverse, vectorized, lanes);
+                            if !names.contains(&name) {
+                                names.push(name);
+                            }
                         }
                     }
                 }
@@ -338,7 +358,11 @@ unsafe fn launch(
             1,
             lookback_warps(dtype, backward) * 32,
         ),
-        (Mapping::Rows, _) => (params.outer as usize, ROWS_WARPS, ROWS_WARPS * 32),
+        (Mapping::Rows, _) => (
+            params.outer as usize,
+            ROWS_WARPS * (32 / plan.row_lanes),
+            ROWS_WARPS * 32,
+        ),
         (Mapping::Strided, _) => (
             params.outer as usize * params.inner as usize * plan.n_chunks,
             STRIDED_THREADS,
@@ -368,7 +392,14 @@ unsafe fn launch(
         }?;
     }
     for &phase in plan.phases() {
-        let name = kernel_name(plan.mapping, backward, phase, reverse, vectorized);
+        let name = kernel_name(
+            plan.mapping,
+            backward,
+            phase,
+            reverse,
+            vectorized,
+            plan.row_lanes,
+        );
         let function = device.function(SCAN_SOURCE, dtype, &name)?;
         let mut builder = stream.launch_builder(&function);
         builder.arg(params);
@@ -811,6 +842,33 @@ mod tests {
         // A partial tile: the chunk is rounded up to whole tiles.
         let s = shape(100_000, 300, 1);
         assert_eq!(ScanPlan::new(SMS, DType::F32, &s).chunk_len, 512);
+        // Short rows take the fewest lanes whose tile holds them (a warp serves several rows).
+        for (dtype, len, lanes, chunk_len) in [
+            (DType::BF16, 128, 8, 128),
+            (DType::BF16, 129, 16, 256),
+            (DType::BF16, 512, 32, 512),
+            (DType::F32, 128, 16, 128),
+            (DType::F32, 64, 8, 64),
+            (DType::F32, 1, 8, 64),
+            (DType::F32, 257, 32, 512),
+            (DType::F64, 100, 32, 128),
+        ] {
+            let plan = ScanPlan::new(SMS, dtype, &shape(8 * 1536, len, 1));
+            assert_eq!(
+                (plan.n_chunks, plan.row_lanes, plan.chunk_len),
+                (1, lanes, chunk_len),
+                "{dtype:?} L = {len}"
+            );
+        }
+        // Split rows and the strided mapping keep whole warps.
+        assert_eq!(
+            ScanPlan::new(SMS, DType::F32, &shape(4, 4097, 1)).row_lanes,
+            32
+        );
+        assert_eq!(
+            ScanPlan::new(SMS, DType::F32, &shape(4, 100, 3)).row_lanes,
+            32
+        );
     }
 
     #[test]
@@ -836,11 +894,13 @@ mod tests {
     #[test]
     fn kernel_names_cover_every_phase_of_each_mapping() {
         let names = all_kernel_names();
-        assert_eq!(names.len(), 16 + 8);
+        assert_eq!(names.len(), 8 * 3 + 8 + 8);
         for name in [
             "scan_rows_fwd_lookback_r0_vec",
             "scan_rows_bwd_lookback_r1",
-            "scan_rows_fwd_apply_r1_vec",
+            "scan_rows_fwd_apply_r1_vec_w32",
+            "scan_rows_bwd_apply_r0_w8",
+            "scan_rows_fwd_apply_r0_vec_w16",
             "scan_strided_bwd_reduce_r1",
             "scan_strided_fwd_apply_r0",
         ] {
