@@ -150,6 +150,9 @@ CASES = {
     "lookback-scalar-reverse": Case(outer=4, length=2 * CHUNK + 3, reverse=True, initial=False, grad_final=False),
     "lookback-misaligned-hidden": Case(outer=2, length=3 * CHUNK, misalign="hidden"),
     "lookback-misaligned-x-reverse": Case(outer=1, length=3 * CHUNK, reverse=True, misalign="x"),
+    # rows of one chunk (too few rows for a warp each): a block per row, nothing to look back on
+    "lookback-single-chunk-rows": Case(outer=3, length=CHUNK - 100),
+    "lookback-single-chunk-rows-reverse-scalar": Case(outer=2, length=CHUNK - 3, reverse=True, grad_final=False),
     # one row: every chunk's predecessor is the block before
     "lookback-one-row": Case(outer=1, length=41 * CHUNK + 7),
     "lookback-one-row-reverse": Case(outer=1, length=9 * CHUNK, reverse=True, grad_final=False),

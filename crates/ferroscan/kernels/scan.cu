@@ -10,8 +10,11 @@
 // Two thread mappings:
 //   rows    (inner == 1): a lane owns K consecutive positions of a 32*K tile, scans them serially
 //           in registers, then the warp scans the lanes' maps. Enough rows to fill the GPU: one
-//           warp walks a whole row (`apply` kernels). Few long rows: single-pass decoupled
-//           look-back (`lookback` kernels; Merrill & Garland 2016): a block owns one chunk of
+//           warp walks a whole row (`apply` kernels; short rows: a segment of 8 or 16 lanes
+//           each). Fewer rows: a block per chunk of a row (`lookback` kernels; in 4- and
+//           8-byte types also rows of one chunk, which need no look-back); rows of several
+//           chunks run a single-pass decoupled
+//           look-back (Merrill & Garland 2016): a block owns one chunk of
 //           FS_LOOKBACK_CHUNK_TILES tiles, each of its warps a span of consecutive tiles. A
 //           block takes a ticket from a counter in scratch: its work item in chunk-major order
 //           (row = item % outer, chunk = item / outer), so a chunk only waits on chunks with
