@@ -3,8 +3,8 @@
 // it. Usage: `harness DIR` (see harness_io.h). Parameters: outer, len, reverse, pass (0 forward,
 // 1 backward), lookback (1: chunks of `chunk_tiles` tiles, default FS_LOOKBACK_CHUNK_TILES, on the
 // look-back kernels; 0: the apply kernels, `row_lanes` (32, 16 or 8) lanes per row), want_final (forward),
-// want_grad_initial (backward), repeat N (launch N times, zeroing the counter and setting every
-// bit of the records before each, as the launcher does), and misalign_NAME 1 to place tensor NAME
+// want_grad_initial (backward), repeat N (launch N times, setting every bit of the counter and
+// the records before each, as the launcher does), and misalign_NAME 1 to place tensor NAME
 // one element off a vector boundary (the launcher then picks the scalar kernels, as it does for a
 // length that is not a multiple of FS_ITEMS). A look-back that waited on a record nobody writes
 // would never return: blocks run one after another here.
@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
     const Kernel kernel = pick(bwd, lookback, rev, vec, lanes);
     if (!kernel) return 2;
     for (long long i = 0; i < get_or("repeat", 1); ++i) {
-        ticket = 0;
+        ticket = ~0ull;
         std::memset(maps.data(), 0xff, maps.size() * sizeof(double));
         emu::launch(kernel, P, grid, (lookback ? FS_LOOKBACK_WARPS(bwd) : FS_ROWS_WARPS) * FS_WARP);
     }

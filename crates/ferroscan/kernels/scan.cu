@@ -13,9 +13,8 @@
 //           warp walks a whole row (`apply` kernels; short rows: a segment of 8 or 16 lanes
 //           each). Fewer rows: a block per chunk of a row (`lookback` kernels; in 4- and
 //           8-byte types also rows of one chunk, which need no look-back); rows of several
-//           chunks run a single-pass decoupled
-//           look-back (Merrill & Garland 2016): a block owns one chunk of
-//           FS_LOOKBACK_CHUNK_TILES tiles, each of its warps a span of consecutive tiles. A
+//           chunks run a single-pass decoupled look-back (Merrill & Garland 2016). A block owns
+//           one chunk of FS_LOOKBACK_CHUNK_TILES tiles, each of its warps a span of them. A
 //           block takes a ticket from a counter in scratch: its work item in chunk-major order
 //           (row = item % outer, chunk = item / outer), so a chunk only waits on chunks with
 //           smaller items, which are already running (forward progress whatever the
@@ -27,9 +26,9 @@
 //           its registers from the state entering its span. A record (A, B, S, unused) in acc_t
 //           per (row, chunk) starts with every bit set, a pattern no published word has, so a
 //           reader polls the values themselves: no flags and no fences, one memory round trip
-//           per poll. The counter is zeroed and the records filled before each launch
-//           (`ScratchLayout` in src/cuda/scan.rs). The end state is a value, not a map: the
-//           initial state is known.
+//           per poll. One fill sets every bit of the counter and the records before each launch
+//           (`ScratchLayout` in src/cuda/scan.rs), so a block's item is its ticket plus one. The
+//           end state is a value, not a map: the initial state is known.
 //   strided (inner  > 1): one thread per (outer, inner, chunk); consecutive threads own
 //           consecutive inner indices, so every load and store of a warp is coalesced. With
 //           several chunks a reduce launch stores each chunk's map (A, B), and the apply launch
@@ -91,7 +90,7 @@ struct ScanParams {
     acc_t* maps;                 // strided, n_chunks > 1: (outer, n_chunks, inner) pairs (A, B);
                                  // look-back: (outer, n_chunks) records (A, B, S, unused),
                                  // every bit set at launch (unpublished)
-    unsigned long long* ticket;  // look-back: the ticket counter, zero at launch
+    unsigned long long* ticket;  // look-back: the ticket counter, every bit set at launch
     i64 outer, len, inner, chunk_len, n_chunks;
 };
 
@@ -154,6 +153,10 @@ struct RowTile {
 // Tiles of W < 32 lanes: a warp serves 32 / W short rows, each on a segment of W consecutive
 // lanes; `lane` stays the lane in the warp, `lane & (W - 1)` is the one in the segment, and
 // `lane | (W - 1)` the segment's last.
+template <int W>
+__device__ __forceinline__ bool segment_first(int lane) { return (lane & (W - 1)) == 0; }
+template <int W>
+__device__ __forceinline__ bool segment_last(int lane) { return (lane & (W - 1)) == W - 1; }
 
 // Issues the loads of a tile (no shuffles, so a warp can have several tiles' loads in flight).
 template <bool BWD, bool DESC, bool VEC, int W = FS_WARP>
@@ -165,8 +168,8 @@ __device__ __forceinline__ void load_tile(const ScanParams& P, i64 base, i64 u_e
     if (BWD) {  // h_before(u) = h at position u+1 (h0 past the end)
         load_run<VEC, DESC>(P.aux + base, len, u_end, u0, t.h, acc_t(0));
         const i64 after = u0 + FS_ITEMS;
-        t.h_next = ((lane & (W - 1)) == W - 1 && u0 < u_end && after < len) ? to_acc(P.aux[base + phys<DESC>(after, len)])
-                                                                      : acc_t(0);
+        t.h_next = (segment_last<W>(lane) && u0 < u_end && after < len) ? to_acc(P.aux[base + phys<DESC>(after, len)])
+                                                                        : acc_t(0);
     }
 }
 
@@ -178,7 +181,7 @@ __device__ __forceinline__ void shift_gates(RowTile& t, int lane, acc_t& gate_be
     const acc_t last = run_at<DESC>(t.g, FS_ITEMS - 1);
     const acc_t from_left = __shfl_up_sync(FS_FULL_MASK, last, 1);
     const acc_t tile_last = __shfl_sync(FS_FULL_MASK, last, lane | (W - 1));
-    t.g_first = (lane & (W - 1)) == 0 ? gate_before : from_left;
+    t.g_first = segment_first<W>(lane) ? gate_before : from_left;
     gate_before = tile_last;
 }
 
@@ -208,7 +211,7 @@ __device__ __forceinline__ void store_tile(const ScanParams& P, i64 base, i64 u_
     const i64 len = P.len, u0 = t.u0;
     AffineMap before = AffineMap{__shfl_up_sync(FS_FULL_MASK, t.inclusive.a, 1),
                                  __shfl_up_sync(FS_FULL_MASK, t.inclusive.b, 1)};
-    if ((lane & (W - 1)) == 0) before = identity_map();
+    if (segment_first<W>(lane)) before = identity_map();
     acc_t s = apply(before, state);
     if (!BWD) {
         acc_t h[K];
@@ -220,7 +223,7 @@ __device__ __forceinline__ void store_tile(const ScanParams& P, i64 base, i64 u_
         store_run<VEC, DESC>(P.out0 + base, len, u_end, u0, h);
     } else {
         const acc_t from_right = __shfl_down_sync(FS_FULL_MASK, run_at<DESC>(t.h, 0), 1);
-        const acc_t h_after = (u0 + K >= len) ? h_initial : ((lane & (W - 1)) == W - 1) ? t.h_next : from_right;
+        const acc_t h_after = (u0 + K >= len) ? h_initial : segment_last<W>(lane) ? t.h_next : from_right;
         acc_t grad_a[K], grad_x[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -238,7 +241,7 @@ __device__ __forceinline__ void store_tile(const ScanParams& P, i64 base, i64 u_
 // The row's last state, as `final_out` wants it (backward: dL/dh0 = a[first step] * g).
 template <bool BWD, bool DESC, int W = FS_WARP>
 __device__ __forceinline__ void store_final(const ScanParams& P, i64 row, int lane, acc_t state) {
-    if ((lane & (W - 1)) != 0 || !P.final_out) return;
+    if (!segment_first<W>(lane) || !P.final_out) return;
     const acc_t f = BWD ? to_acc(P.gates[row * P.len + phys<DESC>(P.len - 1, P.len)]) * state : state;
     P.final_out[row] = from_acc(f);
 }
@@ -315,7 +318,7 @@ __device__ __forceinline__ acc_t look_back(const ScanParams& P, i64 row, i64 chu
     AffineMap later = identity_map();  // the chunks between the current window and `chunk`
     for (i64 end = chunk;; end -= FS_WARP) {
         const i64 j = end - FS_WARP + lane;
-        const acc_t* r = P.maps + 4 * (first + j);
+        const acc_t* r = P.maps + 4 * (first + max(j, (i64)0));  // read only when j >= 0
         acc_t a, b, s;
         bool has_state, has_map;
         for (;;) {  // poll until every chunk of the window has published its map or its end state
@@ -352,7 +355,7 @@ __device__ __forceinline__ void scan_rows_lookback(const ScanParams& P) {
     __shared__ acc_t chunk_state_in;
     if (threadIdx.x == 0) block_ticket = atomicAdd(P.ticket, 1ull);
     __syncthreads();
-    const i64 item = (i64)block_ticket;
+    const i64 item = (i64)(block_ticket + 1ull);  // the counter starts at 2^64 - 1
     if (item >= P.outer * P.n_chunks) return;  // the whole block
     const i64 row = item % P.outer, chunk = item / P.outer;
     const i64 len = P.len, base = row * len;

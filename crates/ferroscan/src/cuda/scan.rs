@@ -134,18 +134,16 @@ pub struct ScanPlan {
 const ROW_LANES: [usize; 3] = [8, 16, 32];
 
 /// Where the parts of a scan's scratch buffer lie, in bytes from its start. Look-back: the
-/// ticket counter (a `u64` at offset 0) must be zero and every bit of the records set (each word
-/// "unpublished") when a launch begins.
+/// ticket counter (a `u64` at offset 0) and the records start with every bit set (the counter's
+/// first ticket is then `u64::MAX`, the kernel's first item 0; each record word "unpublished").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScratchLayout {
-    /// The bytes from the start that must be zero when a launch begins (look-back: the counter).
-    pub zeroed: usize,
     /// Reduce + apply: (A, B) per (sequence, chunk); look-back: (A, B, S, unused) per
     /// (row, chunk); accumulators of the dtype (`double` for float64, else `float`).
     pub maps: usize,
-    /// The bytes from `maps` on that must have every bit set when a launch begins (look-back:
-    /// all its records; 0 otherwise).
-    pub unpublished: usize,
+    /// The bytes from the start that must have every bit set when a launch begins (look-back:
+    /// the counter and the records, one fill; 0 otherwise).
+    pub all_ones: usize,
     /// Total bytes (0: no scratch).
     pub total: usize,
 }
@@ -231,13 +229,13 @@ impl ScanPlan {
         }
     }
 
-    /// The launches, in order: one pass; or look-back (rows); or reduce, then apply (strided).
+    /// The launches, in order: one pass; or a block per chunk, looking back (rows); or reduce,
+    /// then apply (strided).
     pub fn phases(&self) -> &'static [Phase] {
-        match (self.mapping, self.n_chunks > 1) {
-            (Mapping::Rows, _) if self.block_per_chunk => &[Phase::LookBack],
-            (_, false) => &[Phase::Apply],
-            (Mapping::Rows, true) => &[Phase::LookBack],
-            (Mapping::Strided, true) => &[Phase::Reduce, Phase::Apply],
+        match self.mapping {
+            Mapping::Rows if self.block_per_chunk => &[Phase::LookBack],
+            Mapping::Strided if self.n_chunks > 1 => &[Phase::Reduce, Phase::Apply],
+            _ => &[Phase::Apply],
         }
     }
 
@@ -247,12 +245,11 @@ impl ScanPlan {
         let chunks = shape.state_numel() * self.n_chunks;
         match self.phases() {
             [Phase::LookBack] => {
-                let records = chunks * 4 * acc;
+                let total = 16 + chunks * 4 * acc;
                 ScratchLayout {
-                    zeroed: 8,
                     maps: 16,
-                    unpublished: records,
-                    total: 16 + records,
+                    all_ones: total,
+                    total,
                 }
             }
             [Phase::Reduce, Phase::Apply] => ScratchLayout {
@@ -343,8 +340,8 @@ fn check_scratch(
     Ok(())
 }
 
-/// Launches the plan's phases of the (backward?, reverse?) scan, zeroing the look-back's
-/// counter and marking its records unpublished first.
+/// Launches the plan's phases of the (backward?, reverse?) scan, first setting every bit of the
+/// look-back's counter and records.
 ///
 /// # Safety
 /// Every non-zero address in `params` must be valid for the shape it describes; `scratch`
@@ -386,21 +383,9 @@ unsafe fn launch(
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let layout = scratch.1;
-    if layout.zeroed > 0 {
+    if scratch.1.all_ones > 0 {
         // SAFETY: the caller guarantees the scratch holds the layout.
-        unsafe { fill_async(stream, scratch.0, layout.zeroed, 0) }?;
-    }
-    if layout.unpublished > 0 {
-        // SAFETY: as above.
-        unsafe {
-            fill_async(
-                stream,
-                scratch.0 + layout.maps as u64,
-                layout.unpublished,
-                0xff,
-            )
-        }?;
+        unsafe { fill_async(stream, scratch.0, scratch.1.all_ones, 0xff) }?;
     }
     for &phase in plan.phases() {
         let name = kernel_name(
@@ -799,9 +784,8 @@ mod tests {
         assert_eq!(
             plan.scratch_layout(DType::F32, &s),
             ScratchLayout {
-                zeroed: 8,
                 maps: 16,
-                unpublished: 16 * records,
+                all_ones: 16 + 16 * records,
                 total: 16 + 16 * records,
             }
         );
@@ -827,11 +811,9 @@ mod tests {
                 assert!(plan.chunk_len * (plan.n_chunks - 1) < len);
                 let records = outer * plan.n_chunks;
                 let l = plan.scratch_layout(dtype, &s);
-                assert_eq!(l.zeroed, 8, "the counter");
-                assert_eq!(l.maps % 16, 0, "records start 16-byte aligned");
-                assert!(l.maps >= l.zeroed);
-                assert_eq!(l.unpublished, records * 4 * dtype.accumulator_bytes());
-                assert_eq!(l.total, l.maps + l.unpublished);
+                assert_eq!(l.maps, 16, "records after the counter, 16-byte aligned");
+                assert_eq!(l.total, l.maps + records * 4 * dtype.accumulator_bytes());
+                assert_eq!(l.all_ones, l.total, "counter and records are one fill");
             }
         }
     }
