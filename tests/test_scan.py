@@ -625,6 +625,23 @@ def test_gradient_to_one_input_only(device: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_create_graph_gives_first_derivatives_and_refuses_second(device: str) -> None:
+    """Under ``create_graph=True`` the first derivatives are the plain backward's, bit for bit;
+    differentiating them again raises (the kernels have no second derivative) instead of giving
+    wrong higher derivatives."""
+    gates, tokens, initial = make_inputs((2, 3, 40), -1, F64, device, seed=54, initial=True)
+    g, x, h0 = leaf(gates), leaf(tokens), leaf(initial)
+    h = ferroscan.scan(g, x, initial=h0)
+    loss = (h * h).sum()
+    plain = torch.autograd.grad(loss, (g, x, h0), retain_graph=True)
+    graphed = torch.autograd.grad(loss, (g, x, h0), create_graph=True)
+    for a, b in zip(graphed, plain):
+        assert a.requires_grad
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        graphed[0].sum().backward()
+
+
 def test_no_requires_grad_gives_plain_tensors(device: str) -> None:
     gates, tokens, initial = make_inputs((2, 3, 10), -1, F32, device, seed=53, initial=True)
     h, hf = ferroscan.scan(gates, tokens, initial=initial, return_final=True)

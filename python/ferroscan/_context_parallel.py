@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import DTYPE_NAMES, check_tensor
+from .ops._dispatch import once_differentiable_fast
 
 Tensor = torch.Tensor
 
@@ -214,7 +215,7 @@ class _ContextParallel(torch.autograd.Function):
         return out, final
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable_fast
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor,  # type: ignore[override]
                  grad_final: Tensor) -> tuple:  # fmt: skip
         graph = ctx.graph

@@ -69,8 +69,10 @@ int main(int argc, char** argv) {
     }
     P.out0 = out0.data;
     P.final_out = final_out.n ? final_out.data : nullptr;
-    P.maps = lookback ? maps.data() : nullptr;
-    P.ticket = lookback ? &ticket : nullptr;
+    // As the launcher: rows of one chunk get no scratch (the kernel must not touch it).
+    const bool scratch = lookback && n_chunks > 1;
+    P.maps = scratch ? maps.data() : nullptr;
+    P.ticket = scratch ? &ticket : nullptr;
     P.outer = outer;
     P.len = len;
     P.inner = 1;

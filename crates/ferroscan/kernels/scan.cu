@@ -27,8 +27,9 @@
 //           per (row, chunk) starts with every bit set, a pattern no published word has, so a
 //           reader polls the values themselves: no flags and no fences, one memory round trip
 //           per poll. One fill sets every bit of the counter and the records before each launch
-//           (`ScratchLayout` in src/cuda/scan.rs), so a block's item is its ticket plus one. The
-//           end state is a value, not a map: the initial state is known.
+//           (`ScratchLayout` in src/cuda/scan.rs), so a block's item is its ticket plus one
+//           (rows of one chunk take their block index and have no scratch). The end state is a
+//           value, not a map: the initial state is known.
 //   strided (inner  > 1): one thread per (outer, inner, chunk); consecutive threads own
 //           consecutive inner indices, so every load and store of a warp is coalesced. With
 //           several chunks a reduce launch stores each chunk's map (A, B), and the apply launch
@@ -350,12 +351,15 @@ __device__ __forceinline__ void scan_rows_lookback(const ScanParams& P) {
     const int lane = threadIdx.x % FS_WARP, warp = threadIdx.x / FS_WARP;
     // A block's ticket is its chunk-major work item: the block's warps split the chunk into
     // consecutive spans, combine their maps in shared memory, and warp 0 alone looks back.
-    __shared__ unsigned long long block_ticket;
+    // Rows of one chunk wait on nobody: their block index is their item, and they have no
+    // scratch (no counter, no records).
+    __shared__ i64 block_item;
     __shared__ AffineMap warp_maps[WARPS];
     __shared__ acc_t chunk_state_in;
-    if (threadIdx.x == 0) block_ticket = atomicAdd(P.ticket, 1ull);
+    if (threadIdx.x == 0)  // the counter starts at 2^64 - 1
+        block_item = P.n_chunks == 1 ? (i64)blockIdx.x : (i64)(atomicAdd(P.ticket, 1ull) + 1ull);
     __syncthreads();
-    const i64 item = (i64)(block_ticket + 1ull);  // the counter starts at 2^64 - 1
+    const i64 item = block_item;
     if (item >= P.outer * P.n_chunks) return;  // the whole block
     const i64 row = item % P.outer, chunk = item / P.outer;
     const i64 len = P.len, base = row * len;

@@ -32,10 +32,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 import ferroscan
 
+from ..ops._dispatch import once_differentiable_fast
 from ._common import prepare
 
 __all__ = ["pscan", "scan_forward", "PScan"]
@@ -122,7 +122,7 @@ class PScan(torch.autograd.Function):
         return states.to(out_dtype)
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable_fast
     def backward(
         ctx: Any, grad_output: torch.Tensor
     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

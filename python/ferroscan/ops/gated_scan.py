@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _backend, _native
 from .._checks import (
@@ -43,7 +42,7 @@ from .._checks import (
     check_tensor,
     normalize_dim,
 )
-from ._dispatch import needs_custom_op
+from ._dispatch import needs_custom_op, once_differentiable_fast
 from ._layout import ScanLayout, laid_out_like
 from .scan import scan
 
@@ -200,7 +199,7 @@ class _EagerGated(torch.autograd.Function):
         return y, final
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable_fast
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Optional[Tensor],
                  grad_final: Optional[Tensor]) -> tuple:  # fmt: skip
         x, a, b, c, checkpoints = ctx.saved_tensors

@@ -23,7 +23,6 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _backend, _native
 from .._checks import (
@@ -34,7 +33,7 @@ from .._checks import (
     check_tensor,
     normalize_dim,
 )
-from ._dispatch import needs_custom_op
+from ._dispatch import needs_custom_op, once_differentiable_fast
 from ._layout import ScanLayout, laid_out_like
 
 Tensor = torch.Tensor
@@ -184,7 +183,7 @@ class _EagerScan(torch.autograd.Function):
         return hidden, final
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable_fast
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_hidden: Optional[Tensor],
                  grad_final: Optional[Tensor]) -> tuple:  # fmt: skip
         gates, hidden, initial = ctx.saved_tensors

@@ -42,11 +42,10 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _backend, _native
 from .._checks import check_same_device, check_shape, check_tensor
-from ._dispatch import needs_custom_op
+from ._dispatch import needs_custom_op, once_differentiable_fast
 
 Tensor = torch.Tensor
 
@@ -306,7 +305,7 @@ class _EagerSelectiveScan(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable_fast
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Optional[Tensor],
                  grad_last: Optional[Tensor], _grad_checkpoints: Optional[Tensor]) -> tuple:  # fmt: skip
         return _gradients(ctx, grad_out, grad_last, _backward_impl)

@@ -244,6 +244,8 @@ impl ScanPlan {
         let acc = dtype.accumulator_bytes();
         let chunks = shape.state_numel() * self.n_chunks;
         match self.phases() {
+            // Rows of a single chunk look back on nothing (the kernel takes its block index).
+            [Phase::LookBack] if self.n_chunks == 1 => ScratchLayout::default(),
             [Phase::LookBack] => {
                 let total = 16 + chunks * 4 * acc;
                 ScratchLayout {
@@ -827,11 +829,16 @@ mod tests {
         assert_eq!(plan.phases(), &[Phase::Apply]);
         assert_eq!(plan.scratch_bytes(DType::F32, &s), 0);
         // Too few rows for a warp each, no longer than one chunk: a block of warps per row, no
-        // look-back; a row of one tile stays with one warp.
+        // look-back (so no scratch: no counter, no records); a row of one tile stays with one
+        // warp.
         let s = shape(4, 4096, 1);
         let plan = ScanPlan::new(SMS, DType::F32, &s);
         assert_eq!((plan.n_chunks, plan.chunk_len), (1, 4096));
         assert_eq!(plan.phases(), &[Phase::LookBack]);
+        assert_eq!(
+            plan.scratch_layout(DType::F32, &s),
+            ScratchLayout::default()
+        );
         let plan = ScanPlan::new(SMS, DType::F32, &shape(512, 1000, 1));
         assert_eq!((plan.n_chunks, plan.chunk_len), (1, 1024));
         assert_eq!(plan.phases(), &[Phase::LookBack]);
