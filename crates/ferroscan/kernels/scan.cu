@@ -11,8 +11,8 @@
 //   rows    (inner == 1): a lane owns K consecutive positions of a 32*K tile, scans them serially
 //           in registers, then the warp scans the lanes' maps. Enough rows to fill the GPU: one
 //           warp walks a whole row (`apply` kernels; short rows: a segment of 8 or 16 lanes
-//           each). Fewer rows: a block per chunk of a row (`lookback` kernels; in 4- and
-//           8-byte types also rows of one chunk, which need no look-back); rows of several
+//           each). Fewer rows: a block per chunk of a row (`lookback` kernels; also rows
+//           of one chunk longer than a tile, which need no look-back); rows of several
 //           chunks run a single-pass decoupled look-back (Merrill & Garland 2016). A block owns
 //           one chunk of FS_LOOKBACK_CHUNK_TILES tiles, each of its warps a span of them. A
 //           block takes a ticket from a counter in scratch: its work item in chunk-major order
