@@ -1,4 +1,5 @@
-"""When an operation goes through its torch.library custom op rather than the eager fast path."""
+"""The eager fast path of every operation: when it must go through its torch.library custom op
+instead, and the backward wrapper its autograd Functions share."""
 
 from __future__ import annotations
 
