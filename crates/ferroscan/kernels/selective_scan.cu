@@ -1112,13 +1112,22 @@ __device__ __forceinline__ void sum_parked_bc(const SelParams& Q, const acc_t* r
         // Share k takes channels k, k + SPLIT, ...: the threads of a run then read neighbouring
         // channels, on distinct banks.
         const acc_t* src = red + (row * ROWS + share) * W + q;
-        AccRun<4> sum = lds_run<4>(src);
+        // Even and odd channels in two sums, added last: half the dependent chain of additions.
+        constexpr int CH = ROWS / SPLIT;
+        AccRun<4> sum = lds_run<4>(src), odd;
 #pragma unroll
-        for (int cc = 1; cc < ROWS / SPLIT; ++cc) {
+        for (int k = 0; k < 4; ++k) odd.x[k] = 0;
+#pragma unroll
+        for (int cc = 1; cc < CH; ++cc) {
             const AccRun<4> x = lds_run<4>(src + cc * SPLIT * W);
 #pragma unroll
-            for (int k = 0; k < 4; ++k) sum.x[k] += x.x[k];
+            for (int k = 0; k < 4; ++k) {
+                if (cc % 2) odd.x[k] += x.x[k];
+                else sum.x[k] += x.x[k];
+            }
         }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) sum.x[k] += odd.x[k];
 #pragma unroll
         for (int d = 1; d < SPLIT; d <<= 1)
 #pragma unroll
@@ -1126,12 +1135,17 @@ __device__ __forceinline__ void sum_parked_bc(const SelParams& Q, const acc_t* r
         const i64 tg = t + row / 2;
         acc_t* dst = row % 2 ? Q.part_c : Q.part_b;
         if (share != 0 || !dst || tg >= Q.len) continue;
-        // Value k of the run is state q/PT + k/PT, part k%PT (q is a multiple of 4, so of PT).
+        // Value k of the run is state q/PT + k/PT, part k%PT (q is a multiple of 4, so of PT). The
+        // pointer steps from state to state: no 64-bit index products per value.
         const i64 span = Q.len * PT;
+        const int states = (int)min((i64)(4 / PT), Q.dstate - q / PT);
         acc_t* out = dst + ((b * Q.tiles + tile) * Q.dstate + q / PT) * span + tg * PT;
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-            if (q / PT + k / PT < Q.dstate) out[k / PT * span + k % PT] = sum.x[k];
+        for (int k = 0; k < 4; k += PT, out += span) {
+            if (k / PT >= states) break;
+#pragma unroll
+            for (int part = 0; part < PT; ++part) out[part] = sum.x[k + part];
+        }
     }
 }
 
