@@ -67,6 +67,8 @@ struct uint4 {
     unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+// A write-back vector store to global memory: on the host, a plain store.
+inline void __stwb(uint4* p, uint4 v) { *p = v; }
 inline double __hiloint2double(int hi, int lo) {
     uint64_t bits = ((uint64_t)(uint32_t)hi << 32) | (uint32_t)lo;
     double d;

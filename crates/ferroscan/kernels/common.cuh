@@ -261,6 +261,13 @@ struct Run {
 #pragma unroll
         for (int i = 0; i < WORDS / 4; ++i) v[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
     }
+    // As store, to global memory, with the vector store spelled out: in kernels whose stores sit
+    // among shared-memory reads through other pointers, NVVM split uint4 stores into four.
+    __device__ __forceinline__ void store_global(storage_t* p) const {
+        uint4* v = reinterpret_cast<uint4*>(p);
+#pragma unroll
+        for (int i = 0; i < WORDS / 4; ++i) __stwb(v + i, make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]));
+    }
     __device__ __forceinline__ acc_t get(int i) const { return unpack_value(w, i); }
     __device__ __forceinline__ void set(int i, acc_t v) { pack_value(w, i, v); }
 };
