@@ -256,14 +256,9 @@ struct Run {
             w[4 * i] = x.x; w[4 * i + 1] = x.y; w[4 * i + 2] = x.z; w[4 * i + 3] = x.w;
         }
     }
+    // To global memory, with the vector store spelled out: as a plain uint4 assignment, NVVM split
+    // it into four scalar stores in kernels where it sits among shared-memory reads.
     __device__ __forceinline__ void store(storage_t* p) const {
-        uint4* v = reinterpret_cast<uint4*>(p);
-#pragma unroll
-        for (int i = 0; i < WORDS / 4; ++i) v[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
-    }
-    // As store, to global memory, with the vector store spelled out: in kernels whose stores sit
-    // among shared-memory reads through other pointers, NVVM split uint4 stores into four.
-    __device__ __forceinline__ void store_global(storage_t* p) const {
         uint4* v = reinterpret_cast<uint4*>(p);
 #pragma unroll
         for (int i = 0; i < WORDS / 4; ++i) __stwb(v + i, make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]));

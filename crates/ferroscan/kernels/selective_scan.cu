@@ -364,7 +364,7 @@ __device__ __forceinline__ void store_vector(storage_t* p, const acc_t* v) {
     Run<FS_SEL_VEC> r;
 #pragma unroll
     for (int j = 0; j < FS_SEL_VEC; ++j) r.set(j, v[j]);
-    r.store_global(p);
+    r.store(p);
 }
 
 // V consecutive values of a shared-memory row (or of global scratch, in `selective_reduce_bc`),
