@@ -74,6 +74,7 @@ class Case:
     lanes: Optional[int] = None  # P; default: the launcher's choice
     states: Optional[int] = None
     ct: Optional[int] = None  # channels per tile; default: the launcher's choice
+    chunks: int = 1  # backward time chunks (``BackwardPlan``; the launcher cuts few, long rows)
 
 
 def plan(case: Case) -> tuple[int, int, int, int]:
@@ -93,6 +94,14 @@ def plan(case: Case) -> tuple[int, int, int, int]:
             span = math.gcd(span, case.dim // g)
     ct = case.ct or (most if span == 0 else max(r for r in range(1, min(most, span) + 1) if span % r == 0))
     return lanes, states, ct, -(-case.dim // ct)
+
+
+def chunking(case: Case) -> dict[str, int]:
+    """The backward's time chunks as ``BackwardPlan`` cuts them: whole 16-step segments, every
+    chunk but the last of equal length, none empty."""
+    segments = -(-case.length // 16)
+    per_chunk = max(1, -(-segments // case.chunks))
+    return {"chunks": max(1, -(-segments // per_chunk)), "chunk_cks": per_chunk}
 
 
 def _inputs(case: Case, seed: int) -> dict[str, Optional[torch.Tensor]]:
@@ -173,7 +182,7 @@ def run(case: Case, emulators: dict, folder: Path, seed: int = 0) -> None:
     params = {
         "batch": case.batch, "dim": case.dim, "len": case.length, "dstate": case.dstate,
         "softplus": int(case.softplus), "P": lanes, "S": states, "ct": ct, "tiles": tiles,
-        "b_groups": case.b_groups, "c_groups": case.c_groups,
+        "b_groups": case.b_groups, "c_groups": case.c_groups, **chunking(case),
     }  # fmt: skip
     for name in ("u", "delta", "z", "grad_out"):
         _write(folder, "dout" if name == "grad_out" else name, x[name], params, "dout" if name == "grad_out" else name)
@@ -236,6 +245,12 @@ CASES = {
     "complex-N5-constant-channels-last": Case(complex_=True, dstate=5, channels_last=True, softplus=False, length=18),
     "complex-N64-P16": Case(complex_=True, batch=1, dim=4, dstate=64, b_groups=1, c_groups=1, length=17),
     "complex-N100-P32": Case(complex_=True, batch=1, dim=2, dstate=100, c_groups=1, length=9),
+    # Backward in time chunks: phase-A records, composed adjoints, per-chunk parameter partials.
+    "real-N16-time-chunks": Case(b_groups=2, c_groups=1, length=100, chunks=3),  # 7 segments: 3+3+1
+    "real-N16-time-chunks-constant-BC": Case(dim=32, length=150, chunks=4, grad_last=False),
+    "real-N16-time-chunks-P8-S2": Case(lanes=8, states=2, b_groups=1, c_groups=1, length=70, chunks=5),
+    "real-N200-time-chunks": Case(batch=1, dim=3, dstate=200, b_groups=1, c_groups=1, length=40, chunks=2),
+    "complex-N16-time-chunks": Case(complex_=True, b_groups=1, c_groups=2, length=67, chunks=2),
 }
 
 

@@ -21,6 +21,22 @@ Kernel pick(long long P, long long S) {
     throw std::runtime_error("no kernel for this configuration");
 }
 
+#if FS_SEL_PASS == 1
+// The backward kernel over time chunks, and its phase A.
+Kernel pick_chunked(long long P, long long S) {
+#define FS_HARNESS_CH(p, s) \
+    if (P == p && S == s) return selective_bwd_chunked_p##p##_s##s;
+    FS_SEL_CONFIGS(FS_HARNESS_CH)
+    throw std::runtime_error("no chunked kernel for this configuration");
+}
+Kernel pick_carry(long long P, long long S) {
+#define FS_HARNESS_C(p, s) \
+    if (P == p && S == s) return selective_carry_p##p##_s##s;
+    FS_SEL_CONFIGS(FS_HARNESS_C)
+    throw std::runtime_error("no carry kernel for this configuration");
+}
+#endif
+
 }  // namespace harness
 
 int main(int argc, char** argv) {
@@ -79,9 +95,12 @@ int main(int argc, char** argv) {
     save("last", last);
     save("ckpt_out", checkpoints);
 #else
-    const long long slots = 3 * N * parts + 2;
+    const long long slots = 3 * N * parts + 2, chunks = get("chunks");
+    Q.chunks = chunks;
+    Q.chunk_cks = get("chunk_cks");
     std::vector<double> du(seq), ddelta(seq), dz(z.empty() ? 0 : seq), dinitial(initial.empty() ? 0 : state);
-    std::vector<double> part_params(batch * dim * slots);
+    std::vector<double> part_params(batch * chunks * dim * slots);
+    std::vector<double> part_carry(chunks > 1 ? batch * chunks * dim * (N * parts + 1) : 0);
     const long long per_var = batch * Q.tiles * N * len * parts;
     std::vector<double> part_b(b_var.empty() ? 0 : per_var), part_c(c_var.empty() ? 0 : per_var);
     Q.ckpt = ptr(ckpt);
@@ -92,7 +111,13 @@ int main(int argc, char** argv) {
     Q.part_params = ptr(part_params);
     Q.part_b = ptr(part_b);
     Q.part_c = ptr(part_c);
-    emu::launch(kernel, Q, grid, FS_SEL_THREADS);
+    Q.part_carry = ptr(part_carry);
+    if (chunks > 1) {
+        emu::launch(pick_carry(get("P"), get("S")), Q, grid * (unsigned)(chunks - 1), FS_SEL_THREADS);
+        emu::launch(pick_chunked(get("P"), get("S")), Q, grid * (unsigned)chunks, FS_SEL_THREADS);
+    } else {
+        emu::launch(kernel, Q, grid, FS_SEL_THREADS);
+    }
     std::vector<double> dA(dim * N * parts), dB(b_const.size()), dC(c_const.size());
     std::vector<double> dD(D.empty() ? 0 : dim), dbias(bias.empty() ? 0 : dim);
     SelReduceParams R{};
@@ -102,7 +127,7 @@ int main(int argc, char** argv) {
     R.dc = ptr(dC);
     R.dd = ptr(dD);
     R.dbias = ptr(dbias);
-    R.batch = batch;
+    R.batch = batch * chunks;  // the partials of every (batch element, time chunk)
     R.dim = dim;
     R.len = len;
     R.dstate = N;
@@ -120,6 +145,7 @@ int main(int argc, char** argv) {
         Rv.src = which ? ptr(part_c) : ptr(part_b);
         Rv.dvar = ptr(dst);
         Rv.groups = groups;
+        Rv.batch = batch;
         // Two blocks, fewer threads than runs of values: every thread takes several turns of the
         // kernel's grid-stride loop.
         emu::launch(selective_reduce_bc, Rv, 2u, 256);

@@ -97,17 +97,19 @@ struct SelParams {
     storage_t* ddelta;
     storage_t* dz;                // may be null
     acc_t* dinitial;              // may be null
-    acc_t* part_params;           // (batch, dim, 3·N·parts + 2)
+    acc_t* part_params;           // (batch, chunks, dim, 3·N·parts + 2)
     acc_t* part_b;                // (batch, tiles, N, L·parts) when B is variable
     acc_t* part_c;
+    acc_t* part_carry;            // backward over chunks: (batch, chunks, dim, N·parts + 1)
     i64 batch, dim, len, dstate, n_ck;
+    i64 chunks, chunk_cks;        // backward: time chunks, checkpoints (16-step segments) per chunk
     Strides<3> u_s, delta_s, z_s, dout_s;
     Strides<4> b_s, c_s;
     i64 b_groups, c_groups;       // 0 when constant
     i64 ct, tiles;                // channels per tile, tiles per batch element (dim = tiles·ct, rounded up)
     int softplus, pad_;
 };
-static_assert(sizeof(SelParams) == 424, "SelParams must match SelectiveParams in src/cuda/selective_scan.rs");
+static_assert(sizeof(SelParams) == 448, "SelParams must match SelectiveParams in src/cuda/selective_scan.rs");
 
 // Mirrored by `SelectiveReduceParams` in src/cuda/selective_scan.rs.
 struct SelReduceParams {
@@ -272,6 +274,18 @@ __device__ __forceinline__ int fresh_tid() {
     return tid;
 #else
     return threadIdx.x;  // host emulation
+#endif
+}
+
+// blockIdx.x read afresh, for the same reason (values derived from it that are needed inside and
+// after a long loop cost registers, and in the backward, spills).
+__device__ __forceinline__ unsigned fresh_block() {
+#ifdef __CUDA_ARCH__
+    unsigned block;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
+    return block;
+#else
+    return blockIdx.x;  // host emulation
 #endif
 }
 
@@ -827,6 +841,13 @@ __device__ __forceinline__ void stage_plain(const TileRegs<ROWS, T>& r, const Se
     r.template stage<ROW>(dst, c0, Q.ct, Q.dim, t0, Q.len, [](int, acc_t v) { return v; });
 }
 
+// delta_bias of the block's channels to s_bias (zero past the tile or dim, or without a bias).
+template <int ROWS>
+__device__ __forceinline__ void stage_bias(const SelParams& Q, i64 c0, acc_t* s_bias) {
+    for (int cc = threadIdx.x; cc < ROWS; cc += FS_SEL_THREADS)
+        s_bias[cc] = (Q.bias && cc < Q.ct && c0 + cc < Q.dim) ? Q.bias[c0 + cc] : acc_t(0);
+}
+
 // The per-thread constants of a channel's states: A (and A with log2(e) folded in), constant
 // B and C (zeros when variable or past N).
 template <int S>
@@ -887,7 +908,8 @@ struct FwdPlan {
     ((4 * (FS_SEL_THREADS / (P)) * (FS_SEL_CK + 4) + (FS_SEL_THREADS / (P)) + 2 * FS_SEL_TS(S) * (P) * (S) * FS_SEL_PARTS +         \
       (FS_SEL_CK / FS_SEL_TS(S) > 1 ? FS_SEL_CK / FS_SEL_TS(S) - 1 : 1) * FS_SEL_THREADS * (S) * FS_SEL_PARTS + \
       (TR) * 2 * FS_SEL_THREADS * (S) * FS_SEL_PARTS) *                                                \
-     (int)sizeof(acc_t))
+         (int)sizeof(acc_t) +                                                                             \
+     16 /* first_segment, aligned */)
 
 template <int P, int S>
 struct BwdPlan {
@@ -999,8 +1021,7 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
     const acc_t d_skip = (active && Q.D) ? Q.D[d] : acc_t(0);
     acc_t* ck = (Q.ckpt && active) ? Q.ckpt + (row * Q.n_ck * N + l * S) * FS_SEL_PARTS : nullptr;
 
-    for (int cc = tid; cc < ROWS; cc += FS_SEL_THREADS)
-        s_bias[cc] = (Q.bias && cc < Q.ct && c0 + cc < Q.dim) ? Q.bias[c0 + cc] : acc_t(0);
+    stage_bias<ROWS>(Q, c0, s_bias);
     // Variable B and C go through registers a chunk ahead only while they take few of them (the
     // wide configurations would spill); otherwise they are staged when their chunk starts.
     constexpr bool PREFETCH_BC = FS_SEL_FWD_PREFETCH && BcRegs<NP, T>::K <= 16;
@@ -1093,6 +1114,7 @@ struct BwdShared {
     acc_t slot[(Plan::R > 1 ? Plan::R - 1 : 1) * FS_SEL_THREADS * S * PT];
     alignas(16) acc_t red[Plan::TR * 2 * ROWS * NP * PT];  // [step][∂B or ∂C][channel][state, part]
     acc_t bias[ROWS];
+    i64 first_segment;  // of the block's time chunk (read from here, it costs no register in the loop)
 };
 
 // ∂B and ∂C of TR steps from t (global step), parked in `red` as [step][∂B or ∂C][channel][state,
@@ -1149,9 +1171,149 @@ __device__ __forceinline__ void sum_parked_bc(const SelParams& Q, const acc_t* r
     }
 }
 
+// With a gate z: dout·silu(z) (∂y) to s_g over the staged dout, and dout·silu'(z) to s_q (times
+// y later, for ∂z).
+template <int ROW, int ROWS>
+__device__ __forceinline__ void stage_gated_dout(const TileRegs<ROWS, FS_SEL_CK>& r_z, const SelParams& Q, acc_t* s_g,
+                                                 acc_t* s_q, i64 c0, i64 t0) {
+    r_z.each(c0, Q.ct, Q.dim, t0, Q.len, [&](int cc, int t, acc_t zz, bool) {
+        const acc_t sg = sigmoid_(zz), g = s_g[cc * ROW + t];
+        s_q[cc * ROW + t] = g * sg * (acc_t(1) + zz * (acc_t(1) - sg));
+        s_g[cc * ROW + t] = g * zz * sg;
+    });
+}
+
+// The time chunk of a backward block (blockIdx.x = (b·tiles + tile)·chunks + chunk; 0 unless
+// CHUNKED), read afresh where it is used; and the first and last 16-step segment (checkpoint) of
+// chunk k.
+template <bool CHUNKED>
+__device__ __forceinline__ i64 block_chunk(const SelParams& Q) {
+    return CHUNKED ? fresh_block() % (unsigned)Q.chunks : 0;
+}
+__device__ __forceinline__ i64 chunk_first_segment(const SelParams& Q, i64 k) { return k * Q.chunk_cks; }
+__device__ __forceinline__ i64 chunk_last_segment(const SelParams& Q, i64 k) {
+    return min((k + 1) * Q.chunk_cks, Q.n_ck) - 1;
+}
+
+// Where the phase-A record of time chunk `chunk` of row (b, d) starts: N·parts adjoint values,
+// then the chunk's Σ Δ.
+__device__ __forceinline__ acc_t* carry_record(const SelParams& Q, i64 b, i64 chunk, i64 d) {
+    return Q.part_carry + ((b * Q.chunks + chunk) * Q.dim + d) * (Q.dstate * FS_SEL_PARTS + 1);
+}
+
+// The adjoint ∂L/∂h entering the last step of time chunk `chunk` of row (b, d), lane l's states,
+// from `carry` holding ∂L/∂h[L-1]: carried back through the later chunks j = chunks-1 ... chunk+1,
+// each by its phase-A record (its own contribution a_j from a zero adjoint after it, and Σ Δ_j):
+// c <- a_j + conj(exp(A·Σ Δ_j))·c, exp(A·Σ Δ_j) being the product of the chunk's decays.
+template <int S>
+__device__ __forceinline__ void chunk_start_adjoint(const SelParams& Q, const Weights<S>& w, i64 b, i64 d, int l,
+                                                    i64 chunk, num_t (&carry)[S]) {
+    const i64 N = Q.dstate;
+#pragma unroll 1
+    for (i64 j = Q.chunks - 1; j > chunk; --j) {
+        const acc_t* rec = carry_record(Q, b, j, d);
+        const acc_t dt_sum = rec[N * FS_SEL_PARTS];
+#pragma unroll
+        for (int s = 0; s < S; ++s)
+            if ((i64)l * S + s < N)
+                carry[s] = nadd(nload(rec, (i64)l * S + s), nmul(nconj(ndecay(dt_sum, w.a2[s])), carry[s]));
+    }
+}
+
+// Phase A of a backward cut into time chunks (Q.chunks > 1: rows too few to fill the GPU): for
+// every chunk k >= 1 of every row, the adjoint entering the chunk's first step from its own steps
+// alone (zero after its last) and its Σ Δ, to the row's record in part_carry. Each backward block
+// then starts its chunk from the later chunks' records (chunk_start_adjoint) instead of waiting for
+// their blocks. It needs Δ, dout·silu(z) and C only: no states, no gradients. VAR_C: C variable,
+// fixed at compile time.
+template <int P, int S, bool VAR_C>
+__device__ __forceinline__ void selective_carry(const SelParams& Q, BwdShared<P, S>& sm) {
+    using Plan = BwdPlan<P, S>;
+    constexpr int TS = Plan::TS, R = Plan::R;
+    constexpr int ROWS = FS_SEL_THREADS / P, NP = P * S, ROW = BwdShared<P, S>::ROW;
+    const int tid = threadIdx.x, c = tid / P, l = tid % P;
+    const i64 later = Q.chunks - 1;  // the chunks with a record: all but the first
+    const i64 chunk = 1 + blockIdx.x % later, bt = blockIdx.x / later;
+    const i64 b = bt / Q.tiles, tile = bt % Q.tiles, c0 = tile * Q.ct, d = c0 + c;
+    const bool active = c < Q.ct && d < Q.dim;
+    const i64 N = Q.dstate, L = Q.len;
+    const i64 gb = Q.b_groups ? c0 / (Q.dim / Q.b_groups) : 0;
+    const i64 gc = Q.c_groups ? c0 / (Q.dim / Q.c_groups) : 0;
+    const bool vc = VAR_C || Q.c_var;
+
+    Weights<S> w;
+    w.load(Q, d, l, active);
+    num_t carry[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) carry[s] = nzero();
+    acc_t dt_sum = 0;
+    stage_bias<ROWS>(Q, c0, sm.bias);
+
+    using Tile = TileRegs<ROWS, FS_SEL_CK>;
+    using Bc = BcRegs<NP, TS>;
+    const BlockCursors cursors = block_cursors<Tile, Bc>(Q, b, c0, gb, gc);
+    Tile r_dt, r_g, r_z;
+    Bc r_c;
+    auto fetch = [&](i64 seg) {  // one segment ahead, as in the backward
+        const i64 ts0 = seg * FS_SEL_CK;
+        r_dt.load(cursors.tiles & CURSOR_DELTA, cursors.tile_off, Q.delta, Q.delta_s, b, c0, Q.ct, Q.dim, ts0, L);
+        r_g.load(cursors.tiles & CURSOR_DOUT, cursors.tile_off, Q.dout, Q.dout_s, b, c0, Q.ct, Q.dim, ts0, L);
+        if (Q.z) r_z.load(cursors.tiles & CURSOR_Z, cursors.tile_off, Q.z, Q.z_s, b, c0, Q.ct, Q.dim, ts0, L);
+        if constexpr (R == 1) {
+            if (vc) r_c.load(cursors.bc & CURSOR_C, cursors.bc_off, Q.c_var, Q.c_s, b, gc, N, ts0, L);
+        }
+    };
+    const i64 first = chunk_first_segment(Q, chunk), last = chunk_last_segment(Q, chunk);
+    if (last >= first) fetch(last);
+#pragma unroll 1
+    for (i64 seg = last; seg >= first; --seg) {
+        const i64 ts0 = seg * FS_SEL_CK;
+        __syncthreads();  // s_bias written; the previous segment is done with the staged tiles
+        stage_delta<ROW>(r_dt, Q, sm.bias, sm.dt, c0, ts0);
+        stage_plain<ROW>(r_g, Q, sm.g, c0, ts0);
+        if constexpr (R == 1) {
+            if (vc) r_c.store(sm.c);
+        }
+        if (Q.z) {
+            __syncthreads();
+            stage_gated_dout<ROW>(r_z, Q, sm.g, sm.q, c0, ts0);
+        }
+        if (seg > first) fetch(seg - 1);
+#pragma unroll 1
+        for (int win = R - 1; win >= 0; --win) {
+            if constexpr (R > 1) {
+                __syncthreads();
+                if (vc) stage_bc<NP, TS>(Q.c_var, Q.c_s, b, gc, N, ts0 + win * TS, L, sm.c);
+            }
+            __syncthreads();
+#pragma unroll
+            for (int j = TS - 1; j >= 0; --j) {
+                const int t = win * TS + j;
+                const acc_t dt = sm.dt[c * ROW + t], gy = sm.g[c * ROW + t] * FS_SEL_OUT_FACTOR;
+                num_t cv[S];
+                lane_bc<NP, S>(vc, sm.c, j, l, w.c, cv);
+#pragma unroll
+                for (int s = 0; s < S; ++s)
+                    carry[s] = nmul(nconj(ndecay(dt, w.a2[s])), nadd(nscale(nconj(cv[s]), gy), carry[s]));
+                dt_sum += dt;  // (zero past len: Δ is staged as zero outside the tensor)
+            }
+        }
+    }
+    if (!active) return;
+    acc_t* rec = carry_record(Q, b, chunk, d);
+#pragma unroll
+    for (int s = 0; s < S; ++s)
+        if ((i64)l * S + s < N) nstore(rec, (i64)l * S + s, carry[s]);
+    if (l == 0) rec[N * FS_SEL_PARTS] = dt_sum;
+}
+
 // BOTH_VAR: B and C variable, fixed at compile time (Mamba's case, which spares it the registers
-// and selections of constant weights); otherwise read from Q at run time.
-template <int P, int S, bool BOTH_VAR>
+// and selections of constant weights); otherwise read from Q at run time. CHUNKED (the kernels
+// selective_bwd_chunked_*, for Q.chunks > 1): the block takes one time chunk of its rows
+// (blockIdx.x = (b·tiles + tile)·chunks + chunk), starting from the adjoint that selective_carry's
+// records give, and writes its parameter partials to the chunk's slots. Separate kernels: the
+// chunk bookkeeping cost the others 2-3% (H100, float32 and bfloat16, (2,4096,4096) forward+backward).
+template <int P, int S, bool BOTH_VAR, bool CHUNKED>
 __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S>& sm) {
     using Plan = BwdPlan<P, S>;
     static_assert(Plan::fits, "backward shared memory over budget");
@@ -1174,7 +1336,8 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
 
     const int tid = threadIdx.x, lane = tid % FS_WARP;
     const int c = tid / P, l = tid % P;
-    const i64 b = blockIdx.x / Q.tiles, tile = blockIdx.x % Q.tiles, c0 = tile * Q.ct;
+    const i64 bt = CHUNKED ? blockIdx.x / Q.chunks : blockIdx.x;
+    const i64 b = bt / Q.tiles, tile = bt % Q.tiles, c0 = tile * Q.ct;
     const i64 d = c0 + c;
     const bool active = c < Q.ct && d < Q.dim;
     const i64 N = Q.dstate, L = Q.len, row = b * Q.dim + d;
@@ -1192,10 +1355,10 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
         carry[s] = (active && n < N && Q.grad_last) ? nload(Q.grad_last, row * N + n) : nzero();
         grad_a[s] = grad_b[s] = grad_c[s] = nzero();
     }
+    if (CHUNKED && active) chunk_start_adjoint<S>(Q, w, b, d, l, block_chunk<CHUNKED>(Q), carry);
     acc_t grad_d = 0, grad_bias = 0;  // this lane's share of the channel's sums
 
-    for (int cc = tid; cc < ROWS; cc += FS_SEL_THREADS)
-        s_bias[cc] = (Q.bias && cc < Q.ct && c0 + cc < Q.dim) ? Q.bias[c0 + cc] : acc_t(0);
+    stage_bias<ROWS>(Q, c0, s_bias);
     // A segment's inputs in registers, loaded one segment ahead (see "Staging" above); B and C with
     // them when the segment is one window.
     num_t r_ck[S];
@@ -1219,10 +1382,15 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
 #pragma unroll
         for (int s = 0; s < S; ++s) r_ck[s] = (active && l * S + s < N) ? nload(ck_seg, s) : nzero();
     };
-    if (Q.n_ck > 0) fetch(Q.n_ck - 1);
+    // The chunk's first segment: 0, or a shared copy that every thread stores (the same value,
+    // read before the first barrier) and the loop reads: kept in registers it cost spills, and
+    // recomputed a 32-bit division per segment.
+    if (CHUNKED) sm.first_segment = chunk_first_segment(Q, block_chunk<CHUNKED>(Q));
+    const i64 last = CHUNKED ? chunk_last_segment(Q, block_chunk<CHUNKED>(Q)) : Q.n_ck - 1;
+    if (last >= (CHUNKED ? sm.first_segment : 0)) fetch(last);
 
 #pragma unroll 1
-    for (i64 seg = Q.n_ck - 1; seg >= 0; --seg) {
+    for (i64 seg = last; seg >= (CHUNKED ? sm.first_segment : 0); --seg) {
         const i64 ts0 = seg * FS_SEL_CK;
         __syncthreads();  // s_bias written; the previous segment's results are written out
         stage_delta<ROW>(r_dt, Q, s_bias, s_dt, c0, ts0);
@@ -1234,16 +1402,12 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
         }
         if (Q.z) {
             __syncthreads();  // z's slots may lie on other threads than dout's (other strides)
-            r_z.each(c0, Q.ct, Q.dim, ts0, L, [&](int cc, int t, acc_t zz, bool) {
-                const acc_t sg = sigmoid_(zz), g = s_g[cc * ROW + t];
-                s_q[cc * ROW + t] = g * sg * (acc_t(1) + zz * (acc_t(1) - sg));
-                s_g[cc * ROW + t] = g * zz * sg;
-            });
+            stage_gated_dout<ROW>(r_z, Q, s_g, s_q, c0, ts0);
         }
         num_t h_seg[S];
 #pragma unroll
         for (int s = 0; s < S; ++s) h_seg[s] = r_ck[s];
-        if (seg > 0) fetch(seg - 1);  // in flight while this segment is computed
+        if (seg > (CHUNKED ? sm.first_segment : 0)) fetch(seg - 1);  // in flight while this segment is computed
 
         // Forward sweep through the first R-1 windows: the states entering windows 1..R-1.
         if constexpr (R > 1) {
@@ -1429,12 +1593,13 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
     }
     if (active) {
         const i64 slots = 3 * N * PT + 2;
-        acc_t* part = Q.part_params + row * slots;
+        const i64 chunk = block_chunk<CHUNKED>(Q);
+        acc_t* part = Q.part_params + (CHUNKED ? (b * Q.chunks + chunk) * Q.dim + d : row) * slots;
 #pragma unroll
         for (int s = 0; s < S; ++s) {
             const i64 n = (i64)l * S + s;
             if (n >= N) continue;
-            if (Q.dinitial) nstore(Q.dinitial, row * N + n, carry[s]);
+            if (Q.dinitial && chunk == 0) nstore(Q.dinitial, row * N + n, carry[s]);
             nstore(part, n, grad_a[s]);
             nstore(part, N + n, grad_b[s]);
             nstore(part, 2 * N + n, grad_c[s]);
@@ -1446,20 +1611,35 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
     }
 }
 
-#define FS_SEL_BWD_KERNEL(P, S)                                                                     \
-    extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS, FS_SEL_BWD_MIN_BLOCKS) selective_bwd_p##P##_s##S(const SelParams Q) { \
+#define FS_SEL_BWD_KERNEL_AS(NAME, P, S, CHUNKED)                                                   \
+    extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS, FS_SEL_BWD_MIN_BLOCKS) NAME(const SelParams Q) { \
         if constexpr (BwdPlan<P, S>::fits) {                                                         \
             __shared__ BwdShared<P, S> sm;                                                           \
             if (Q.b_var && Q.c_var)                                                                  \
-                selective_bwd<P, S, true>(Q, sm);                                                    \
+                selective_bwd<P, S, true, CHUNKED>(Q, sm);                                           \
             else                                                                                     \
-                selective_bwd<P, S, false>(Q, sm);                                                   \
+                selective_bwd<P, S, false, CHUNKED>(Q, sm);                                          \
         } else {                                                                                     \
             __trap(); /* not offered by the launcher for this element type */                       \
         }                                                                                            \
     }
+#define FS_SEL_BWD_KERNEL(P, S)                                                                     \
+    FS_SEL_BWD_KERNEL_AS(selective_bwd_p##P##_s##S, P, S, false)                                    \
+    FS_SEL_BWD_KERNEL_AS(selective_bwd_chunked_p##P##_s##S, P, S, true)                             \
+    extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS, FS_SEL_BWD_MIN_BLOCKS) selective_carry_p##P##_s##S(const SelParams Q) { \
+        if constexpr (BwdPlan<P, S>::fits) {                                                         \
+            __shared__ BwdShared<P, S> sm;                                                           \
+            if (Q.c_var)                                                                             \
+                selective_carry<P, S, true>(Q, sm);                                                  \
+            else                                                                                     \
+                selective_carry<P, S, false>(Q, sm);                                                 \
+        } else {                                                                                     \
+            __trap();                                                                                \
+        }                                                                                            \
+    }
 
-// ∂A, ∂D, ∂delta_bias and constant ∂B/∂C: one thread per (channel, slot), summing the batch in order.
+// ∂A, ∂D, ∂delta_bias and constant ∂B/∂C: one thread per (channel, slot), summing the batch in order
+// (R.batch counts batch x time chunks: the partials are laid out (batch, chunk, dim, slots)).
 extern "C" __global__ void __launch_bounds__(256) selective_reduce_params(const SelReduceParams R) {
     constexpr int PT = FS_SEL_PARTS;
     const i64 N = R.dstate, slots = 3 * N * PT + 2;

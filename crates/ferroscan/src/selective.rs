@@ -116,6 +116,12 @@ impl SelectiveProblem {
         self.batch * self.dim * self.dstate * self.parts()
     }
 
+    /// Per-channel parameter-gradient partials a backward writes per (batch element, chunk):
+    /// ∂A, constant ∂B and ∂C (N values each, in weight type), ∂D and ∂delta_bias.
+    pub fn param_slots(&self) -> usize {
+        3 * self.dstate * self.parts() + 2
+    }
+
     /// Saved states per row: `ceil(L / CHECKPOINT_STEPS)`.
     pub fn checkpoint_count(&self) -> usize {
         self.len.div_ceil(CHECKPOINT_STEPS)

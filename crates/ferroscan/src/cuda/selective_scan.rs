@@ -4,9 +4,12 @@
 //! A problem runs with a *configuration* of `P` lanes per channel and `S` states per lane
 //! (`P·S >= N`), and a *tile* of `ct` channels per block of 128 threads, all in one group of every
 //! variable `B`/`C`. The forward is one kernel; the backward is one kernel, then
-//! `selective_reduce_params` (∂A, ∂D, ∂delta_bias, constant ∂B/∂C summed over the batch) and one
-//! `selective_reduce_bc` per variable `B`/`C` (summed over the tiles of each group), all in fixed
-//! orders: the gradients are deterministic.
+//! `selective_reduce_params` (∂A, ∂D, ∂delta_bias, constant ∂B/∂C summed over the batch and time
+//! chunks) and one `selective_reduce_bc` per variable `B`/`C` (summed over the tiles of each
+//! group), all in fixed orders: the gradients are deterministic. With too few rows (batch x dim) to
+//! fill the GPU, the backward cuts the time axis into chunks, one block each, after a
+//! `selective_carry` pass that finds the adjoint state each chunk starts from (see
+//! [`BackwardPlan`]).
 //!
 //! Compiled by NVRTC in the CI's test suite for sm_80 and sm_90 (no GPU there); run and checked
 //! against the float64 reference on an H100 by `scripts/test.sh -m cuda` (the README's GPU tests).
@@ -63,11 +66,14 @@ struct SelectiveParams {
     part_params: u64,
     part_b: u64,
     part_c: u64,
+    part_carry: u64,
     batch: i64,
     dim: i64,
     len: i64,
     dstate: i64,
     n_ck: i64,
+    chunks: i64,
+    chunk_cks: i64,
     u_s: [i64; 3],
     delta_s: [i64; 3],
     z_s: [i64; 3],
@@ -145,17 +151,7 @@ impl SelectiveConfig {
                 ),
             ));
         }
-        let mut config = if n <= 128 {
-            SelectiveConfig {
-                lanes: n.div_ceil(4).next_power_of_two().max(4),
-                states: 4,
-            }
-        } else {
-            SelectiveConfig {
-                lanes: 32,
-                states: 8,
-            }
-        };
+        let mut config = Self::narrowest(n);
         // Few channels: spread each channel's states over more lanes (fewer per lane), so that
         // more warps share the latency of each step's dependency chain.
         let channels = problem.batch * problem.dim;
@@ -181,6 +177,22 @@ impl SelectiveConfig {
         Ok(config)
     }
 
+    /// The configuration with the fewest lanes (4 states a lane, 8 beyond 128 states) for `n`
+    /// states.
+    fn narrowest(n: usize) -> Self {
+        if n <= 128 {
+            SelectiveConfig {
+                lanes: n.div_ceil(4).next_power_of_two().max(4),
+                states: 4,
+            }
+        } else {
+            SelectiveConfig {
+                lanes: 32,
+                states: 8,
+            }
+        }
+    }
+
     /// The forward kernel's name.
     pub fn forward_kernel(&self) -> String {
         format!("selective_fwd_p{}_s{}", self.lanes, self.states)
@@ -189,6 +201,82 @@ impl SelectiveConfig {
     /// The backward kernel's name.
     pub fn backward_kernel(&self) -> String {
         format!("selective_bwd_p{}_s{}", self.lanes, self.states)
+    }
+
+    /// The backward kernel's name for time chunks (each block one chunk of its rows).
+    pub fn chunked_backward_kernel(&self) -> String {
+        format!("selective_bwd_chunked_p{}_s{}", self.lanes, self.states)
+    }
+
+    /// The name of the backward's pass over time chunks (phase A, before the backward kernel).
+    pub fn carry_kernel(&self) -> String {
+        format!("selective_carry_p{}_s{}", self.lanes, self.states)
+    }
+}
+
+/// How the backward runs: its configuration and channel tiles, and its time chunks.
+///
+/// The backward's blocks each walk their rows' whole time axis backwards unless the rows are too
+/// few to fill the GPU with the narrowest configuration (fewer than [`FILL_THREADS`] threads).
+/// Then, where the sequence is long enough for chunks of at least [`MIN_CHUNK_STEPS`] steps, it
+/// keeps that configuration and cuts the time axis into chunks, a block each: `selective_carry`
+/// first finds, for every chunk but the first, the adjoint its own steps pass back from a zero
+/// adjoint after it, and its Σ Δ, from which each block composes the adjoint it starts from.
+/// Otherwise it spreads the states over more lanes as the forward does. Measured on the H100
+/// (float32, (4,1536,8192), N = 16, forward+backward): see the README's selective table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackwardPlan {
+    /// Lanes and states per lane.
+    pub config: SelectiveConfig,
+    /// Channel tiles of the configuration.
+    pub tiles: TilePlan,
+    /// Time chunks per row (1: a block walks the whole sequence).
+    pub chunks: usize,
+    /// 16-step segments (checkpoints) per chunk; the last chunk may have fewer.
+    pub chunk_cks: usize,
+}
+
+/// Most time chunks per row: the adjoints a block composes grow with the count.
+const MAX_CHUNKS: usize = 32;
+/// Fewest steps per time chunk (whole checkpoint segments): `selective_carry` walks every chunk but
+/// the first once more.
+const MIN_CHUNK_STEPS: usize = 256;
+
+/// Tuning hook: time chunks for the backward (`FERROSCAN_SELECTIVE_CHUNKS=1` turns them off,
+/// spreading states over more lanes instead), for measuring the plans against each other.
+pub const CHUNKS_ENV: &str = "FERROSCAN_SELECTIVE_CHUNKS";
+
+impl BackwardPlan {
+    /// The plan for `problem` with the group counts of a variable `B` and `C`.
+    pub fn new(
+        dtype: DType,
+        problem: &SelectiveProblem,
+        groups: [Option<usize>; 2],
+    ) -> Result<Self> {
+        let widened = SelectiveConfig::new(dtype, problem)?;
+        let narrow = SelectiveConfig::narrowest(problem.dstate);
+        let segments = problem.checkpoint_count();
+        let threads = problem.batch * problem.dim * narrow.lanes;
+        let mut chunks = if threads == 0 || tuning_hook(LANES_ENV).is_some() {
+            1
+        } else {
+            FILL_THREADS
+                .div_ceil(threads)
+                .min(problem.len / MIN_CHUNK_STEPS)
+                .clamp(1, MAX_CHUNKS)
+        };
+        if let Some(forced) = tuning_hook(CHUNKS_ENV) {
+            chunks = forced.clamp(1, segments.max(1));
+        }
+        let chunk_cks = segments.div_ceil(chunks).max(1);
+        let chunks = segments.div_ceil(chunk_cks).max(1);
+        let config = if chunks > 1 { narrow } else { widened };
+        Ok(BackwardPlan {
+            config,
+            tiles: TilePlan::new(problem, &config, groups),
+            chunks,
+            chunk_cks,
+        })
     }
 }
 
@@ -236,7 +324,13 @@ pub fn all_kernel_names() -> Vec<(KernelSource, Vec<String>)> {
         ));
         let mut names: Vec<String> = configs(complex)
             .iter()
-            .map(|c| c.backward_kernel())
+            .flat_map(|c| {
+                [
+                    c.backward_kernel(),
+                    c.chunked_backward_kernel(),
+                    c.carry_kernel(),
+                ]
+            })
             .collect();
         names.extend([
             "selective_reduce_params".into(),
@@ -289,13 +383,15 @@ impl TilePlan {
     }
 }
 
-/// Byte offsets of the backward's scratch regions: per-(batch, channel) parameter partials,
-/// then per-tile partials of a variable `B` and `C`.
+/// Byte offsets of the backward's scratch regions: per-(batch, chunk, channel) parameter
+/// partials, per-tile partials of a variable `B` and `C`, and with time chunks the
+/// per-(batch, chunk, channel) records of `selective_carry`.
 #[derive(Clone, Copy, Debug)]
 struct ScratchLayout {
     params: usize,
     part_b: Option<usize>,
     part_c: Option<usize>,
+    carry: Option<usize>,
     total: usize,
 }
 
@@ -303,30 +399,33 @@ impl ScratchLayout {
     fn new(
         dtype: DType,
         problem: &SelectiveProblem,
-        tiles: &TilePlan,
+        plan: &BackwardPlan,
         groups: [Option<usize>; 2],
     ) -> Self {
         let acc = dtype.accumulator_bytes();
         let round = |n: usize| n.div_ceil(SCRATCH_ALIGN) * SCRATCH_ALIGN;
-        let slots = 3 * problem.dstate * problem.parts() + 2;
-        let params = round(problem.batch * problem.dim * slots * acc);
+        let rows = problem.batch * plan.chunks * problem.dim;
+        let params = round(rows * problem.param_slots() * acc);
         let per_var = round(
-            problem.batch * tiles.tiles * problem.dstate * problem.len * problem.parts() * acc,
+            problem.batch * plan.tiles.tiles * problem.dstate * problem.len * problem.parts() * acc,
         );
+        let carry = round(rows * (problem.dstate * problem.parts() + 1) * acc);
         let mut total = params;
-        let mut next = |present: bool| {
+        let mut next = |present: bool, bytes: usize| {
             present.then(|| {
                 let at = total;
-                total += per_var;
+                total += bytes;
                 at
             })
         };
-        let part_b = next(groups[0].is_some());
-        let part_c = next(groups[1].is_some());
+        let part_b = next(groups[0].is_some(), per_var);
+        let part_c = next(groups[1].is_some(), per_var);
+        let carry = next(plan.chunks > 1, carry);
         ScratchLayout {
             params: 0,
             part_b,
             part_c,
+            carry,
             total,
         }
     }
@@ -343,9 +442,8 @@ pub fn selective_backward_scratch_bytes(
     problem: &SelectiveProblem,
     groups: [Option<usize>; 2],
 ) -> Result<usize> {
-    let config = SelectiveConfig::new(dtype, problem)?;
-    let tiles = TilePlan::new(problem, &config, groups);
-    Ok(ScratchLayout::new(dtype, problem, &tiles, groups).total)
+    let plan = BackwardPlan::new(dtype, problem, groups)?;
+    Ok(ScratchLayout::new(dtype, problem, &plan, groups).total)
 }
 
 fn strides<const R: usize>(s: [usize; R]) -> Result<[i64; R]> {
@@ -519,10 +617,9 @@ pub unsafe fn selective_scan_backward_raw(
     outputs: SelectiveGradOutputs<u64, u64>,
     (scratch, scratch_bytes): (u64, usize),
 ) -> Result<()> {
-    let config = SelectiveConfig::new(dtype, problem)?;
     let groups = groups_of(&inputs.b, &inputs.c);
-    let tiles = TilePlan::new(problem, &config, groups);
-    let layout = ScratchLayout::new(dtype, problem, &tiles, groups);
+    let plan = BackwardPlan::new(dtype, problem, groups)?;
+    let layout = ScratchLayout::new(dtype, problem, &plan, groups);
     if layout.total > 0
         && (scratch == 0 || scratch_bytes < layout.total || scratch % SCRATCH_ALIGN as u64 != 0)
     {
@@ -535,7 +632,7 @@ pub unsafe fn selective_scan_backward_raw(
             ),
         ));
     }
-    let mut q = base_params(problem, &inputs, &tiles)?;
+    let mut q = base_params(problem, &inputs, &plan.tiles)?;
     let rows_present = problem.batch * problem.dim > 0;
     if rows_present && problem.len > 0 {
         for (arg, address) in [
@@ -607,17 +704,37 @@ pub unsafe fn selective_scan_backward_raw(
     q.part_params = scratch + layout.params as u64;
     q.part_b = layout.part_b.map_or(0, |at| scratch + at as u64);
     q.part_c = layout.part_c.map_or(0, |at| scratch + at as u64);
+    q.part_carry = layout.carry.map_or(0, |at| scratch + at as u64);
+    q.chunks = plan.chunks as i64;
+    q.chunk_cks = plan.chunk_cks as i64;
 
     let (_, source) = sources(problem.complex);
-    let name = config.backward_kernel();
-    // SAFETY: forwarded from the caller; the scratch regions lie inside the checked buffer.
+    let row_blocks = problem.batch * plan.tiles.tiles;
+    if plan.chunks > 1 {
+        // SAFETY: forwarded from the caller; the scratch regions lie inside the checked buffer.
+        unsafe {
+            launch(
+                device,
+                stream,
+                (source, dtype, &plan.config.carry_kernel()),
+                &q,
+                (row_blocks * (plan.chunks - 1), THREADS),
+            )?;
+        }
+    }
+    let name = if plan.chunks > 1 {
+        plan.config.chunked_backward_kernel()
+    } else {
+        plan.config.backward_kernel()
+    };
+    // SAFETY: as above.
     unsafe {
         launch(
             device,
             stream,
             (source, dtype, &name),
             &q,
-            (problem.batch * tiles.tiles, THREADS),
+            (row_blocks * plan.chunks, THREADS),
         )?;
     }
     let reduce = SelectiveReduceParams {
@@ -627,7 +744,7 @@ pub unsafe fn selective_scan_backward_raw(
         dc: dc_const,
         dd: outputs.d.unwrap_or(0),
         dbias: outputs.delta_bias.unwrap_or(0),
-        batch: q.batch,
+        batch: q.batch * q.chunks, // the partials of every (batch element, time chunk)
         dim: q.dim,
         len: q.len,
         dstate: q.dstate,
@@ -635,8 +752,7 @@ pub unsafe fn selective_scan_backward_raw(
         ct: q.ct,
         ..SelectiveReduceParams::default()
     };
-    let slots = 3 * problem.dstate * problem.parts() + 2;
-    let work = problem.dim * slots;
+    let work = problem.dim * problem.param_slots();
     // SAFETY: as above.
     unsafe {
         launch(
@@ -653,6 +769,7 @@ pub unsafe fn selective_scan_backward_raw(
             src,
             dvar,
             groups: g as i64,
+            batch: q.batch,
             ..reduce
         };
         let work = problem.variable_numel(g).div_ceil(REDUCE_BC_RUN);
@@ -673,6 +790,7 @@ pub unsafe fn selective_scan_backward_raw(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::selective::CHECKPOINT_STEPS;
 
     fn problem(dim: usize, dstate: usize, complex: bool) -> SelectiveProblem {
         SelectiveProblem::new((2, dim, 100, dstate), complex, true).unwrap()
@@ -681,14 +799,14 @@ mod tests {
     #[test]
     fn parameter_blocks_have_the_kernel_layout() {
         // `static_assert`s in kernels/selective_scan.cu pin the same sizes.
-        assert_eq!(std::mem::size_of::<SelectiveParams>(), 424);
+        assert_eq!(std::mem::size_of::<SelectiveParams>(), 448);
         assert_eq!(std::mem::size_of::<SelectiveReduceParams>(), 112);
-        assert_eq!(std::mem::offset_of!(SelectiveParams, batch), 23 * 8);
+        assert_eq!(std::mem::offset_of!(SelectiveParams, batch), 24 * 8);
         assert_eq!(
             std::mem::offset_of!(SelectiveParams, b_groups),
-            23 * 8 + 5 * 8 + 20 * 8
+            24 * 8 + 7 * 8 + 20 * 8
         );
-        assert_eq!(std::mem::offset_of!(SelectiveParams, softplus), 416);
+        assert_eq!(std::mem::offset_of!(SelectiveParams, softplus), 440);
     }
 
     #[test]
@@ -728,6 +846,27 @@ mod tests {
     }
 
     #[test]
+    fn few_rows_cut_the_backward_into_time_chunks() {
+        let plan = |batch, dim, len| {
+            let p = SelectiveProblem::new((batch, dim, len, 16), false, true).unwrap();
+            let b = BackwardPlan::new(DType::F32, &p, [Some(1), Some(1)]).unwrap();
+            (b.config.lanes, b.config.states, b.chunks, b.chunk_cks)
+        };
+        assert_eq!(plan(2, 4096, 4096), (4, 4, 1, 256)); // enough rows: no chunks
+        assert_eq!(plan(4, 1536, 8192), (4, 4, 2, 256)); // 24576 threads: two chunks
+        assert_eq!(
+            plan(1, 64, 1 << 20),
+            (4, 4, MAX_CHUNKS, (1 << 16) / MAX_CHUNKS)
+        );
+        assert_eq!(plan(1, 64, 1000), (4, 4, 3, 21)); // chunks of >= 256 steps: 3
+        assert_eq!(plan(4, 1536, 300), (8, 2, 1, 19)); // too short: more lanes instead
+                                                       // The last chunk is the short one; none is empty.
+        let (_, _, chunks, cks) = plan(1, 64, 1000);
+        let segments = 1000usize.div_ceil(CHECKPOINT_STEPS);
+        assert!((chunks - 1) * cks < segments && chunks * cks >= segments);
+    }
+
+    #[test]
     fn tiles_stay_inside_groups() {
         let p = problem(1536, 16, false);
         let c = SelectiveConfig {
@@ -759,13 +898,22 @@ mod tests {
         let p = problem(64, 16, true);
         let groups = [Some(2), Some(1)];
         let bytes = selective_backward_scratch_bytes(DType::BF16, &p, groups).unwrap();
-        let c = SelectiveConfig::new(DType::BF16, &p).unwrap();
-        let t = TilePlan::new(&p, &c, groups);
-        let l = ScratchLayout::new(DType::BF16, &p, &t, groups);
+        let plan = BackwardPlan::new(DType::BF16, &p, groups).unwrap();
+        assert_eq!(plan.chunks, 1, "100 steps: too short for chunks");
+        let l = ScratchLayout::new(DType::BF16, &p, &plan, groups);
         let params = 2 * 64 * (3 * 16 * 2 + 2) * 4;
-        let per_var = 2 * t.tiles * 16 * 100 * 2 * 4;
+        let per_var = 2 * plan.tiles.tiles * 16 * 100 * 2 * 4;
         assert!(l.part_b.unwrap() >= params && l.part_c.unwrap() >= l.part_b.unwrap() + per_var);
-        assert!(bytes >= l.part_c.unwrap() + per_var);
+        assert!(bytes >= l.part_c.unwrap() + per_var && l.carry.is_none());
         assert_eq!(l.part_b.unwrap() % SCRATCH_ALIGN, 0);
+        // With time chunks: parameter partials per chunk, then the carry records.
+        let p = SelectiveProblem::new((1, 64, 4096, 16), false, true).unwrap();
+        let plan = BackwardPlan::new(DType::F32, &p, groups).unwrap();
+        let l = ScratchLayout::new(DType::F32, &p, &plan, groups);
+        let rows = plan.chunks * 64;
+        let per_var = plan.tiles.tiles * 16 * 4096 * 4;
+        assert!(l.part_b.unwrap() >= rows * (3 * 16 + 2) * 4);
+        assert_eq!(l.carry.unwrap(), l.part_c.unwrap() + per_var);
+        assert_eq!(l.total, l.carry.unwrap() + rows * 17 * 4);
     }
 }
