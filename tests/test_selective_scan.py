@@ -303,8 +303,35 @@ def test_gradcheck_float64(device: str, complex_: bool, bc: tuple[str, str]) -> 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_backward_is_deterministic(device: str) -> None:
-    """Two backward passes give bit-identical gradients (no atomics: fixed-order reductions)."""
+CHUNK_CASES = {
+    "real-variable-all-flags": Case(batch=2, dim=6, length=300, dstate=16, b="var2", c="var1", has_d=True,
+                                    has_z=True, has_bias=True, softplus=True, initial=True, last=True),
+    "real-constant-no-z": Case(batch=1, dim=5, length=257, dstate=16, b="const", c="const", has_d=True,
+                               has_bias=True, initial=True),
+    "real-N40-groups": Case(batch=2, dim=4, length=200, dstate=40, b="var2", c="var2", has_z=True, last=True),
+    "complex-variable-constant": Case(batch=2, dim=3, length=230, dstate=8, complex_=True, b="var1", c="const",
+                                      has_d=True, has_z=True, softplus=True, initial=True, last=True),
+}  # fmt: skip
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("chunks", [2, 5])
+@pytest.mark.parametrize("name", list(CHUNK_CASES))
+def test_backward_time_chunks(monkeypatch: pytest.MonkeyPatch, name: str, chunks: int) -> None:
+    """The CUDA backward cut into time chunks (what the launcher does for few, long rows; forced
+    here on short ones through its tuning hook): values and every gradient against the reference,
+    including the initial state's (the first chunk's adjoint, composed from the later chunks')."""
+    monkeypatch.setenv("FERROSCAN_SELECTIVE_CHUNKS", str(chunks))
+    ours, ref = run_both(CHUNK_CASES[name], torch.float32, "cuda", seed=chunks)
+    assert_close(ours, ref, torch.float32, f"{name}, {chunks} chunks")
+
+
+@pytest.mark.parametrize("chunks", ["", "3"], ids=["whole", "chunks"])
+def test_backward_is_deterministic(device: str, chunks: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two backward passes give bit-identical gradients (no atomics: fixed-order reductions), also
+    with the CUDA backward cut into time chunks."""
+    if chunks:
+        monkeypatch.setenv("FERROSCAN_SELECTIVE_CHUNKS", chunks)
     case = Case(batch=2, dim=64, length=300, dstate=16, b="var1", c="var1", has_d=True, has_z=True,
                 has_bias=True, softplus=True, initial=True, last=True)  # fmt: skip
     inputs = make_inputs(case, torch.float32, device, seed=8)
