@@ -277,18 +277,6 @@ __device__ __forceinline__ int fresh_tid() {
 #endif
 }
 
-// blockIdx.x read afresh, for the same reason (values derived from it that are needed inside and
-// after a long loop cost registers, and in the backward, spills).
-__device__ __forceinline__ unsigned fresh_block() {
-#ifdef __CUDA_ARCH__
-    unsigned block;
-    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
-    return block;
-#else
-    return blockIdx.x;  // host emulation
-#endif
-}
-
 // Rows and steps of a tile starting at channel c0 and step t0 that lie inside the tensor.
 __device__ __forceinline__ int tile_rows(i64 c0, i64 ct, i64 dim) { return (int)min(ct, dim - c0); }
 template <int T>
@@ -1184,11 +1172,10 @@ __device__ __forceinline__ void stage_gated_dout(const TileRegs<ROWS, FS_SEL_CK>
 }
 
 // The time chunk of a backward block (blockIdx.x = (b·tiles + tile)·chunks + chunk; 0 unless
-// CHUNKED), read afresh where it is used; and the first and last 16-step segment (checkpoint) of
-// chunk k.
+// CHUNKED); and the first and last 16-step segment (checkpoint) of chunk k.
 template <bool CHUNKED>
 __device__ __forceinline__ i64 block_chunk(const SelParams& Q) {
-    return CHUNKED ? fresh_block() % (unsigned)Q.chunks : 0;
+    return CHUNKED ? blockIdx.x % (unsigned)Q.chunks : 0;
 }
 __device__ __forceinline__ i64 chunk_first_segment(const SelParams& Q, i64 k) { return k * Q.chunk_cks; }
 __device__ __forceinline__ i64 chunk_last_segment(const SelParams& Q, i64 k) {
