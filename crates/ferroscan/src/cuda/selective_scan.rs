@@ -284,7 +284,8 @@ impl BackwardPlan {
 /// (N <= 16 only). Measured on the H100 (N = 16, 2026-11-23): 8 lanes x 2 states beat 4 x 4 by
 /// 1.3x (forward) and 1.4x (forward+backward) with 6144 channels (24576 threads at 4 lanes) but
 /// lost by 1.1-1.2x with 8192 and 12288 channels; 16 lanes x 1 state lost everywhere, so there is
-/// no such configuration.
+/// no such configuration. The backward of long enough rows cuts time into chunks instead (see
+/// [`BackwardPlan`]).
 const FILL_THREADS: usize = 1 << 15;
 
 /// Tuning hook: lanes per channel to use when a configuration with that many lanes covers `N`
