@@ -217,8 +217,8 @@ impl SelectiveConfig {
 /// How the backward runs: its configuration and channel tiles, and its time chunks.
 ///
 /// The backward's blocks each walk their rows' whole time axis backwards unless the rows are too
-/// few to fill the GPU with the narrowest configuration (fewer than [`FILL_THREADS`] threads).
-/// Then, where the sequence is long enough for chunks of at least [`MIN_CHUNK_STEPS`] steps, it
+/// few to fill the GPU with the narrowest configuration (fewer than `FILL_THREADS`, 32768 threads).
+/// Then, where the sequence is long enough for chunks of at least `MIN_CHUNK_STEPS`, 256 steps, it
 /// keeps that configuration and cuts the time axis into chunks, a block each: `selective_carry`
 /// first finds, for every chunk but the first, the adjoint its own steps pass back from a zero
 /// adjoint after it, and its Σ Δ, from which each block composes the adjoint it starts from.
