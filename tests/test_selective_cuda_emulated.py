@@ -75,6 +75,7 @@ class Case:
     states: Optional[int] = None
     ct: Optional[int] = None  # channels per tile; default: the launcher's choice
     chunks: int = 1  # backward time chunks (``BackwardPlan``; the launcher cuts few, long rows)
+    carry_split: int = 1  # selective_carry's pieces per chunk (a divisor of the chunk's segments)
 
 
 def plan(case: Case) -> tuple[int, int, int, int]:
@@ -101,7 +102,8 @@ def chunking(case: Case) -> dict[str, int]:
     chunk but the last of equal length, none empty."""
     segments = -(-case.length // 16)
     per_chunk = max(1, -(-segments // case.chunks))
-    return {"chunks": max(1, -(-segments // per_chunk)), "chunk_cks": per_chunk}
+    assert per_chunk % case.carry_split == 0, "a chunk ends on a carry piece's end"
+    return {"chunks": max(1, -(-segments // per_chunk)), "chunk_cks": per_chunk, "carry_split": case.carry_split}
 
 
 def _inputs(case: Case, seed: int) -> dict[str, Optional[torch.Tensor]]:
@@ -247,10 +249,14 @@ CASES = {
     "complex-N100-P32": Case(complex_=True, batch=1, dim=2, dstate=100, c_groups=1, length=9),
     # Backward in time chunks: phase-A records, composed adjoints, per-chunk parameter partials.
     "real-N16-time-chunks": Case(b_groups=2, c_groups=1, length=100, chunks=3),  # 7 segments: 3+3+1
-    "real-N16-time-chunks-constant-BC": Case(dim=32, length=150, chunks=4, grad_last=False),
+    # 10 segments in chunks of 3 (3+3+3+1), phase A over pieces of one segment each.
+    "real-N16-time-chunks-constant-BC": Case(dim=32, length=150, chunks=4, carry_split=3, grad_last=False),
+    # 19 segments in chunks of 10, phase A over pieces of 5 (5+5+5+4: the last piece short).
+    "real-N16-time-chunks-carry-pieces": Case(b_groups=1, c_groups=1, length=300, chunks=2, carry_split=2),
     "real-N16-time-chunks-P8-S2": Case(lanes=8, states=2, b_groups=1, c_groups=1, length=70, chunks=5),
     "real-N200-time-chunks": Case(batch=1, dim=3, dstate=200, b_groups=1, c_groups=1, length=40, chunks=2),
     "complex-N16-time-chunks": Case(complex_=True, b_groups=1, c_groups=2, length=67, chunks=2),
+    "complex-N16-time-chunks-carry-pieces": Case(complex_=True, b_groups=1, c_groups=1, length=200, chunks=2, carry_split=7),
 }
 
 

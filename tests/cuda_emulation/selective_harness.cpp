@@ -98,9 +98,12 @@ int main(int argc, char** argv) {
     const long long slots = 3 * N * parts + 2, chunks = get("chunks");
     Q.chunks = chunks;
     Q.chunk_cks = get("chunk_cks");
+    Q.carry_split = (int)get("carry_split");
+    const long long pieces = (n_ck + Q.chunk_cks / Q.carry_split - 1) / (Q.chunk_cks / Q.carry_split);
+    Q.carry_pieces = pieces;
     std::vector<double> du(seq), ddelta(seq), dz(z.empty() ? 0 : seq), dinitial(initial.empty() ? 0 : state);
     std::vector<double> part_params(batch * chunks * dim * slots);
-    std::vector<double> part_carry(chunks > 1 ? batch * chunks * dim * (N * parts + 1) : 0);
+    std::vector<double> part_carry(chunks > 1 ? batch * pieces * dim * (N * parts + 1) : 0);
     const long long per_var = batch * Q.tiles * N * len * parts;
     std::vector<double> part_b(b_var.empty() ? 0 : per_var), part_c(c_var.empty() ? 0 : per_var);
     Q.ckpt = ptr(ckpt);
@@ -113,7 +116,7 @@ int main(int argc, char** argv) {
     Q.part_c = ptr(part_c);
     Q.part_carry = ptr(part_carry);
     if (chunks > 1) {
-        emu::launch(pick_carry(get("P"), get("S")), Q, grid * (unsigned)(chunks - 1), FS_SEL_THREADS);
+        emu::launch(pick_carry(get("P"), get("S")), Q, grid * (unsigned)(pieces - Q.carry_split), FS_SEL_THREADS);
         emu::launch(pick_chunked(get("P"), get("S")), Q, grid * (unsigned)chunks, FS_SEL_THREADS);
     } else {
         emu::launch(kernel, Q, grid, FS_SEL_THREADS);

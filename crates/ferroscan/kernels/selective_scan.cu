@@ -56,6 +56,9 @@
 #ifndef FS_SEL_BWD_MIN_BLOCKS
 #define FS_SEL_BWD_MIN_BLOCKS (FS_SEL_COMPLEX ? 2 : 3)  // complex states need more registers
 #endif
+#ifndef FS_SEL_CARRY_MIN_BLOCKS
+#define FS_SEL_CARRY_MIN_BLOCKS (FS_SEL_COMPLEX ? 3 : 4)
+#endif
 // Step groups of the forward unrolled together, so that one group's exp2s and shared-memory loads
 // overlap the previous group's y reduction (H100, N = 16, float32: (4,1536,8192) forward 0.648 ->
 // 0.625-0.630 ms). Only where registers allow it without spilling (see fwd_steps).
@@ -100,16 +103,18 @@ struct SelParams {
     acc_t* part_params;           // (batch, chunks, dim, 3·N·parts + 2)
     acc_t* part_b;                // (batch, tiles, N, L·parts) when B is variable
     acc_t* part_c;
-    acc_t* part_carry;            // backward over chunks: (batch, chunks, dim, N·parts + 1)
+    acc_t* part_carry;            // backward over chunks: (batch, carry pieces, dim, N·parts + 1)
     i64 batch, dim, len, dstate, n_ck;
     i64 chunks, chunk_cks;        // backward: time chunks, checkpoints (16-step segments) per chunk
+    i64 carry_pieces;             // backward over chunks: selective_carry's pieces per row
     Strides<3> u_s, delta_s, z_s, dout_s;
     Strides<4> b_s, c_s;
     i64 b_groups, c_groups;       // 0 when constant
     i64 ct, tiles;                // channels per tile, tiles per batch element (dim = tiles·ct, rounded up)
-    int softplus, pad_;
+    int softplus;
+    int carry_split;              // backward over chunks: selective_carry's pieces per time chunk
 };
-static_assert(sizeof(SelParams) == 448, "SelParams must match SelectiveParams in src/cuda/selective_scan.rs");
+static_assert(sizeof(SelParams) == 456, "SelParams must match SelectiveParams in src/cuda/selective_scan.rs");
 
 // Mirrored by `SelectiveReduceParams` in src/cuda/selective_scan.rs.
 struct SelReduceParams {
@@ -1182,22 +1187,26 @@ __device__ __forceinline__ i64 chunk_last_segment(const SelParams& Q, i64 k) {
     return min((k + 1) * Q.chunk_cks, Q.n_ck) - 1;
 }
 
-// Where the phase-A record of time chunk `chunk` of row (b, d) starts: N·parts adjoint values,
-// then the chunk's Σ Δ.
-__device__ __forceinline__ acc_t* carry_record(const SelParams& Q, i64 b, i64 chunk, i64 d) {
-    return Q.part_carry + ((b * Q.chunks + chunk) * Q.dim + d) * (Q.dstate * FS_SEL_PARTS + 1);
+// Phase A walks pieces of chunk_cks / carry_split segments, a block each: the chunks alone are
+// few blocks (the rows are few), each a long serial walk, and left the pass latency-bound. Piece
+// j covers segments [j·piece_cks, (j+1)·piece_cks), the last one fewer; a chunk ends on a piece's
+// end. Where the phase-A record of piece `piece` of row (b, d) starts: N·parts adjoint values, then
+// the piece's Σ Δ.
+__device__ __forceinline__ i64 piece_cks(const SelParams& Q) { return Q.chunk_cks / Q.carry_split; }
+__device__ __forceinline__ acc_t* carry_record(const SelParams& Q, i64 b, i64 piece, i64 d) {
+    return Q.part_carry + ((b * Q.carry_pieces + piece) * Q.dim + d) * (Q.dstate * FS_SEL_PARTS + 1);
 }
 
 // The adjoint ∂L/∂h entering the last step of time chunk `chunk` of row (b, d), lane l's states,
-// from `carry` holding ∂L/∂h[L-1]: carried back through the later chunks j = chunks-1 ... chunk+1,
+// from `carry` holding ∂L/∂h[L-1]: carried back through the pieces j after the chunk, last first,
 // each by its phase-A record (its own contribution a_j from a zero adjoint after it, and Σ Δ_j):
-// c <- a_j + conj(exp(A·Σ Δ_j))·c, exp(A·Σ Δ_j) being the product of the chunk's decays.
+// c <- a_j + conj(exp(A·Σ Δ_j))·c, exp(A·Σ Δ_j) being the product of the piece's decays.
 template <int S>
 __device__ __forceinline__ void chunk_start_adjoint(const SelParams& Q, const Weights<S>& w, i64 b, i64 d, int l,
                                                     i64 chunk, num_t (&carry)[S]) {
     const i64 N = Q.dstate;
 #pragma unroll 1
-    for (i64 j = Q.chunks - 1; j > chunk; --j) {
+    for (i64 j = Q.carry_pieces - 1; j >= (chunk + 1) * Q.carry_split; --j) {
         const acc_t* rec = carry_record(Q, b, j, d);
         const acc_t dt_sum = rec[N * FS_SEL_PARTS];
 #pragma unroll
@@ -1208,19 +1217,30 @@ __device__ __forceinline__ void chunk_start_adjoint(const SelParams& Q, const We
 }
 
 // Phase A of a backward cut into time chunks (Q.chunks > 1: rows too few to fill the GPU): for
-// every chunk k >= 1 of every row, the adjoint entering the chunk's first step from its own steps
-// alone (zero after its last) and its Σ Δ, to the row's record in part_carry. Each backward block
-// then starts its chunk from the later chunks' records (chunk_start_adjoint) instead of waiting for
-// their blocks. It needs Δ, dout·silu(z) and C only: no states, no gradients. VAR_C: C variable,
-// fixed at compile time.
+// every carry piece after the first chunk, of every row, the adjoint entering the piece's first
+// step from its own steps alone (zero after its last) and its Σ Δ, to the row's record in
+// part_carry. Each backward block then starts its chunk from the records of the pieces after it
+// (chunk_start_adjoint) instead of waiting for their blocks. It needs Δ, dout·silu(z) and C only:
+// no states, no gradients, and only the shared memory to stage them (more blocks fit). VAR_C: C
+// variable, fixed at compile time.
+template <int P, int S>
+struct CarryShared {
+    static constexpr int ROWS = FS_SEL_THREADS / P, NP = P * S, PT = FS_SEL_PARTS, ROW = StagedRow<FS_SEL_CK>::value;
+    alignas(16) acc_t dt[ROW * ROWS];  // Δ
+    alignas(16) acc_t g[ROW * ROWS];   // ∂y = dout·silu(z)
+    alignas(16) acc_t q[ROW * ROWS];   // dout·silu'(z) (stage_gated_dout writes it; unused here)
+    alignas(16) acc_t c[BwdPlan<P, S>::TS * NP * PT];
+    acc_t bias[ROWS];
+};
+
 template <int P, int S, bool VAR_C>
-__device__ __forceinline__ void selective_carry(const SelParams& Q, BwdShared<P, S>& sm) {
+__device__ __forceinline__ void selective_carry(const SelParams& Q, CarryShared<P, S>& sm) {
     using Plan = BwdPlan<P, S>;
     constexpr int TS = Plan::TS, R = Plan::R;
-    constexpr int ROWS = FS_SEL_THREADS / P, NP = P * S, ROW = BwdShared<P, S>::ROW;
+    constexpr int ROWS = FS_SEL_THREADS / P, NP = P * S, ROW = CarryShared<P, S>::ROW;
     const int tid = threadIdx.x, c = tid / P, l = tid % P;
-    const i64 later = Q.chunks - 1;  // the chunks with a record: all but the first
-    const i64 chunk = 1 + blockIdx.x % later, bt = blockIdx.x / later;
+    const i64 later = Q.carry_pieces - Q.carry_split;  // the pieces with a record: all after chunk 0
+    const i64 piece = Q.carry_split + blockIdx.x % later, bt = blockIdx.x / later;
     const i64 b = bt / Q.tiles, tile = bt % Q.tiles, c0 = tile * Q.ct, d = c0 + c;
     const bool active = c < Q.ct && d < Q.dim;
     const i64 N = Q.dstate, L = Q.len;
@@ -1250,7 +1270,7 @@ __device__ __forceinline__ void selective_carry(const SelParams& Q, BwdShared<P,
             if (vc) r_c.load(cursors.bc & CURSOR_C, cursors.bc_off, Q.c_var, Q.c_s, b, gc, N, ts0, L);
         }
     };
-    const i64 first = chunk_first_segment(Q, chunk), last = chunk_last_segment(Q, chunk);
+    const i64 first = piece * piece_cks(Q), last = min(first + piece_cks(Q), Q.n_ck) - 1;
     if (last >= first) fetch(last);
 #pragma unroll 1
     for (i64 seg = last; seg >= first; --seg) {
@@ -1287,7 +1307,7 @@ __device__ __forceinline__ void selective_carry(const SelParams& Q, BwdShared<P,
         }
     }
     if (!active) return;
-    acc_t* rec = carry_record(Q, b, chunk, d);
+    acc_t* rec = carry_record(Q, b, piece, d);
 #pragma unroll
     for (int s = 0; s < S; ++s)
         if ((i64)l * S + s < N) nstore(rec, (i64)l * S + s, carry[s]);
@@ -1613,9 +1633,9 @@ __device__ __forceinline__ void selective_bwd(const SelParams& Q, BwdShared<P, S
 #define FS_SEL_BWD_KERNEL(P, S)                                                                     \
     FS_SEL_BWD_KERNEL_AS(selective_bwd_p##P##_s##S, P, S, false)                                    \
     FS_SEL_BWD_KERNEL_AS(selective_bwd_chunked_p##P##_s##S, P, S, true)                             \
-    extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS, FS_SEL_BWD_MIN_BLOCKS) selective_carry_p##P##_s##S(const SelParams Q) { \
+    extern "C" __global__ void __launch_bounds__(FS_SEL_THREADS, FS_SEL_CARRY_MIN_BLOCKS) selective_carry_p##P##_s##S(const SelParams Q) { \
         if constexpr (BwdPlan<P, S>::fits) {                                                         \
-            __shared__ BwdShared<P, S> sm;                                                           \
+            __shared__ CarryShared<P, S> sm;                                                         \
             if (Q.c_var)                                                                             \
                 selective_carry<P, S, true>(Q, sm);                                                  \
             else                                                                                     \

@@ -74,6 +74,7 @@ struct SelectiveParams {
     n_ck: i64,
     chunks: i64,
     chunk_cks: i64,
+    carry_pieces: i64,
     u_s: [i64; 3],
     delta_s: [i64; 3],
     z_s: [i64; 3],
@@ -85,7 +86,7 @@ struct SelectiveParams {
     ct: i64,
     tiles: i64,
     softplus: i32,
-    pad: i32,
+    carry_split: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's `SelParams` (u64 addresses, i64 sizes
@@ -234,6 +235,11 @@ pub struct BackwardPlan {
     pub chunks: usize,
     /// 16-step segments (checkpoints) per chunk; the last chunk may have fewer.
     pub chunk_cks: usize,
+    /// `selective_carry`'s pieces per chunk (it runs a block per piece; `chunk_cks` is a multiple).
+    pub carry_split: usize,
+    /// `selective_carry`'s pieces per row, of `chunk_cks / carry_split` segments (the last may
+    /// have fewer); it writes records for those after the first chunk.
+    pub carry_pieces: usize,
 }
 
 /// Most time chunks per row: the adjoints a block composes grow with the count.
@@ -241,6 +247,15 @@ const MAX_CHUNKS: usize = 32;
 /// Fewest steps per time chunk (whole checkpoint segments): `selective_carry` walks every chunk but
 /// the first once more.
 const MIN_CHUNK_STEPS: usize = 256;
+/// Fewest segments per `selective_carry` piece: a piece is one block's serial walk, and each one
+/// adds a record that the backward's blocks compose.
+const MIN_PIECE_CKS: usize = 16;
+/// Most `selective_carry` pieces per row: the records the first chunk's block composes.
+const MAX_CARRY_PIECES: usize = 64;
+
+/// Tuning hook: `selective_carry`'s pieces per chunk (a divisor of the chunk's segments; 1 walks
+/// whole chunks), for measuring the split.
+pub const CARRY_SPLIT_ENV: &str = "FERROSCAN_SELECTIVE_CARRY_SPLIT";
 
 /// Tuning hook: time chunks for the backward (`FERROSCAN_SELECTIVE_CHUNKS=1` turns them off,
 /// spreading states over more lanes instead), for measuring the plans against each other.
@@ -271,11 +286,23 @@ impl BackwardPlan {
         let chunk_cks = segments.div_ceil(chunks).max(1);
         let chunks = segments.div_ceil(chunk_cks).max(1);
         let config = if chunks > 1 { narrow } else { widened };
+        // A chunk per block leaves phase A a few long serial walks (two chunks: one block per
+        // 32 channels of a row); pieces of at least MIN_PIECE_CKS segments give it enough blocks.
+        let divides = |split: usize| chunk_cks % split == 0;
+        let mut carry_split = (1..=chunk_cks / MIN_PIECE_CKS)
+            .filter(|&split| divides(split) && chunks * split <= MAX_CARRY_PIECES)
+            .max()
+            .unwrap_or(1);
+        if let Some(forced) = tuning_hook(CARRY_SPLIT_ENV) {
+            carry_split = (1..=forced.min(chunk_cks)).rev().find(|&s| divides(s)).unwrap_or(1);
+        }
         Ok(BackwardPlan {
             config,
             tiles: TilePlan::new(problem, &config, groups),
             chunks,
             chunk_cks,
+            carry_split,
+            carry_pieces: segments.div_ceil(chunk_cks / carry_split).max(1),
         })
     }
 }
@@ -386,7 +413,7 @@ impl TilePlan {
 
 /// Byte offsets of the backward's scratch regions: per-(batch, chunk, channel) parameter
 /// partials, per-tile partials of a variable `B` and `C`, and with time chunks the
-/// per-(batch, chunk, channel) records of `selective_carry`.
+/// per-(batch, carry piece, channel) records of `selective_carry`.
 #[derive(Clone, Copy, Debug)]
 struct ScratchLayout {
     params: usize,
@@ -410,7 +437,8 @@ impl ScratchLayout {
         let per_var = round(
             problem.batch * plan.tiles.tiles * problem.dstate * problem.len * problem.parts() * acc,
         );
-        let carry = round(rows * (problem.dstate * problem.parts() + 1) * acc);
+        let records = problem.batch * plan.carry_pieces * problem.dim;
+        let carry = round(records * (problem.dstate * problem.parts() + 1) * acc);
         let mut total = params;
         let mut next = |present: bool, bytes: usize| {
             present.then(|| {
@@ -708,6 +736,8 @@ pub unsafe fn selective_scan_backward_raw(
     q.part_carry = layout.carry.map_or(0, |at| scratch + at as u64);
     q.chunks = plan.chunks as i64;
     q.chunk_cks = plan.chunk_cks as i64;
+    q.carry_split = plan.carry_split as i32;
+    q.carry_pieces = plan.carry_pieces as i64;
 
     let (_, source) = sources(problem.complex);
     let row_blocks = problem.batch * plan.tiles.tiles;
@@ -719,7 +749,7 @@ pub unsafe fn selective_scan_backward_raw(
                 stream,
                 (source, dtype, &plan.config.carry_kernel()),
                 &q,
-                (row_blocks * (plan.chunks - 1), THREADS),
+                (row_blocks * (plan.carry_pieces - plan.carry_split), THREADS),
             )?;
         }
     }
@@ -800,14 +830,14 @@ mod tests {
     #[test]
     fn parameter_blocks_have_the_kernel_layout() {
         // `static_assert`s in kernels/selective_scan.cu pin the same sizes.
-        assert_eq!(std::mem::size_of::<SelectiveParams>(), 448);
+        assert_eq!(std::mem::size_of::<SelectiveParams>(), 456);
         assert_eq!(std::mem::size_of::<SelectiveReduceParams>(), 112);
         assert_eq!(std::mem::offset_of!(SelectiveParams, batch), 24 * 8);
         assert_eq!(
             std::mem::offset_of!(SelectiveParams, b_groups),
-            24 * 8 + 7 * 8 + 20 * 8
+            24 * 8 + 8 * 8 + 20 * 8
         );
-        assert_eq!(std::mem::offset_of!(SelectiveParams, softplus), 440);
+        assert_eq!(std::mem::offset_of!(SelectiveParams, softplus), 448);
     }
 
     #[test]
@@ -868,6 +898,30 @@ mod tests {
     }
 
     #[test]
+    fn phase_a_walks_pieces_that_end_on_chunk_ends() {
+        let plan = |batch, dim, len| {
+            let p = SelectiveProblem::new((batch, dim, len, 16), false, true).unwrap();
+            let b = BackwardPlan::new(DType::F32, &p, [Some(1), Some(1)]).unwrap();
+            (b.chunks, b.chunk_cks, b.carry_split, b.carry_pieces)
+        };
+        // Two chunks of 256 segments: pieces of 16, 16 a chunk (32 in all, 16 after chunk 0).
+        assert_eq!(plan(4, 1536, 8192), (2, 256, 16, 32));
+        // 32 chunks of 2048 segments: two pieces each, MAX_CARRY_PIECES in all.
+        assert_eq!(plan(1, 64, 1 << 20), (32, 2048, 2, MAX_CARRY_PIECES));
+        // 21 segments a chunk: too few to split; the last chunk (and piece) is the short one.
+        assert_eq!(plan(1, 64, 1000), (3, 21, 1, 3));
+        // No chunks: one piece, which selective_carry never walks.
+        assert_eq!(plan(2, 4096, 4096), (1, 256, 16, 16));
+        for (batch, dim, len) in [(4, 1536, 8192), (1, 64, 1 << 20), (1, 64, 1000), (3, 8, 5000)] {
+            let (chunks, cks, split, pieces) = plan(batch, dim, len);
+            let segments = len.div_ceil(CHECKPOINT_STEPS);
+            assert_eq!(cks % split, 0, "a chunk ends on a piece's end");
+            assert!((pieces - 1) * (cks / split) < segments && pieces * (cks / split) >= segments);
+            assert!(pieces >= chunks * split - split + 1 && pieces <= MAX_CARRY_PIECES);
+        }
+    }
+
+    #[test]
     fn tiles_stay_inside_groups() {
         let p = problem(1536, 16, false);
         let c = SelectiveConfig {
@@ -907,14 +961,15 @@ mod tests {
         assert!(l.part_b.unwrap() >= params && l.part_c.unwrap() >= l.part_b.unwrap() + per_var);
         assert!(bytes >= l.part_c.unwrap() + per_var && l.carry.is_none());
         assert_eq!(l.part_b.unwrap() % SCRATCH_ALIGN, 0);
-        // With time chunks: parameter partials per chunk, then the carry records.
-        let p = SelectiveProblem::new((1, 64, 4096, 16), false, true).unwrap();
+        // With time chunks: parameter partials per chunk, then a carry record per piece.
+        let p = SelectiveProblem::new((16, 64, 8192, 16), false, true).unwrap();
         let plan = BackwardPlan::new(DType::F32, &p, groups).unwrap();
+        assert!(plan.carry_pieces > plan.chunks, "{plan:?}");
         let l = ScratchLayout::new(DType::F32, &p, &plan, groups);
-        let rows = plan.chunks * 64;
-        let per_var = plan.tiles.tiles * 16 * 4096 * 4;
+        let rows = 16 * plan.chunks * 64;
+        let per_var = 16 * plan.tiles.tiles * 16 * 8192 * 4;
         assert!(l.part_b.unwrap() >= rows * (3 * 16 + 2) * 4);
         assert_eq!(l.carry.unwrap(), l.part_c.unwrap() + per_var);
-        assert_eq!(l.total, l.carry.unwrap() + rows * 17 * 4);
+        assert_eq!(l.total, l.carry.unwrap() + 16 * plan.carry_pieces * 64 * 17 * 4);
     }
 }
