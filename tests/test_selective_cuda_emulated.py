@@ -256,7 +256,9 @@ CASES = {
     "real-N16-time-chunks-P8-S2": Case(lanes=8, states=2, b_groups=1, c_groups=1, length=70, chunks=5),
     "real-N200-time-chunks": Case(batch=1, dim=3, dstate=200, b_groups=1, c_groups=1, length=40, chunks=2),
     "complex-N16-time-chunks": Case(complex_=True, b_groups=1, c_groups=2, length=67, chunks=2),
-    "complex-N16-time-chunks-carry-pieces": Case(complex_=True, b_groups=1, c_groups=1, length=200, chunks=2, carry_split=7),
+    "complex-N16-time-chunks-carry-pieces": Case(
+        complex_=True, b_groups=1, c_groups=1, length=200, chunks=2, carry_split=7
+    ),
 }
 
 

@@ -326,9 +326,12 @@ fn cpu_selective_scan_backward(
     })
 }
 
-/// Scratch bytes the CUDA backward of this selective scan needs (`groups` 0 = constant B / C).
+/// Scratch bytes the CUDA backward of this selective scan needs on device `device` (`groups` 0 =
+/// constant B / C).
 #[pyfunction]
 fn cuda_selective_scratch_bytes(
+    py: Python<'_>,
+    device: usize,
     dtype: &str,
     problem: ProblemArg,
     b_groups: usize,
@@ -336,7 +339,10 @@ fn cuda_selective_scratch_bytes(
 ) -> PyResult<usize> {
     let (dtype, p) = selective_problem(dtype, problem)?;
     let groups = [opt(b_groups), opt(c_groups)];
-    cuda::selective_scan::selective_backward_scratch_bytes(dtype, &p, groups).map_err(to_py)
+    run_detached(py, move || {
+        let dev = cuda::device(device)?;
+        cuda::selective_scan::selective_backward_scratch_bytes(&dev, dtype, &p, groups)
+    })
 }
 
 /// Selective scan forward of device buffers on PyTorch's stream; arguments as for

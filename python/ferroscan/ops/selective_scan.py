@@ -205,7 +205,7 @@ def _backward_impl(
     )  # fmt: skip
     if u.is_cuda:
         groups = [0 if t.dim() == 2 else int(t.shape[1]) for t in (B, C)]
-        nbytes = _native.cuda_selective_scratch_bytes(dtype, problem, *groups)
+        nbytes = _native.cuda_selective_scratch_bytes(u.device.index, dtype, problem, *groups)
         scratch, nbytes = _backend.scratch_buffer(u, nbytes)
         _native.cuda_selective_scan_backward(u.device.index, _backend.cuda_stream(u), *args, a(scratch), nbytes)
     else:

@@ -217,14 +217,14 @@ impl SelectiveConfig {
 
 /// How the backward runs: its configuration and channel tiles, and its time chunks.
 ///
-/// The backward's blocks each walk their rows' whole time axis backwards unless the rows are too
-/// few to fill the GPU with the narrowest configuration (fewer than `FILL_THREADS`, 32768 threads).
-/// Then, where the sequence is long enough for chunks of at least `MIN_CHUNK_STEPS`, 256 steps, it
-/// keeps that configuration and cuts the time axis into chunks, a block each: `selective_carry`
-/// first finds, for every chunk but the first, the adjoint its own steps pass back from a zero
-/// adjoint after it, and its Σ Δ, from which each block composes the adjoint it starts from.
-/// Otherwise it spreads the states over more lanes as the forward does. Measured on the H100
-/// (float32, (4,1536,8192), N = 16, forward+backward): see the README's selective table.
+/// The backward's blocks each walk their rows' whole time axis backwards unless, in the narrowest
+/// configuration, the blocks of whole rows leave much of their wave of block slots empty (see
+/// `chunks_for_full_waves`). Then, where the sequence is long enough for chunks of at least
+/// `MIN_CHUNK_STEPS`, 256 steps, it keeps that configuration and cuts the time axis into chunks, a
+/// block each: `selective_carry` first finds, for every piece of a chunk after the first, the
+/// adjoint its own steps pass back from a zero adjoint after it, and its Σ Δ, from which each block
+/// composes the adjoint it starts from. Otherwise it spreads the states over more lanes as the
+/// forward does (fewer rows than `FILL_THREADS` threads).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackwardPlan {
     /// Lanes and states per lane.
@@ -262,8 +262,10 @@ pub const CARRY_SPLIT_ENV: &str = "FERROSCAN_SELECTIVE_CARRY_SPLIT";
 pub const CHUNKS_ENV: &str = "FERROSCAN_SELECTIVE_CHUNKS";
 
 impl BackwardPlan {
-    /// The plan for `problem` with the group counts of a variable `B` and `C`.
+    /// The plan for `problem` with the group counts of a variable `B` and `C`, on a device with
+    /// `sm_count` multiprocessors.
     pub fn new(
+        sm_count: usize,
         dtype: DType,
         problem: &SelectiveProblem,
         groups: [Option<usize>; 2],
@@ -271,14 +273,12 @@ impl BackwardPlan {
         let widened = SelectiveConfig::new(dtype, problem)?;
         let narrow = SelectiveConfig::narrowest(problem.dstate);
         let segments = problem.checkpoint_count();
-        let threads = problem.batch * problem.dim * narrow.lanes;
-        let mut chunks = if threads == 0 || tuning_hook(LANES_ENV).is_some() {
+        let row_blocks = problem.batch * TilePlan::new(problem, &narrow, groups).tiles;
+        let slots = sm_count.max(1) * resident_backward_blocks(problem.complex);
+        let mut chunks = if row_blocks == 0 || tuning_hook(LANES_ENV).is_some() {
             1
         } else {
-            FILL_THREADS
-                .div_ceil(threads)
-                .min(problem.len / MIN_CHUNK_STEPS)
-                .clamp(1, MAX_CHUNKS)
+            chunks_for_full_waves(row_blocks, slots, problem.len / MIN_CHUNK_STEPS)
         };
         if let Some(forced) = tuning_hook(CHUNKS_ENV) {
             chunks = forced.clamp(1, segments.max(1));
@@ -294,7 +294,10 @@ impl BackwardPlan {
             .max()
             .unwrap_or(1);
         if let Some(forced) = tuning_hook(CARRY_SPLIT_ENV) {
-            carry_split = (1..=forced.min(chunk_cks)).rev().find(|&s| divides(s)).unwrap_or(1);
+            carry_split = (1..=forced.min(chunk_cks))
+                .rev()
+                .find(|&s| divides(s))
+                .unwrap_or(1);
         }
         Ok(BackwardPlan {
             config,
@@ -305,6 +308,46 @@ impl BackwardPlan {
             carry_pieces: segments.div_ceil(chunk_cks / carry_split).max(1),
         })
     }
+}
+
+/// Backward blocks a multiprocessor holds at once: the kernels' `__launch_bounds__` minimum
+/// (`FS_SEL_BWD_MIN_BLOCKS`: 3, or 2 with complex states), which their registers fill.
+fn resident_backward_blocks(complex: bool) -> usize {
+    if complex {
+        2
+    } else {
+        3
+    }
+}
+
+/// Least share of the last wave's block slots a grid must fill (see [`chunks_for_full_waves`]).
+const WAVE_FILL: f64 = 0.9;
+
+/// Time chunks for `row_blocks` blocks of whole rows on `slots` resident block slots, at most
+/// `most` (then [`MAX_CHUNKS`]): 1 when the rows alone fill their waves, else the fewest chunks
+/// whose blocks fill theirs (at least `WAVE_FILL` of the slots of every wave), else the count that
+/// fills them best. A backward block is one long serial walk, so a wave's empty slots are lost for
+/// its whole length. Measured on the H100 (forward+backward, N = 16, float32 / bfloat16):
+/// (4,1536,8192) has 192 row blocks on 396 slots: 2 chunks 2.75 / 2.90 ms, 3 chunks (1.45
+/// waves) 3.37 / 3.57 ms; (2,4096,4096) has 256: 1 chunk 1.974 / 2.074 ms, 2 chunks (1.29
+/// waves) 2.25 / 2.45 ms, 3 chunks (1.94) 1.917 / 2.026 ms, 4 chunks 2.07 / 2.19 ms;
+/// (8,1536,2048) has 384 (0.97 of a wave): 2 chunks 1.36 / 1.44 ms against 1.26 / 1.27 ms.
+fn chunks_for_full_waves(row_blocks: usize, slots: usize, most: usize) -> usize {
+    let fill = |chunks: usize| {
+        let blocks = row_blocks * chunks;
+        blocks as f64 / (blocks.div_ceil(slots) * slots) as f64
+    };
+    if fill(1) >= WAVE_FILL {
+        return 1;
+    }
+    let counts = 1..=most.clamp(1, MAX_CHUNKS);
+    counts
+        .clone()
+        .find(|&c| fill(c) >= WAVE_FILL)
+        .unwrap_or_else(|| {
+            // The fewest chunks among the fullest (ties: fewer carry passes).
+            counts.fold(1, |best, c| if fill(c) > fill(best) { c } else { best })
+        })
 }
 
 /// Below this many threads in the grid, [`SelectiveConfig::new`] uses twice the lanes per channel
@@ -467,11 +510,12 @@ fn groups_of<X, W>(b: &Bc<X, W>, c: &Bc<X, W>) -> [Option<usize>; 2] {
 /// Scratch bytes the backward of `problem` needs, with `groups` the group counts of a variable
 /// `B` and `C` (`None` when constant). Pass a 256-byte aligned buffer at least this large.
 pub fn selective_backward_scratch_bytes(
+    device: &Device,
     dtype: DType,
     problem: &SelectiveProblem,
     groups: [Option<usize>; 2],
 ) -> Result<usize> {
-    let plan = BackwardPlan::new(dtype, problem, groups)?;
+    let plan = BackwardPlan::new(device.sm_count(), dtype, problem, groups)?;
     Ok(ScratchLayout::new(dtype, problem, &plan, groups).total)
 }
 
@@ -647,7 +691,7 @@ pub unsafe fn selective_scan_backward_raw(
     (scratch, scratch_bytes): (u64, usize),
 ) -> Result<()> {
     let groups = groups_of(&inputs.b, &inputs.c);
-    let plan = BackwardPlan::new(dtype, problem, groups)?;
+    let plan = BackwardPlan::new(device.sm_count(), dtype, problem, groups)?;
     let layout = ScratchLayout::new(dtype, problem, &plan, groups);
     if layout.total > 0
         && (scratch == 0 || scratch_bytes < layout.total || scratch % SCRATCH_ALIGN as u64 != 0)
@@ -823,6 +867,9 @@ mod tests {
     use super::*;
     use crate::selective::CHECKPOINT_STEPS;
 
+    /// Multiprocessors of the H100 the plans were measured on.
+    const SMS: usize = 132;
+
     fn problem(dim: usize, dstate: usize, complex: bool) -> SelectiveProblem {
         SelectiveProblem::new((2, dim, 100, dstate), complex, true).unwrap()
     }
@@ -880,11 +927,12 @@ mod tests {
     fn few_rows_cut_the_backward_into_time_chunks() {
         let plan = |batch, dim, len| {
             let p = SelectiveProblem::new((batch, dim, len, 16), false, true).unwrap();
-            let b = BackwardPlan::new(DType::F32, &p, [Some(1), Some(1)]).unwrap();
+            let b = BackwardPlan::new(SMS, DType::F32, &p, [Some(1), Some(1)]).unwrap();
             (b.config.lanes, b.config.states, b.chunks, b.chunk_cks)
         };
-        assert_eq!(plan(2, 4096, 4096), (4, 4, 1, 256)); // enough rows: no chunks
-        assert_eq!(plan(4, 1536, 8192), (4, 4, 2, 256)); // 24576 threads: two chunks
+        assert_eq!(plan(8, 1536, 2048), (4, 4, 1, 128)); // 384 row blocks: 0.97 of a wave
+        assert_eq!(plan(4, 1536, 8192), (4, 4, 2, 256)); // 192: two chunks, 0.97 of a wave
+        assert_eq!(plan(2, 4096, 4096), (4, 4, 3, 86)); // 256: 0.65 waves; two, 1.29; three, 1.94
         assert_eq!(
             plan(1, 64, 1 << 20),
             (4, 4, MAX_CHUNKS, (1 << 16) / MAX_CHUNKS)
@@ -898,10 +946,33 @@ mod tests {
     }
 
     #[test]
+    fn chunks_fill_whole_waves() {
+        assert_eq!(chunks_for_full_waves(384, 396, 8), 1);
+        assert_eq!(chunks_for_full_waves(192, 396, 32), 2);
+        assert_eq!(chunks_for_full_waves(256, 396, 16), 3);
+        assert_eq!(
+            chunks_for_full_waves(256, 396, 2),
+            1,
+            "no count fills better than one"
+        );
+        assert_eq!(
+            chunks_for_full_waves(2, 396, 3),
+            3,
+            "none fills: the fullest"
+        );
+        assert_eq!(chunks_for_full_waves(2, 396, 1000), MAX_CHUNKS);
+        assert_eq!(
+            chunks_for_full_waves(5000, 396, 16),
+            1,
+            "many waves: nothing to gain"
+        );
+    }
+
+    #[test]
     fn phase_a_walks_pieces_that_end_on_chunk_ends() {
         let plan = |batch, dim, len| {
             let p = SelectiveProblem::new((batch, dim, len, 16), false, true).unwrap();
-            let b = BackwardPlan::new(DType::F32, &p, [Some(1), Some(1)]).unwrap();
+            let b = BackwardPlan::new(SMS, DType::F32, &p, [Some(1), Some(1)]).unwrap();
             (b.chunks, b.chunk_cks, b.carry_split, b.carry_pieces)
         };
         // Two chunks of 256 segments: pieces of 16, 16 a chunk (32 in all, 16 after chunk 0).
@@ -911,13 +982,18 @@ mod tests {
         // 21 segments a chunk: too few to split; the last chunk (and piece) is the short one.
         assert_eq!(plan(1, 64, 1000), (3, 21, 1, 3));
         // No chunks: one piece, which selective_carry never walks.
-        assert_eq!(plan(2, 4096, 4096), (1, 256, 16, 16));
-        for (batch, dim, len) in [(4, 1536, 8192), (1, 64, 1 << 20), (1, 64, 1000), (3, 8, 5000)] {
+        assert_eq!(plan(8, 1536, 2048), (1, 128, 8, 8));
+        for (batch, dim, len) in [
+            (4, 1536, 8192),
+            (1, 64, 1 << 20),
+            (1, 64, 1000),
+            (2, 4096, 4097),
+        ] {
             let (chunks, cks, split, pieces) = plan(batch, dim, len);
             let segments = len.div_ceil(CHECKPOINT_STEPS);
             assert_eq!(cks % split, 0, "a chunk ends on a piece's end");
             assert!((pieces - 1) * (cks / split) < segments && pieces * (cks / split) >= segments);
-            assert!(pieces >= chunks * split - split + 1 && pieces <= MAX_CARRY_PIECES);
+            assert!(pieces > chunks * split - split && pieces <= MAX_CARRY_PIECES);
         }
     }
 
@@ -952,24 +1028,30 @@ mod tests {
     fn scratch_regions_do_not_overlap() {
         let p = problem(64, 16, true);
         let groups = [Some(2), Some(1)];
-        let bytes = selective_backward_scratch_bytes(DType::BF16, &p, groups).unwrap();
-        let plan = BackwardPlan::new(DType::BF16, &p, groups).unwrap();
+        let plan = BackwardPlan::new(SMS, DType::BF16, &p, groups).unwrap();
         assert_eq!(plan.chunks, 1, "100 steps: too short for chunks");
         let l = ScratchLayout::new(DType::BF16, &p, &plan, groups);
+        let bytes = l.total;
         let params = 2 * 64 * (3 * 16 * 2 + 2) * 4;
         let per_var = 2 * plan.tiles.tiles * 16 * 100 * 2 * 4;
         assert!(l.part_b.unwrap() >= params && l.part_c.unwrap() >= l.part_b.unwrap() + per_var);
         assert!(bytes >= l.part_c.unwrap() + per_var && l.carry.is_none());
         assert_eq!(l.part_b.unwrap() % SCRATCH_ALIGN, 0);
         // With time chunks: parameter partials per chunk, then a carry record per piece.
-        let p = SelectiveProblem::new((16, 64, 8192, 16), false, true).unwrap();
-        let plan = BackwardPlan::new(DType::F32, &p, groups).unwrap();
-        assert!(plan.carry_pieces > plan.chunks, "{plan:?}");
+        let p = SelectiveProblem::new((6, 1024, 8192, 16), false, true).unwrap();
+        let plan = BackwardPlan::new(SMS, DType::F32, &p, groups).unwrap();
+        assert!(
+            plan.chunks > 1 && plan.carry_pieces > plan.chunks,
+            "{plan:?}"
+        );
         let l = ScratchLayout::new(DType::F32, &p, &plan, groups);
-        let rows = 16 * plan.chunks * 64;
-        let per_var = 16 * plan.tiles.tiles * 16 * 8192 * 4;
+        let rows = 6 * plan.chunks * 1024;
+        let per_var = 6 * plan.tiles.tiles * 16 * 8192 * 4;
         assert!(l.part_b.unwrap() >= rows * (3 * 16 + 2) * 4);
         assert_eq!(l.carry.unwrap(), l.part_c.unwrap() + per_var);
-        assert_eq!(l.total, l.carry.unwrap() + 16 * plan.carry_pieces * 64 * 17 * 4);
+        assert_eq!(
+            l.total,
+            l.carry.unwrap() + 6 * plan.carry_pieces * 1024 * 17 * 4
+        );
     }
 }
