@@ -56,6 +56,8 @@
 #ifndef FS_SEL_BWD_MIN_BLOCKS
 #define FS_SEL_BWD_MIN_BLOCKS (FS_SEL_COMPLEX ? 2 : 3)  // complex states need more registers
 #endif
+// selective_carry keeps no states or gradients: one block more fits in its registers without
+// spilling (except the N > 128 configurations, a few bytes) and hides more of its latency.
 #ifndef FS_SEL_CARRY_MIN_BLOCKS
 #define FS_SEL_CARRY_MIN_BLOCKS (FS_SEL_COMPLEX ? 3 : 4)
 #endif
@@ -106,7 +108,8 @@ struct SelParams {
     acc_t* part_carry;            // backward over chunks: (batch, carry pieces, dim, N·parts + 1)
     i64 batch, dim, len, dstate, n_ck;
     i64 chunks, chunk_cks;        // backward: time chunks, checkpoints (16-step segments) per chunk
-    i64 carry_pieces;             // backward over chunks: selective_carry's pieces per row
+    i64 carry_pieces;             // backward over chunks: selective_carry's pieces per row (passed, not
+                                  // derived: the 64-bit division cost the chunked backward spills)
     Strides<3> u_s, delta_s, z_s, dout_s;
     Strides<4> b_s, c_s;
     i64 b_groups, c_groups;       // 0 when constant

@@ -923,11 +923,16 @@ mod tests {
         );
     }
 
+    /// The float32 backward plan of Mamba's case (N = 16, variable B and C in one group).
+    fn mamba_backward_plan(batch: usize, dim: usize, len: usize) -> BackwardPlan {
+        let p = SelectiveProblem::new((batch, dim, len, 16), false, true).unwrap();
+        BackwardPlan::new(SMS, DType::F32, &p, [Some(1), Some(1)]).unwrap()
+    }
+
     #[test]
     fn few_rows_cut_the_backward_into_time_chunks() {
         let plan = |batch, dim, len| {
-            let p = SelectiveProblem::new((batch, dim, len, 16), false, true).unwrap();
-            let b = BackwardPlan::new(SMS, DType::F32, &p, [Some(1), Some(1)]).unwrap();
+            let b = mamba_backward_plan(batch, dim, len);
             (b.config.lanes, b.config.states, b.chunks, b.chunk_cks)
         };
         assert_eq!(plan(8, 1536, 2048), (4, 4, 1, 128)); // 384 row blocks: 0.97 of a wave
@@ -971,8 +976,7 @@ mod tests {
     #[test]
     fn phase_a_walks_pieces_that_end_on_chunk_ends() {
         let plan = |batch, dim, len| {
-            let p = SelectiveProblem::new((batch, dim, len, 16), false, true).unwrap();
-            let b = BackwardPlan::new(SMS, DType::F32, &p, [Some(1), Some(1)]).unwrap();
+            let b = mamba_backward_plan(batch, dim, len);
             (b.chunks, b.chunk_cks, b.carry_split, b.carry_pieces)
         };
         // Two chunks of 256 segments: pieces of 16, 16 a chunk (32 in all, 16 after chunk 0).
