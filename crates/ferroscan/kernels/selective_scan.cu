@@ -258,6 +258,21 @@ __device__ __forceinline__ int reduce_scatter(acc_t (&v)[M], int lane) {
     return rs_levels<M, LO, HI, M>(v, lane);
 }
 
+// Which channel of the block's tile, and which part of its states, thread `tid` serves. The P lanes
+// of a channel sit FS_WARP/P apart in the warp, so the eight lanes of a quarter-warp serve eight
+// channels at the same states: their 16-byte loads of B and C share one address, a broadcast.
+// With a channel's lanes adjacent instead, a quarter-warp reads four addresses, and a warp-wide
+// LDS.128 of that pattern costs the multiprocessor about 4.1 cycles against 2.6 (H100
+// microbenchmark): B and C loads are as many per state-step as the exp2s, so that is the forward's
+// second bottleneck. The reductions over a channel's lanes run over lane bits STRIDE..FS_WARP/2.
+template <int P>
+struct ChannelLanes {
+    static_assert(P <= FS_WARP && FS_WARP % P == 0, "a channel's lanes within one warp");
+    static constexpr int STRIDE = FS_WARP / P;  // lane distance between a channel's lanes
+    static __device__ __forceinline__ int channel(int tid) { return tid / FS_WARP * STRIDE + tid % STRIDE; }
+    static __device__ __forceinline__ int part(int tid) { return tid % FS_WARP / STRIDE; }
+};
+
 template <int M, int LANES>
 struct RsCount {
     static constexpr int value = M >= LANES ? M / LANES : 1;
@@ -973,7 +988,7 @@ __device__ __forceinline__ void fwd_steps(const SelParams& Q, const Weights<S>& 
             }
             // Every lane of the channel has read Δ of these steps (their y depend on it): the lane
             // that finishes step t may overwrite Δ[t] with y[t].
-            const int off = reduce_scatter<1, P, G>(yv, lane);
+            const int off = reduce_scatter<ChannelLanes<P>::STRIDE, FS_WARP, G>(yv, lane);
             if (l < G) {
                 const int t = k + off;
                 s_dt[c * ROW + t] = yv[0] * FS_SEL_OUT_FACTOR + d_skip * s_u[c * ROW + t];
@@ -998,7 +1013,7 @@ __device__ __forceinline__ void selective_fwd(const SelParams& Q) {
     __shared__ acc_t s_bias[ROWS];
 
     const int tid = threadIdx.x, lane = tid % FS_WARP;
-    const int c = tid / P, l = tid % P;
+    const int c = ChannelLanes<P>::channel(tid), l = ChannelLanes<P>::part(tid);
     const i64 b = blockIdx.x / Q.tiles, c0 = (blockIdx.x % Q.tiles) * Q.ct;
     const i64 d = c0 + c;
     const bool active = c < Q.ct && d < Q.dim;
