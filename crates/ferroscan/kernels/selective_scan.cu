@@ -327,7 +327,34 @@ __device__ __forceinline__ bool same_strides(const Strides<R>& a, const Strides<
     return same;
 }
 
-// Where this thread's 16-byte vector slots of whole tiles start, found once per block: an element
+// W 32-bit words (1, 2 or 4) as one global-memory access: a 4-, 8- or 16-byte vector.
+template <int W>
+__device__ __forceinline__ void load_words(unsigned* w, const storage_t* p) {
+    static_assert(W == 1 || W == 2 || W == 4, "4-, 8- or 16-byte vectors");
+    if constexpr (W == 4) {
+        const uint4 x = *reinterpret_cast<const uint4*>(p);
+        w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
+    } else if constexpr (W == 2) {
+        const uint2 x = *reinterpret_cast<const uint2*>(p);
+        w[0] = x.x, w[1] = x.y;
+    } else {
+        w[0] = *reinterpret_cast<const unsigned*>(p);
+    }
+}
+// The store spelled out as one vector store: as a plain assignment, NVVM split it into scalar
+// stores in kernels where it sits among shared-memory reads.
+template <int W>
+__device__ __forceinline__ void store_words(storage_t* p, const unsigned* w) {
+    static_assert(W == 1 || W == 2 || W == 4, "4-, 8- or 16-byte vectors");
+    if constexpr (W == 4)
+        __stwb(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
+    else if constexpr (W == 2)
+        __stwb(reinterpret_cast<uint2*>(p), make_uint2(w[0], w[1]));
+    else
+        __stwb(reinterpret_cast<unsigned*>(p), w[0]);
+}
+
+// Where this thread's vector slots of whole tiles start, found once per block: an element
 // offset from a tensor's start, at step 0 (a tile at step t0 starts t0·parts values further). It
 // is the same for every tensor with the strides it was made for, so one offset (two registers)
 // serves all of them; `ready` has the bits of the tensors that take it. Recomputing the 64-bit
@@ -346,12 +373,13 @@ struct VectorCursor {
 };
 
 // A thread's register share of a staged tile: KS scalar slots (a value per word, two words in
-// float64), or KV 16-byte vector slots packed as loaded (four words each, FS_SEL_VEC values), in
-// the same words: a tile uses one layout at a time.
-template <int KS, int KV>
+// float64), or KV vector slots of V values packed as loaded (V·size / 4 words each), in the same
+// words: a tile uses one layout at a time.
+template <int KS, int KV, int V = FS_SEL_VEC>
 struct SlotWords {
     static constexpr int WPS = sizeof(storage_t) > 4 ? 2 : 1;
-    static constexpr int NW = KS * WPS > KV * 4 ? KS * WPS : KV * 4;
+    static constexpr int WPV = V * (int)sizeof(storage_t) / 4;  // words per vector
+    static constexpr int NW = KS * WPS > KV * WPV ? KS * WPS : KV * WPV;
     unsigned w[NW];
 
     // Scalar slot i: one value per word for the 16-bit types (unpacked), else as packed.
@@ -369,35 +397,31 @@ struct SlotWords {
         return unpack_value(w, i);
 #endif
     }
-    __device__ __forceinline__ void load_vector(int i, const storage_t* p) {
-        const uint4 x = *reinterpret_cast<const uint4*>(p);
-        w[4 * i] = x.x;
-        w[4 * i + 1] = x.y;
-        w[4 * i + 2] = x.z;
-        w[4 * i + 3] = x.w;
-    }
+    __device__ __forceinline__ void load_vector(int i, const storage_t* p) { load_words<WPV>(w + WPV * i, p); }
     __device__ __forceinline__ void zero_vector(int i) {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) w[4 * i + k] = 0;
+        for (int k = 0; k < WPV; ++k) w[WPV * i + k] = 0;
     }
     // Value j of vector slot i.
-    __device__ __forceinline__ acc_t vget(int i, int j) const { return unpack_value(w, i * FS_SEL_VEC + j); }
+    __device__ __forceinline__ acc_t vget(int i, int j) const { return unpack_value(w, i * V + j); }
 };
 
-// Writes v[0..FS_SEL_VEC), rounded to storage, as the 16-byte vector at p.
+// Writes v[0..V), rounded to storage, as the vector at p.
+template <int V>
 __device__ __forceinline__ void store_vector(storage_t* p, const acc_t* v) {
-    Run<FS_SEL_VEC> r;
+    constexpr int W = V * (int)sizeof(storage_t) / 4;
+    unsigned w[W];
 #pragma unroll
-    for (int j = 0; j < FS_SEL_VEC; ++j) r.set(j, v[j]);
-    r.store(p);
+    for (int j = 0; j < V; ++j) pack_value(w, j, v[j]);
+    store_words<W>(p, w);
 }
 
 // V consecutive values of a shared-memory row (or of global scratch, in `selective_reduce_bc`),
-// moved as one: 128-bit accesses (the address must be a multiple of the run's size in bytes, or of
-// 16).
+// moved as one: 128-bit accesses, or one 64-bit access for a run of 8 bytes (the address must be
+// a multiple of the run's size in bytes, or of 16).
 template <int V>
-struct alignas(16) AccRun {
-    static_assert(V * sizeof(acc_t) % 16 == 0, "a run is whole 16-byte vectors");
+struct alignas(V * sizeof(acc_t) == 8 ? 8 : 16) AccRun {
+    static_assert(V * sizeof(acc_t) == 8 || V * sizeof(acc_t) % 16 == 0, "a run is 8 bytes or whole 16-byte vectors");
     acc_t x[V];
 };
 template <int V>
@@ -427,8 +451,10 @@ enum TileMode { TILE_TIME = 0, TILE_CHANNELS = 1, TILE_VECTORS = 2 };
 
 // A ROWS x T tile of a (batch, dim, time) tensor held in registers, its slots laid out one of three
 // ways (consecutive threads always on the axis of unit stride):
-//  - TILE_VECTORS (whole tiles of a vector_ready tensor): vector slot i is the V = FS_SEL_VEC steps
-//    from (c + i·DCV, t), one 16-byte load;
+//  - TILE_VECTORS (whole tiles of a vector_ready tensor): vector slot i is the V steps from
+//    (c + i·DCV, t), one load of 16 bytes, or of V values when each thread has fewer: the 16-bit
+//    backward's 32 x 16 tiles go as one 8-byte vector per thread (as scalars they took four loads
+//    and a dozen integer instructions each);
 //  - TILE_TIME / TILE_CHANNELS: scalar slot i is element e = tid + i·THREADS of the tile; because
 //    T and ROWS divide THREADS, it sits at (c + i·dc, t + i·dt) for per-thread origins (c, t) and
 //    constant steps (dc, dt), so one running pointer serves all slots with 32-bit offsets the
@@ -440,7 +466,8 @@ struct TileRegs {
     static_assert(FS_SEL_THREADS % T == 0 && FS_SEL_THREADS % ROWS == 0, "slots evenly spaced");
     static constexpr int E = ROWS * T;
     static constexpr int K = (E + FS_SEL_THREADS - 1) / FS_SEL_THREADS;  // scalar slots
-    static constexpr int V = FS_SEL_VEC;
+    static constexpr int PER_THREAD = E / FS_SEL_THREADS;
+    static constexpr int V = PER_THREAD < 2 || PER_THREAD >= FS_SEL_VEC ? FS_SEL_VEC : PER_THREAD;
     static constexpr int RV = T / V;                                      // vectors per row
     static_assert(T % V == 0 && FS_SEL_THREADS % RV == 0, "whole vectors, evenly spaced");
     static constexpr int KV = (E / V + FS_SEL_THREADS - 1) / FS_SEL_THREADS;  // vector slots
@@ -448,7 +475,7 @@ struct TileRegs {
     // Vectors only where every thread has whole vector slots: smaller tiles would need more
     // registers for them than for scalars.
     static constexpr bool VECTORS = (E / V) % FS_SEL_THREADS == 0;
-    SlotWords<K, VECTORS ? KV : 0> r;
+    SlotWords<K, VECTORS ? KV : 0, V> r;
     int mode;
 
     __device__ __forceinline__ void origin(int& c, int& t, int& dc, int& dt) const {
@@ -558,13 +585,14 @@ struct TileRegs {
 
 // Writes a ROWS x T tile of a contiguous (batch, dim, L) output whose element (b, c0, t0) is
 // dst[0]: value(c, t) for every element inside (rows x steps of it). Consecutive threads go along
-// time; a whole tile of an output whose rows start on 16-byte boundaries goes out as 16-byte
-// vectors of V = FS_SEL_VEC steps, else element by element.
+// time; a whole tile of an output whose rows start on vector boundaries goes out as vectors of
+// the tile's V steps, else element by element.
 template <int ROWS, int T, class F>
 __device__ __forceinline__ void write_tile(storage_t* dst, i64 L, int rows, int steps, F value) {
     using Tile = TileRegs<ROWS, T>;
     constexpr int V = Tile::V;
-    if (rows == ROWS && steps == T && L % V == 0 && reinterpret_cast<unsigned long long>(dst) % 16 == 0) {
+    if (rows == ROWS && steps == T && L % V == 0 &&
+        reinterpret_cast<unsigned long long>(dst) % (V * sizeof(storage_t)) == 0) {
         int c, t;
         Tile::vorigin(c, t);
         storage_t* p = dst + c * L + t;
@@ -574,7 +602,7 @@ __device__ __forceinline__ void write_tile(storage_t* dst, i64 L, int rows, int 
             acc_t x[V];
 #pragma unroll
             for (int j = 0; j < V; ++j) x[j] = value(c + i * Tile::DCV, t + j);
-            store_vector(p + i * Tile::DCV * L, x);
+            store_vector<V>(p + i * Tile::DCV * L, x);
         }
         return;
     }
