@@ -1761,10 +1761,15 @@ extern "C" __global__ void __launch_bounds__(256) selective_reduce_bc(const SelR
 #else
 #define FS_SEL_KERNEL FS_SEL_BWD_KERNEL
 #endif
-// Every configuration (P, S) the launcher may choose (`configs` in src/cuda/selective_scan.rs).
+// The configurations (P, S) to compile. The launcher builds one module per configuration and
+// defines FS_SEL_CONFIGS to it (`SELECTIVE_REAL` / `SELECTIVE_COMPLEX` in src/cuda/compile.rs);
+// without it (scripts/kernel_resources.py, the CPU emulation), every configuration the launcher
+// has, the same lists (a unit test in src/cuda/selective_scan.rs compares them).
+#ifndef FS_SEL_CONFIGS
 #if FS_SEL_COMPLEX
 #define FS_SEL_CONFIGS(X) X(4, 4) X(8, 4) X(16, 4) X(32, 4) X(8, 2)
 #else
 #define FS_SEL_CONFIGS(X) X(4, 4) X(8, 4) X(16, 4) X(32, 4) X(8, 2) X(32, 8)
+#endif
 #endif
 FS_SEL_CONFIGS(FS_SEL_KERNEL)

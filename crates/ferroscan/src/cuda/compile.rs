@@ -90,37 +90,75 @@ pub const GATED_SCAN_CLUSTER_SOURCE: KernelSource = gated_source!(
     (9, 0)
 );
 
-/// `kernels/selective_scan.cu` compiled for one pass and one number kind: `FS_SEL_COMPLEX`,
-/// `FS_SEL_PASS` and the file name (the module's identity in the caches) per variant.
+/// The builds of `kernels/selective_scan.cu` for one number kind (real or complex `A`): one
+/// module per configuration of `P` lanes per channel and `S` states per lane, and pass. A first
+/// call then compiles the one configuration it runs (a complex backward: about 30 s of NVRTC
+/// instead of 130 s for all five).
+#[derive(Clone, Copy, Debug)]
+pub struct SelectiveBuilds {
+    /// The configurations `(P, S)`, in the order of `forward` and `backward`.
+    pub configs: &'static [(usize, usize)],
+    /// The forward kernel of each configuration.
+    pub forward: &'static [KernelSource],
+    /// The backward kernels (plain, chunked, carry) and the two reductions of each configuration.
+    pub backward: &'static [KernelSource],
+}
+
+/// `kernels/selective_scan.cu` with `FS_SEL_COMPLEX`, `FS_SEL_PASS` and `FS_SEL_CONFIGS` (its one
+/// configuration) defined; the file name is the module's identity in the caches.
 macro_rules! selective_source {
-    ($file:literal, $complex:literal, $pass:literal) => {
+    ($pass_name:literal, $kind:literal, $complex:literal, $pass:literal, $p:literal, $s:literal) => {
         KernelSource {
-            file: $file,
+            file: concat!(
+                "selective_scan_",
+                $pass_name,
+                "_",
+                $kind,
+                "_p",
+                $p,
+                "_s",
+                $s,
+                ".cu"
+            ),
             min_arch: ANY_ARCH,
             text: concat!(
                 "#define FS_SEL_COMPLEX ",
                 $complex,
                 "\n#define FS_SEL_PASS ",
                 $pass,
-                "\n",
+                "\n#define FS_SEL_CONFIGS(X) X(",
+                $p,
+                ", ",
+                $s,
+                ")\n",
                 include_str!("../../kernels/selective_scan.cu")
             ),
         }
     };
 }
 
-/// The selective scan's forward kernels, real `A`.
-pub const SELECTIVE_FWD_REAL_SOURCE: KernelSource =
-    selective_source!("selective_scan_fwd_real.cu", "0", "0");
-/// The selective scan's forward kernels, complex `A`.
-pub const SELECTIVE_FWD_COMPLEX_SOURCE: KernelSource =
-    selective_source!("selective_scan_fwd_complex.cu", "1", "0");
-/// The selective scan's backward kernels and reductions, real `A`.
-pub const SELECTIVE_BWD_REAL_SOURCE: KernelSource =
-    selective_source!("selective_scan_bwd_real.cu", "0", "1");
-/// The selective scan's backward kernels and reductions, complex `A`.
-pub const SELECTIVE_BWD_COMPLEX_SOURCE: KernelSource =
-    selective_source!("selective_scan_bwd_complex.cu", "1", "1");
+/// The [`SelectiveBuilds`] of one number kind from its list of configurations (the one list of
+/// them: the launcher's choices and the kernel names derive from it).
+macro_rules! selective_builds {
+    ($kind:literal, $complex:literal, [$(($p:literal, $s:literal)),* $(,)?]) => {
+        SelectiveBuilds {
+            configs: &[$(($p, $s)),*],
+            forward: &[$(selective_source!("fwd", $kind, $complex, "0", $p, $s)),*],
+            backward: &[$(selective_source!("bwd", $kind, $complex, "1", $p, $s)),*],
+        }
+    };
+}
+
+/// The selective scan's builds for real `A`.
+pub const SELECTIVE_REAL: SelectiveBuilds = selective_builds!(
+    "real",
+    "0",
+    [(4, 4), (8, 4), (16, 4), (32, 4), (8, 2), (32, 8)]
+);
+/// The selective scan's builds for complex `A` (no 8-state lanes: complex states need twice the
+/// registers).
+pub const SELECTIVE_COMPLEX: SelectiveBuilds =
+    selective_builds!("complex", "1", [(4, 4), (8, 4), (16, 4), (32, 4), (8, 2)]);
 
 /// The builds of `kernels/gated_scan.cu` (every one holds every kernel of the file).
 pub const GATED_SCAN_SOURCES: [KernelSource; 6] = [
@@ -132,13 +170,30 @@ pub const GATED_SCAN_SOURCES: [KernelSource; 6] = [
     GATED_SCAN_CLUSTER_SOURCE,
 ];
 
-/// The builds of `kernels/selective_scan.cu`.
-pub const SELECTIVE_SOURCES: [KernelSource; 4] = [
-    SELECTIVE_FWD_REAL_SOURCE,
-    SELECTIVE_FWD_COMPLEX_SOURCE,
-    SELECTIVE_BWD_REAL_SOURCE,
-    SELECTIVE_BWD_COMPLEX_SOURCE,
-];
+/// Every build of `kernels/selective_scan.cu`: [`SELECTIVE_REAL`], then [`SELECTIVE_COMPLEX`],
+/// forwards before backwards.
+pub const SELECTIVE_SOURCES: [KernelSource;
+    2 * (SELECTIVE_REAL.configs.len() + SELECTIVE_COMPLEX.configs.len())] = {
+    let mut all =
+        [SCAN_SOURCE; 2 * (SELECTIVE_REAL.configs.len() + SELECTIVE_COMPLEX.configs.len())];
+    let lists = [
+        SELECTIVE_REAL.forward,
+        SELECTIVE_REAL.backward,
+        SELECTIVE_COMPLEX.forward,
+        SELECTIVE_COMPLEX.backward,
+    ];
+    let (mut at, mut list) = (0, 0);
+    while list < lists.len() {
+        let mut i = 0;
+        while i < lists[list].len() {
+            all[at] = lists[list][i];
+            at += 1;
+            i += 1;
+        }
+        list += 1;
+    }
+    all
+};
 
 /// Every kernel source of the crate: [`SCAN_SOURCE`], [`GATED_SCAN_SOURCES`],
 /// [`SELECTIVE_SOURCES`].

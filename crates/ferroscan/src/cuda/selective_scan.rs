@@ -16,10 +16,7 @@
 
 use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::compile::{
-    KernelSource, SELECTIVE_BWD_COMPLEX_SOURCE, SELECTIVE_BWD_REAL_SOURCE,
-    SELECTIVE_FWD_COMPLEX_SOURCE, SELECTIVE_FWD_REAL_SOURCE,
-};
+use super::compile::{KernelSource, SelectiveBuilds, SELECTIVE_COMPLEX, SELECTIVE_REAL};
 use super::device::{driver_error, Device};
 use super::launch::{check_required, grid_blocks, tuning_hook};
 use crate::error::{Error, Result};
@@ -362,62 +359,63 @@ const FILL_THREADS: usize = 1 << 15;
 /// (e.g. `FERROSCAN_SELECTIVE_LANES=4`), for measuring the configurations against each other.
 pub const LANES_ENV: &str = "FERROSCAN_SELECTIVE_LANES";
 
-/// The configurations the kernel source instantiates (`FS_SEL_KERNEL(P, S)`).
-fn configs(complex: bool) -> Vec<SelectiveConfig> {
-    let mut all: Vec<SelectiveConfig> = [4, 8, 16, 32]
-        .into_iter()
-        .map(|lanes| SelectiveConfig { lanes, states: 4 })
-        .chain([SelectiveConfig {
-            lanes: 8,
-            states: 2,
-        }])
-        .collect();
-    if !complex {
-        all.push(SelectiveConfig {
-            lanes: 32,
-            states: 8,
-        });
+/// The builds of the kernel source for real or complex `A` (a module per configuration).
+fn builds(complex: bool) -> &'static SelectiveBuilds {
+    if complex {
+        &SELECTIVE_COMPLEX
+    } else {
+        &SELECTIVE_REAL
     }
-    all
+}
+
+/// The configurations there are kernels for.
+fn configs(complex: bool) -> Vec<SelectiveConfig> {
+    builds(complex)
+        .configs
+        .iter()
+        .map(|&(lanes, states)| SelectiveConfig { lanes, states })
+        .collect()
+}
+
+/// The forward and backward modules of `config`.
+fn sources(complex: bool, config: &SelectiveConfig) -> Result<(KernelSource, KernelSource)> {
+    let builds = builds(complex);
+    let at = builds
+        .configs
+        .iter()
+        .position(|&c| c == (config.lanes, config.states))
+        .ok_or_else(|| {
+            Error::invalid(
+                "dstate",
+                format!(
+                    "a configuration with kernels (got {} lanes x {} states)",
+                    config.lanes, config.states
+                ),
+            )
+        })?;
+    Ok((builds.forward[at], builds.backward[at]))
 }
 
 /// Every selective scan source with the kernel names it must contain (for compile checks).
 pub fn all_kernel_names() -> Vec<(KernelSource, Vec<String>)> {
     let mut out = Vec::new();
-    for complex in [false, true] {
-        let (fwd, bwd) = sources(complex);
-        out.push((
-            fwd,
-            configs(complex)
-                .iter()
-                .map(|c| c.forward_kernel())
-                .collect(),
-        ));
-        let mut names: Vec<String> = configs(complex)
-            .iter()
-            .flat_map(|c| {
-                [
-                    c.backward_kernel(),
-                    c.chunked_backward_kernel(),
-                    c.carry_kernel(),
-                ]
-            })
-            .collect();
-        names.extend([
-            "selective_reduce_params".into(),
-            "selective_reduce_bc".into(),
-        ]);
-        out.push((bwd, names));
+    for builds in [&SELECTIVE_REAL, &SELECTIVE_COMPLEX] {
+        for (at, &(lanes, states)) in builds.configs.iter().enumerate() {
+            let config = SelectiveConfig { lanes, states };
+            out.push((builds.forward[at], vec![config.forward_kernel()]));
+            out.push((
+                builds.backward[at],
+                vec![
+                    config.backward_kernel(),
+                    config.chunked_backward_kernel(),
+                    config.carry_kernel(),
+                    "selective_reduce_params".into(),
+                    "selective_reduce_bc".into(),
+                ],
+            ));
+        }
     }
     out
-}
-
-fn sources(complex: bool) -> (KernelSource, KernelSource) {
-    if complex {
-        (SELECTIVE_FWD_COMPLEX_SOURCE, SELECTIVE_BWD_COMPLEX_SOURCE)
-    } else {
-        (SELECTIVE_FWD_REAL_SOURCE, SELECTIVE_BWD_REAL_SOURCE)
-    }
 }
 
 /// How the channels are cut into tiles of one block each.
@@ -659,7 +657,7 @@ pub unsafe fn selective_scan_forward_raw(
     q.out = outputs.out;
     q.last = outputs.last_state.unwrap_or(0);
     q.ckpt = outputs.checkpoints.unwrap_or(0);
-    let (source, _) = sources(problem.complex);
+    let (source, _) = sources(problem.complex, &config)?;
     let name = config.forward_kernel();
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -783,7 +781,7 @@ pub unsafe fn selective_scan_backward_raw(
     q.carry_split = plan.carry_split as i32;
     q.carry_pieces = plan.carry_pieces as i64;
 
-    let (_, source) = sources(problem.complex);
+    let (_, source) = sources(problem.complex, &plan.config)?;
     let row_blocks = problem.batch * plan.tiles.tiles;
     if plan.chunks > 1 {
         // SAFETY: forwarded from the caller; the scratch regions lie inside the checked buffer.
@@ -902,6 +900,32 @@ mod tests {
         assert!(matches!(err, Error::InvalidArgument { arg: "dstate", .. }));
         let err = SelectiveConfig::new(DType::F64, &problem(8, 65, true)).unwrap_err();
         assert!(matches!(err, Error::InvalidArgument { arg: "dstate", .. }));
+    }
+
+    #[test]
+    fn kernel_source_lists_the_same_configurations() {
+        // What the kernel file compiles without FS_SEL_CONFIGS (scripts, the CPU emulation) is
+        // what the launcher has modules for.
+        let text = include_str!("../../kernels/selective_scan.cu");
+        for (complex, builds) in [(false, &SELECTIVE_REAL), (true, &SELECTIVE_COMPLEX)] {
+            let listed: String = builds
+                .configs
+                .iter()
+                .map(|(p, s)| format!("X({p}, {s})"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let line = format!("#define FS_SEL_CONFIGS(X) {listed}\n");
+            assert!(
+                text.contains(&line),
+                "complex {complex}: {line:?} not in the source"
+            );
+        }
+        for (source, names) in all_kernel_names() {
+            assert!(source.text.contains("#define FS_SEL_CONFIGS(X) X("));
+            assert!(source
+                .file
+                .contains(&names[0][names[0].find("_p").unwrap()..]));
+        }
     }
 
     #[test]
