@@ -63,12 +63,18 @@ struct dim3_ {
     unsigned x = 0, y = 0, z = 0;
 };
 
-struct uint4 {
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
-// A write-back vector store to global memory: on the host, a plain store.
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+// Write-back vector stores to global memory: on the host, plain stores.
 inline void __stwb(uint4* p, uint4 v) { *p = v; }
+inline void __stwb(uint2* p, uint2 v) { *p = v; }
+inline void __stwb(unsigned* p, unsigned v) { *p = v; }
 inline double __hiloint2double(int hi, int lo) {
     uint64_t bits = ((uint64_t)(uint32_t)hi << 32) | (uint32_t)lo;
     double d;
