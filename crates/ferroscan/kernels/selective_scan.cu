@@ -2,9 +2,10 @@
 // src/selective.rs; the launch plan (grid, channel tiles, configurations, scratch) is in
 // src/cuda/selective_scan.rs.
 //
-// Compiled four times, by the prefix the launcher's sources add:
+// Compiled once per number kind, pass and configuration, by the prefix the launcher's sources add:
 //   FS_SEL_COMPLEX 0|1   real or complex A, B, C and states (complex as interleaved (re, im))
 //   FS_SEL_PASS    0|1   forward kernels, or backward kernels with their two reductions
+//   FS_SEL_CONFIGS       the configuration (P, S) (see the end of the file)
 //
 // Thread mapping (both passes). A block of 128 threads owns one batch element b and a tile of
 // `ct` consecutive channels, all in one group of every variable B/C (so B/C are staged once per

@@ -92,7 +92,7 @@ pub const GATED_SCAN_CLUSTER_SOURCE: KernelSource = gated_source!(
 
 /// The builds of `kernels/selective_scan.cu` for one number kind (real or complex `A`): one
 /// module per configuration of `P` lanes per channel and `S` states per lane, and pass. A first
-/// call then compiles the one configuration it runs (a complex backward: about 30 s of NVRTC
+/// call then compiles the one configuration it runs (a complex backward: about 20 s of NVRTC
 /// instead of 130 s for all five).
 #[derive(Clone, Copy, Debug)]
 pub struct SelectiveBuilds {
